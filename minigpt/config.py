@@ -1,0 +1,376 @@
+"""Typed configuration: one dataclass per `params.yaml` section, validated at load.
+
+Design choices
+- `params.yaml` is the single source of truth (DVC tracks it per section); every stage calls
+  `load_params()` and reads its own section, so there are no dicts passed around.
+- Validation happens once, here, at load: an unknown key, a wrong type or an impossible value raises
+  `ConfigError` with one line naming the file, the dotted key and the offending value.
+- Each field carries a one-line docstring-style comment, like litgpt's `args.py`.
+- Dataclasses are frozen: a config is a value, not state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+BYTE_ALPHABET = 256  # byte-level BPE always holds the 256 byte symbols
+
+
+class ConfigError(ValueError):
+    """A bad value in params.yaml; the message is one line naming the key."""
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why} (got {value!r})")
+
+
+def _fraction(cfg: Any, prefix: str) -> None:
+    """Validate validation/test fractions shared by both corpora."""
+    for name in ("validation_fraction", "test_fraction"):
+        value = getattr(cfg, name)
+        _check(0.0 <= value < 1.0, f"{prefix}.{name}", value, "must be in [0, 1)")
+    total = cfg.validation_fraction + cfg.test_fraction
+    _check(total < 1.0, f"{prefix}.validation_fraction + {prefix}.test_fraction", total,
+           "must sum to less than 1")
+
+
+@dataclass(frozen=True)
+class PretrainDataConfig:
+    """`process.pretrain`: where the pre-training text comes from and how it is cleaned."""
+
+    source: str = "Salesforce/wikitext"
+    """Hugging Face hub dataset id, or a local file/directory (.txt/.raw/.parquet/.jsonl with `text`)."""
+    name: Optional[str] = "wikitext-2-raw-v1"
+    """Hub dataset config name (ignored for local sources)."""
+    revision: Optional[str] = None
+    """Hub revision (commit sha or tag) to pin; null means the default branch."""
+    text_column: str = "text"
+    """Column holding the text."""
+    wikitext: bool = True
+    """Rows are WikiText lines: regroup them into articles at ` = Title = ` headings."""
+    detokenize: bool = True
+    """Undo WikiText tokenization artifacts (` @-@ `, ` @,@ `, space before punctuation)."""
+    validation_fraction: float = 0.05
+    """Fraction of documents carved out for validation when the source has no validation split."""
+    test_fraction: float = 0.05
+    """Fraction of documents carved out for test when the source has no test split."""
+    max_documents: int = 0
+    """Keep at most this many train documents (0 = all); for quick experiments."""
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.source.strip()), f"{prefix}.source", self.source, "must not be empty")
+        _check(self.max_documents >= 0, f"{prefix}.max_documents", self.max_documents, "must be >= 0")
+        _fraction(self, prefix)
+
+
+@dataclass(frozen=True)
+class SFTDataConfig:
+    """`process.sft`: the instruction-tuning corpus (Dolly-15k format) and its split."""
+
+    source: str = "databricks/databricks-dolly-15k"
+    """Hub dataset id, or a local .jsonl/.json/.parquet file or directory."""
+    revision: Optional[str] = None
+    """Hub revision to pin; null means the default branch."""
+    columns: dict = field(default_factory=lambda: {
+        "instruction": "instruction", "context": "context", "response": "response"})
+    """Map from our field (instruction, context, response) to the source column;
+    Alpaca files use {instruction: instruction, context: input, response: output}."""
+    validation_fraction: float = 0.05
+    """Fraction of examples in validation, chosen by a stable hash of the example."""
+    test_fraction: float = 0.05
+    """Fraction of examples in test, chosen by a stable hash of the example."""
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.source.strip()), f"{prefix}.source", self.source, "must not be empty")
+        required = {"instruction", "context", "response"}
+        unknown = set(self.columns) - required
+        _check(not unknown, f"{prefix}.columns", sorted(unknown),
+               "unknown field; allowed: instruction, context, response")
+        _check({"instruction", "response"} <= set(self.columns), f"{prefix}.columns",
+               self.columns, "must map at least instruction and response")
+        for k, v in self.columns.items():
+            _check(isinstance(v, str) and bool(v), f"{prefix}.columns.{k}", v,
+                   "must be a column name")
+        _fraction(self, prefix)
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    """`process`: one sub-section per corpus; DVC's foreach runs them independently."""
+
+    pretrain: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    sft: SFTDataConfig = field(default_factory=SFTDataConfig)
+
+    def validate(self, prefix: str) -> None:
+        self.pretrain.validate(f"{prefix}.pretrain")
+        self.sft.validate(f"{prefix}.sft")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """`tokenizer`: byte-level BPE trained on the processed pre-training train split only.
+
+    Only pre-training text, so a change to the SFT corpus never retrains the tokenizer and
+    never re-encodes or re-trains the pre-training side of the DAG."""
+
+    vocab_size: int = 8192
+    """Target vocabulary size, special tokens included."""
+    min_frequency: int = 2
+    """Minimum pair frequency for a merge."""
+
+    def validate(self, prefix: str) -> None:
+        from minigpt.tokenizer import SPECIAL_TOKENS  # one list of specials, defined once
+
+        floor = BYTE_ALPHABET + len(SPECIAL_TOKENS)
+        _check(self.vocab_size > floor, f"{prefix}.vocab_size", self.vocab_size,
+               f"must exceed the byte alphabet plus special tokens ({floor})")
+        _check(self.vocab_size <= 2**32 - 1, f"{prefix}.vocab_size", self.vocab_size, "too large")
+        _check(self.min_frequency >= 1, f"{prefix}.min_frequency", self.min_frequency, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """`encode`: turning processed text into token files."""
+
+    batch_size: int = 1000
+    """Documents per `encode_batch` call (bounds memory while streaming)."""
+    num_threads: int = 0
+    """Tokenizer threads (0 = all cores)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
+        _check(self.num_threads >= 0, f"{prefix}.num_threads", self.num_threads, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """`model`: the GPT's shape (the vocabulary size comes from the trained tokenizer)."""
+
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_head: int = 4
+    """Attention heads; must divide n_embd."""
+    n_embd: int = 256
+    """Residual stream width."""
+    block_size: int = 256
+    """Context length in tokens."""
+    dropout: float = 0.0
+    """Dropout probability used in pre-training."""
+
+    def validate(self, prefix: str) -> None:
+        for name in ("n_layer", "n_head", "n_embd"):
+            _check(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "must be >= 1")
+        _check(self.n_embd % self.n_head == 0, f"{prefix}.n_embd", self.n_embd,
+               f"must be divisible by n_head={self.n_head}")
+        _check((self.n_embd // self.n_head) % 2 == 0, f"{prefix}.n_embd", self.n_embd,
+               "n_embd / n_head must be even (rotary embeddings rotate pairs)")
+        _check(self.block_size >= 8, f"{prefix}.block_size", self.block_size, "must be >= 8")
+        _check(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`pretrain`: the training loop's knobs (shared with `finetune`, which adds a few)."""
+
+    device: str = "auto"
+    """auto (cuda > mps > cpu), or cpu / cuda / cuda:N / mps."""
+    dtype: str = "auto"
+    """auto (bf16 autocast where supported), bf16, or fp32."""
+    compile: bool = False
+    """Wrap the model in torch.compile (pays back on GPU and on long CPU runs)."""
+    nproc: int = 1
+    """Processes per node for DDP (torchrun); 1 = plain single process."""
+    batch_size: int = 16
+    """Sequences per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int = 300
+    """Optimizer steps to train for (the budget)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio."""
+    warmup_steps: int = 30
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    eval_interval: int = 50
+    """Steps between validation-loss evaluations (and at the end)."""
+    eval_batches: int = 10
+    """Validation batches per evaluation."""
+    save_interval: int = 100
+    """Steps between resumable checkpoints (and at the end)."""
+    log_interval: int = 10
+    """Steps between log lines."""
+    seed: int = 1337
+    """Seed for init, data order and dropout."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+               f"{prefix}.device", self.device, "must be auto, cpu, cuda, cuda:N or mps")
+        _check(self.dtype in ("auto", "bf16", "fp32"), f"{prefix}.dtype", self.dtype,
+               "must be auto, bf16 or fp32")
+        for name in ("nproc", "batch_size", "grad_accum", "max_steps", "eval_interval",
+                     "eval_batches", "save_interval", "log_interval"):
+            _check(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "must be >= 1")
+        _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"{prefix}.min_lr_ratio", self.min_lr_ratio,
+               "must be in [0, 1]")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        for name in ("beta1", "beta2"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"{prefix}.{name}", getattr(self, name),
+                   "must be in [0, 1)")
+        _check(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(TrainConfig):
+    """`finetune`: instruction tuning; the training loop's knobs plus SFT-specific ones."""
+
+    lr: float = 3e-4
+    max_steps: int = 200
+    warmup_steps: int = 20
+    eval_interval: int = 25
+    dropout: float = 0.1
+    """Dropout during fine-tuning (overrides the pre-trained model's)."""
+    patience: int = 4
+    """Stop after this many evaluations without a better validation loss (0 = never stop early)."""
+    packing: bool = False
+    """Pack several examples per window instead of padding each to the batch's longest."""
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        _check(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
+        _check(self.patience >= 0, f"{prefix}.patience", self.patience, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`eval`: what the eval stage measures and how much of it."""
+
+    device: str = "auto"
+    """auto, cpu, cuda or mps."""
+    stride: int = 128
+    """Sliding-window stride for perplexity: each window scores only its last `stride` tokens."""
+    max_tokens: int = 0
+    """Cap on test tokens scored for perplexity (0 = the full split)."""
+    generate_examples: int = 50
+    """SFT test examples to generate greedy answers for (ROUGE/BLEU)."""
+    max_new_tokens: int = 96
+    """Generation length cap for scored answers and samples."""
+    seed: int = 1337
+    """Seed for anything sampled."""
+    prompts: list = field(default_factory=lambda: [
+        "What is the capital of France?",
+        "Give me three tips for staying healthy.",
+        "Explain what a neural network is in one sentence.",
+    ])
+    """Fixed prompts whose answers go to metrics/samples.json."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+               f"{prefix}.device", self.device, "must be auto, cpu, cuda, cuda:N or mps")
+        _check(self.stride >= 1, f"{prefix}.stride", self.stride, "must be >= 1")
+        for name in ("max_tokens", "generate_examples"):
+            _check(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), "must be >= 0")
+        _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _check(all(isinstance(p, str) and p.strip() for p in self.prompts), f"{prefix}.prompts",
+               self.prompts, "must be a list of non-empty strings")
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml."""
+
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Is `value` acceptable for the annotation `hint`? (ints are accepted for floats)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def _build(cls: type, data: Any, key: str) -> Any:
+    """Build dataclass `cls` from a mapping, recursing into nested dataclasses."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key or 'params'}: must be a mapping (got {data!r})")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{key}.{unknown[0]}" if key else unknown[0]
+        raise ConfigError(f"{where}: unknown key (allowed: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        hint, sub = hints[name], f"{key}.{name}" if key else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, sub)
+        elif not _type_ok(value, hint):
+            expected = getattr(hint, "__name__", str(hint).replace("typing.", ""))
+            raise ConfigError(f"{sub}: expected {expected} (got {value!r})")
+        else:
+            kwargs[name] = float(value) if hint is float else value
+    return cls(**kwargs)
+
+
+def parse_params(data: Any) -> Params:
+    """Build and validate `Params` from an already-parsed mapping."""
+    params = _build(Params, data, "")
+    params.validate()
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate params.yaml; errors are one line naming the file and the key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return parse_params(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict of a config (for config.json and resume checks)."""
+    return dataclasses.asdict(cfg)
