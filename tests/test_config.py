@@ -1,0 +1,72 @@
+"""params.yaml loading: the shipped file is valid, and bad values fail at load naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from minigpt.config import ConfigError, Params, load_params, parse_params, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_match_dataclass_defaults():
+    # params.yaml is the quick start; the dataclass defaults are documented to be the same values.
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+def _with(section: str, key: str, value):
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    node = data
+    *parents, leaf = f"{section}.{key}".split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    return data
+
+
+@pytest.mark.parametrize("section,key,value,needle", [
+    ("tokenizer", "vocab_size", 200, "tokenizer.vocab_size"),
+    ("tokenizer", "vocab_size", "big", "tokenizer.vocab_size: expected int"),
+    ("process.pretrain", "validation_fraction", -0.1, "process.pretrain.validation_fraction"),
+    ("process.sft", "test_fraction", 0.96, "must sum to less than 1"),
+    ("model", "block_size", 4, "model.block_size"),
+    ("model", "n_head", 3, "model.n_embd: must be divisible by n_head=3"),
+    ("model", "dropout", 1.5, "model.dropout"),
+    ("pretrain", "lr", 0, "pretrain.lr"),
+    ("pretrain", "dtype", "fp8", "pretrain.dtype"),
+    ("pretrain", "compile", "yes", "pretrain.compile: expected bool"),
+    ("finetune", "patience", -1, "finetune.patience"),
+    ("eval", "prompts", ["ok", ""], "eval.prompts"),
+    ("process.sft", "columns", {"instruction": "q", "answer": "a"}, "process.sft.columns"),
+])
+def test_bad_values_name_the_key(section, key, value, needle):
+    with pytest.raises(ConfigError) as e:
+        parse_params(_with(section, key, value))
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_unknown_key_is_rejected_with_its_dotted_name():
+    data = _with("model", "n_layers", 6)  # typo of n_layer
+    with pytest.raises(ConfigError, match=r"model\.n_layers: unknown key"):
+        parse_params(data)
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml: file not found"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="params.yaml: not valid YAML"):
+        load_params(bad)
+    bad.write_text("model:\n  block_size: 2\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: model.block_size: must be >= 8 \(got 2\)"):
+        load_params(bad)
+
+
+def test_partial_file_uses_defaults_and_ints_are_floats():
+    p = parse_params({"pretrain": {"lr": 1}, "model": {"n_layer": 2}})
+    assert p.pretrain.lr == 1.0 and isinstance(p.pretrain.lr, float)
+    assert p.model.n_layer == 2 and p.model.n_embd == Params().model.n_embd
+    assert to_dict(p.model)["n_layer"] == 2
