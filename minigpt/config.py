@@ -250,7 +250,7 @@ class FinetuneConfig(TrainConfig):
     """Dropout during fine-tuning (overrides the pre-trained model's)."""
     patience: int = 4
     """Stop after this many evaluations without a better validation loss (0 = never stop early)."""
-    packing: bool = False
+    packing: bool = True
     """Pack several examples per window instead of padding each to the batch's longest."""
 
     def validate(self, prefix: str) -> None:

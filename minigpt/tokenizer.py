@@ -2,10 +2,33 @@
 
 Design choices
 - Byte-level BPE (GPT-2 style) through Hugging Face `tokenizers`: every Unicode string round-trips
-  exactly, there is no unknown token, and training is fast Rust code.
+  exactly, there is no unknown token, and training is fast Rust code. The initial alphabet is all
+  256 byte symbols, so even bytes absent from the training text (control characters, rare CJK
+  bytes) have a token.
+- No normalizer and `add_prefix_space=False`: the tokenizer never changes the text, so
+  `decode(encode(x)) == x` for any string, leading spaces and `\\r\\n` included.
 - Special tokens are fixed here, once, and get the first ids in a fixed order, so ids stay stable
   across vocabulary sizes.
+- Text is encoded as *ordinary* text (`encode_text`): a literal "<|endoftext|>" inside a document
+  or a user message becomes plain byte-level tokens, never the special id. Special ids are only
+  ever inserted by code (encode appends EOT, `minigpt.chat` places the role tokens). The
+  `tokenizers` switch for this (`encode_special_tokens`) is not saved in tokenizer.json, so the
+  saved file behaves like any Hugging Face tokenizer (it parses special tokens in a string).
+- `decode` keeps special tokens: skipping them (the `tokenizers` default) would silently change
+  text that the model generated.
 """
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOT = "<|endoftext|>"  # ends a document, and an assistant turn
 PAD = "<|pad|>"  # batch padding; never a target
@@ -13,3 +36,157 @@ SYSTEM = "<|system|>"
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
 SPECIAL_TOKENS = [EOT, PAD, SYSTEM, USER, ASSISTANT]
+
+
+class TokenizerError(ValueError):
+    """A missing or unusable tokenizer file; the message is one line naming the path."""
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE on `texts` (any iterable; it is streamed, not materialized).
+
+    `vocab_size` counts the special tokens and the 256 byte symbols; a small corpus may end with
+    fewer merges than asked for, so read the real size from `tok.get_vocab_size()`.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,  # listed first, so they take ids 0..4 in this order
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing unknown
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    check_special_tokens(tok)
+    return tok
+
+
+def check_special_tokens(tok: Tokenizer, where: str = "tokenizer") -> None:
+    """Raise TokenizerError unless the special tokens hold ids 0..4 in SPECIAL_TOKENS order."""
+    got = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+    if got != list(range(len(SPECIAL_TOKENS))):
+        pairs = ", ".join(f"{t}={i}" for t, i in zip(SPECIAL_TOKENS, got))
+        raise TokenizerError(f"{where}: special tokens must have ids 0..{len(got) - 1} ({pairs})")
+
+
+def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
+    """Write tokenizer.json atomically: a temporary file in the same directory, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(tok.to_str(pretty=True))  # what `Tokenizer.save` writes
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a reader sees the old file or the new one, never a torn one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json; a missing or invalid file raises TokenizerError naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"{path}: tokenizer file not found (run `dvc repro tokenizer`)")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception with a multi-line message
+        first = (str(e).splitlines() or ["unreadable"])[0]
+        raise TokenizerError(f"{path}: not a valid tokenizer.json ({first})") from None
+    check_special_tokens(tok, str(path))
+    return tok
+
+
+def tokenizer_hash(path: str | Path) -> str:
+    """First 16 hex digits of the SHA-256 of the tokenizer.json bytes (the id used everywhere)."""
+    path = Path(path)
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read tokenizer file ({e.strerror})") from None
+
+
+def special_id(tok: Tokenizer, token: str) -> int:
+    """The id of a special token (one of SPECIAL_TOKENS)."""
+    if token not in SPECIAL_TOKENS:
+        raise KeyError(f"{token!r} is not a special token (known: {', '.join(SPECIAL_TOKENS)})")
+    token_id = tok.token_to_id(token)
+    if token_id is None:
+        raise TokenizerError(f"tokenizer has no special token {token}")
+    return token_id
+
+
+@contextmanager
+def ordinary_text(tok: Tokenizer) -> Iterator[Tokenizer]:
+    """Within the block, `tok` encodes special-token strings as plain text.
+
+    The flag lives on the (shared) tokenizer object, so it is restored on exit; no code here
+    encodes from two threads with one tokenizer object.
+    """
+    before = tok.encode_special_tokens
+    tok.encode_special_tokens = True
+    try:
+        yield tok
+    finally:
+        tok.encode_special_tokens = before
+
+
+def encode_text(tok: Tokenizer, text: str) -> list[int]:
+    """Token ids of `text` as ordinary text (a literal "<|endoftext|>" is not the special id)."""
+    with ordinary_text(tok):
+        return tok.encode(text, add_special_tokens=False).ids
+
+
+def encode_texts(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """`encode_text` for many strings at once, on the Rust thread pool (no offsets computed)."""
+    # encode_batch_fast (tokenizers >= 0.20) skips the offsets, which we never use
+    batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    with ordinary_text(tok):
+        return [e.ids for e in batch(list(texts), add_special_tokens=False)]
+
+
+def decode(tok: Tokenizer, ids: Sequence[int]) -> str:
+    """Text of `ids`, special tokens included (nothing skipped or cleaned up)."""
+    return tok.decode(list(ids), skip_special_tokens=False)
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, int, dict]]:
+    """Stream a JSONL file: (line number, line size in bytes, object) per non-blank line.
+
+    Read in binary (json parses bytes directly, and byte sizes drive progress bars). It lives
+    here because the tokenizer stage's DVC deps name this file; encode uses it too.
+    """
+    path = Path(path)
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot open ({e.strerror})") from None
+    with f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise TokenizerError(f"{path}:{number}: not valid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise TokenizerError(f"{path}:{number}: expected a JSON object")
+            yield number, len(line), obj
+
+
+def str_field(path: str | Path, number: int, obj: dict, key: str) -> str:
+    """`obj[key]`, which must be a string; the error names the file, line and key."""
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise TokenizerError(f"{path}:{number}: field {key!r} must be a string (got {value!r:.40})")
+    return value
+
+
+def iter_texts(path: str | Path, key: str = "text") -> Iterator[str]:
+    """The `key` field of every line of a JSONL file, streamed (training text for the tokenizer)."""
+    for number, _, obj in iter_jsonl(path):
+        yield str_field(path, number, obj, key)

@@ -1,0 +1,106 @@
+"""Decoding throughput: minigpt.sample.generate vs transformers generate() on the same weights.
+
+    python bench/generate_throughput.py [--new 200] [--prompt 20] [--repeats 3] [--tiny] [--threads N]
+
+Seed config by default (6 layers, 6 heads, 384 wide, block 256, vocab 30000), random init. The
+model is exported with minigpt.export to a temporary directory and reloaded as LlamaForCausalLM,
+so both sides run identical weights in one process. Batch 1, greedy, KV cache on both sides
+(`use_cache=True`); prints new tokens/s, the ratio, and whether the tokens agree. bf16 runs the
+same comparison with weights cast to bfloat16. Needs transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from minigpt.export import export_hf  # noqa: E402
+from minigpt.model import GPT, GPTConfig  # noqa: E402
+from minigpt.sample import generate  # noqa: E402
+
+
+def tiny_tokenizer(path: Path) -> None:
+    """A throwaway byte-level BPE: export needs a tokenizer.json; the benchmark never decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from minigpt.tokenizer import SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["a tiny corpus for a throwaway tokenizer"] * 10,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))
+
+
+def timed(fn, repeats: int) -> tuple[float, list[int]]:
+    fn()  # warm-up
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new", type=int, default=200, help="new tokens")
+    ap.add_argument("--prompt", type=int, default=20, help="prompt tokens")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="4 layers, 4 heads, 256 wide, vocab 8192")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    L, H, C, V = (4, 4, 256, 8192) if args.tiny else (6, 6, 384, 30000)
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(vocab_size=V, n_layer=L, n_head=H, n_embd=C, block_size=256)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_tokenizer(Path(tmp) / "tokenizer.json")
+        export_hf(ours, Path(tmp) / "tokenizer.json", Path(tmp) / "hf", chat_template=None,
+                  eos_id=0, pad_id=1)
+        hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf").eval()
+    prompt = torch.randint(5, V, (args.prompt,)).tolist()
+    x = torch.tensor([prompt])
+    print(f"{L} layers, {H} heads, {C} wide, vocab {V}; batch 1, prompt {args.prompt}, "
+          f"{args.new} new tokens, {torch.get_num_threads()} threads")
+    for name in args.dtypes.split(","):
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        ours.to(dtype)
+        hf.to(dtype)
+
+        def run_ours():
+            return generate(ours, prompt, args.new, temperature=0.0)
+
+        def run_hf():
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = hf.generate(x, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
+                                  use_cache=True, pad_token_id=1, eos_token_id=None)
+            return out[0, len(prompt):].tolist()
+
+        t_ours, tok_ours = timed(run_ours, args.repeats)
+        t_hf, tok_hf = timed(run_hf, args.repeats)
+        same = sum(a == b for a, b in zip(tok_ours, tok_hf))
+        print(f"{name}: minigpt {args.new / t_ours:7.1f} tok/s ({1000 * t_ours / args.new:.2f} ms/token)  "
+              f"transformers {args.new / t_hf:7.1f} tok/s ({1000 * t_hf / args.new:.2f} ms/token)  "
+              f"ratio {t_hf / t_ours:.2f}x  same tokens {same}/{args.new}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Training throughput of minigpt's real loop step vs transformers' GPT2LMHeadModel, one process.
+
+    python bench/train_throughput.py [--dtype fp32 bf16] [--steps 10] [--batch 8] [--tiny]
+                                     [--compile] [--device cpu|cuda] [--profile]
+
+Seed config by default (6 layers, 6 heads, 384 wide, block 256, vocab 30000, batch 8). "Ours" is
+`minigpt.train._train_step`, exactly what `fit` runs per optimizer step: LR set, forward under the
+runtime's autocast, backward, grad-norm clip, the loss/norm sync, AdamW step (foreach on CPU,
+fused on CUDA). "Theirs" is GPT2LMHeadModel (attn sdpa, dropout 0) with the same clip and AdamW.
+Both models step alternately, so machine noise hits both; after warm-up steps we report the median
+step time as tokens/s, MFU (each model's 6N + 12LCT FLOPs/token over the runtime's peak, see
+minigpt.train) and the ratio ours/theirs. `--profile` prints the top ops of one step of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from minigpt import train  # noqa: E402
+from minigpt.config import TrainConfig  # noqa: E402
+from minigpt.model import GPT, GPTConfig  # noqa: E402
+
+
+class RandomTokens:
+    """A batch source of fixed random tokens (the data path is not what is measured)."""
+
+    def __init__(self, batch: int, block: int, vocab: int):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, vocab, (batch, block), generator=g)
+        self.y = torch.randint(0, vocab, (batch, block), generator=g)
+
+    def next(self):
+        return self.x, self.y
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def gpt2(L: int, H: int, C: int, T: int, V: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_layer=L, n_head=H, n_embd=C, n_positions=T,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      attn_implementation="sdpa"))
+
+
+def gpt2_flops_per_token(model, L: int, C: int, T: int, V: int) -> float:
+    wpe = model.transformer.wpe.weight.numel()
+    return 6.0 * (model.num_parameters() - wpe) + 12.0 * L * C * T  # wte counted once, as the head
+
+
+def their_step(model, opt, x, y, rt: train.Runtime, clip: float) -> float:
+    with rt.autocast():
+        loss = model(input_ids=x, labels=y).loss
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    value = loss.item() + 0 * norm.item()  # the same two syncs as ours
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return value
+
+
+def bench(dtype: str, args) -> dict:
+    L, H, C, T, V, B = (4, 4, 256, 256, 8192, 16) if args.tiny else (6, 6, 384, 256, 30000, args.batch)
+    cfg = TrainConfig(device=args.device, dtype=dtype, batch_size=B, lr=1e-4, warmup_steps=0,
+                      max_steps=10**6, compile=args.compile)
+    rt = train.setup_runtime(cfg)
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(vocab_size=V, n_layer=L, n_head=H, n_embd=C, block_size=T)).to(rt.device)
+    theirs = gpt2(L, H, C, T, V).to(rt.device)
+    source = RandomTokens(B, T, V)
+    opt = ours.configure_optimizer(0.1, 1e-4, (0.9, 0.95), rt.device.type)
+    run = train._Run(raw=ours, model=torch.compile(ours) if args.compile else ours, optimizer=opt,
+                     cfg=cfg, rt=rt, source=source, val=[], identity={}, h=train.History())
+    their_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95),
+                                  fused=rt.device.type == "cuda" or None,
+                                  foreach=None if rt.device.type == "cuda" else True)
+    their_model = torch.compile(theirs) if args.compile else theirs
+    x, y = source.x.to(rt.device), source.y.to(rt.device)
+    steps = {"ours": lambda: train._train_step(run),
+             "theirs": lambda: their_step(their_model, their_opt, x, y, rt, cfg.grad_clip)}
+    times = {k: [] for k in steps}
+    for i in range(args.warmup + args.steps):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t)
+    if args.profile:
+        profile(steps, rt)
+    flops = {"ours": ours.flops_per_token(), "theirs": gpt2_flops_per_token(theirs, L, C, T, V)}
+    out = {"dtype": rt.dtype, "device": str(rt.device), "threads": torch.get_num_threads(),
+           "params_ours": ours.num_params(), "params_theirs": theirs.num_parameters()}
+    for name, ts in times.items():
+        tps = B * T / statistics.median(ts)
+        out[f"tok_s_{name}"] = tps
+        out[f"mfu_{name}"] = flops[name] * tps / rt.peak_flops if rt.peak_flops else 0.0
+    out["ratio"] = out["tok_s_ours"] / out["tok_s_theirs"]
+    return out
+
+
+def profile(steps: dict, rt: train.Runtime) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device.type == "cuda" else [])
+    for name, step in steps.items():
+        with torch_profile(activities=acts) as prof:
+            step()
+        key = "self_cuda_time_total" if rt.device.type == "cuda" else "self_cpu_time_total"
+        print(f"--- {name}: top ops by self time")
+        print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=40))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tiny", action="store_true", help="4 layers, 4 heads, 256 wide, vocab 8192, batch 16")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, bf16 CPU instructions: "
+          f"{train.cpu_has_bf16()}, compile {args.compile}")
+    for dtype in args.dtype:
+        r = bench(dtype, args)
+        print(f"{r['device']} {r['dtype']}: ours {r['tok_s_ours']:,.0f} tok/s (mfu {100 * r['mfu_ours']:.1f}%, "
+              f"{r['params_ours'] / 1e6:.1f}M params) | gpt2 {r['tok_s_theirs']:,.0f} tok/s "
+              f"(mfu {100 * r['mfu_theirs']:.1f}%, {r['params_theirs'] / 1e6:.1f}M) | "
+              f"ours/theirs {r['ratio']:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The chat template (`minigpt-v1`): the one place that turns instructions and conversations into ids.
+
+    <|user|>\\n{instruction}\\n\\n{context}\\n<|assistant|>\\n{response}<|endoftext|>
+
+(`\\n\\n{context}` only when there is a context.) A conversation repeats user/assistant turns; an
+optional `<|system|>\\n{text}\\n` turn comes first. Encode, finetune, eval, generate, chat and
+export all call this module, so training and inference can never disagree on the format.
+
+Design choices
+- One description of the template, `_segments`: a conversation becomes a list of pieces, each a
+  special token or a run of text, each marked target or not. Python encoding (`encode_*`), string
+  rendering (`render`) and the loss mask all come from it; `CHAT_TEMPLATE_JINJA` is the same
+  template for Hugging Face `apply_chat_template`, and the tests check that all of them agree.
+- Special-token ids are appended directly and text is encoded as ordinary text between them, so a
+  user who types "<|endoftext|>" gets plain text tokens, never a turn boundary. For text without
+  literal special tokens this equals what a Hugging Face tokenizer does with the rendered string
+  (it splits at special tokens first, then encodes each piece), so an exported model gets the
+  same ids from `apply_chat_template`.
+- The loss mask is 1 on what the model must produce: the assistant segment `\\n{response}` and the
+  closing `<|endoftext|>`. The prompt for generation (`encode_prompt`) ends with
+  `<|assistant|>\\n`; when the response starts with a non-space character (process strips them)
+  the training ids start with exactly the generation prompt's ids.
+- Many examples are encoded in one `encode_batch` call (`encode_examples`): the SFT encode stage
+  gets the Rust thread pool for free, and `encode_example` is the batch of one.
+- Truncation (`truncate_example`) works on ids, not text: it drops the tail of the user text
+  (context first, then instruction) and keeps the template tokens and the whole response, so the
+  model never learns from a cut-off answer.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from minigpt.tokenizer import ASSISTANT, EOT, SPECIAL_TOKENS, SYSTEM, USER, encode_texts
+
+TEMPLATE_NAME = "minigpt-v1"  # recorded as `chat_template` in a fine-tuned model's config.json
+ROLES = ("system", "user", "assistant")
+
+# The same template for Hugging Face (`tokenizer_config.json` "chat_template"). Every tag trims the
+# whitespace around it (`{%-`, `-%}`), so the layout here never leaks into the output, whatever the
+# environment's trim_blocks/lstrip_blocks. Jinja string literals decode `\n` to a newline.
+CHAT_TEMPLATE_JINJA = (
+    r"{%- for message in messages -%}"
+    r"{%- if message['role'] == 'system' and loop.first -%}"
+    r"{{- '<|system|>\n' + message['content'] + '\n' -}}"
+    r"{%- elif message['role'] == 'user' -%}"
+    r"{{- '<|user|>\n' + message['content'] + '\n' -}}"
+    r"{%- elif message['role'] == 'assistant' -%}"
+    r"{{- '<|assistant|>\n' + message['content'] + '<|endoftext|>' -}}"
+    r"{%- else -%}"
+    r"{{- raise_exception('minigpt-v1: roles are system (first only), user, assistant') -}}"
+    r"{%- endif -%}"
+    r"{%- endfor -%}"
+    r"{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}"
+)
+
+# A piece of a rendered conversation: (text, is_special_token, is_target).
+Piece = tuple[str, bool, bool]
+Message = Mapping[str, str]
+
+_ASSISTANT_ID = SPECIAL_TOKENS.index(ASSISTANT)  # ids are fixed by FORMATS.md (0..4)
+_TEMPLATE_HEAD = 1  # <|user|> (or <|system|>) that opens the prompt
+_TEMPLATE_TAIL = 2  # the "\n" before <|assistant|>, and <|assistant|>
+
+
+def user_content(instruction: str, context: str = "") -> str:
+    """The user turn's text for an instruction and an optional context."""
+    return f"{instruction}\n\n{context}" if context else instruction
+
+
+def example_messages(instruction: str, context: str = "", response: str | None = None) -> list[dict]:
+    """An instruction example as a conversation (no assistant turn when `response` is None)."""
+    messages = [{"role": "user", "content": user_content(instruction, context)}]
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    return messages
+
+
+def _segments(messages: Sequence[Message], add_generation_prompt: bool) -> list[Piece]:
+    """The template: a conversation as special tokens and text runs, each marked target or not."""
+    pieces: list[Piece] = []
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a string (got {type(content).__name__})")
+        if role == "system" and i == 0:
+            pieces += [(SYSTEM, True, False), (f"\n{content}\n", False, False)]
+        elif role == "user":
+            pieces += [(USER, True, False), (f"\n{content}\n", False, False)]
+        elif role == "assistant":
+            pieces += [(ASSISTANT, True, False), (f"\n{content}", False, True), (EOT, True, True)]
+        else:
+            raise ValueError(f"message {i}: role {role!r} is not one of system (first only), "
+                             "user, assistant")
+    if add_generation_prompt:
+        pieces += [(ASSISTANT, True, False), ("\n", False, False)]
+    return pieces
+
+
+def render(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """The conversation as one string, special tokens inline (what CHAT_TEMPLATE_JINJA renders)."""
+    return "".join(text for text, _, _ in _segments(messages, add_generation_prompt))
+
+
+def _encode_pieces(tok: Tokenizer, conversations: list[list[Piece]]) -> list[tuple[list[int], list[int]]]:
+    """Ids and loss masks of many piece lists, encoding all their text in one batch call."""
+    specials = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    texts = [text for pieces in conversations for text, special, _ in pieces if not special]
+    encoded = iter(encode_texts(tok, texts))
+    out = []
+    for pieces in conversations:
+        ids: list[int] = []
+        mask: list[int] = []
+        for text, special, target in pieces:
+            piece_ids = [specials[text]] if special else next(encoded)
+            ids += piece_ids
+            mask += [int(target)] * len(piece_ids)
+        out.append((ids, mask))
+    return out
+
+
+def encode_conversation(tok: Tokenizer, messages: Sequence[Message],
+                        add_generation_prompt: bool = True) -> list[int]:
+    """Ids of a multi-turn conversation (system/user/assistant messages with role and content)."""
+    return _encode_pieces(tok, [_segments(messages, add_generation_prompt)])[0][0]
+
+
+def encode_prompt(tok: Tokenizer, instruction: str, context: str = "") -> list[int]:
+    """Ids of an instruction prompt, up to and including `<|assistant|>\\n`: input to generation."""
+    return encode_conversation(tok, example_messages(instruction, context), add_generation_prompt=True)
+
+
+def encode_examples(tok: Tokenizer, rows: Iterable[tuple[str, str, str]]
+                    ) -> list[tuple[list[int], list[int]]]:
+    """(ids, mask) for many (instruction, context, response) rows, in one batched encode."""
+    conversations = [_segments(example_messages(i, c, r), add_generation_prompt=False)
+                     for i, c, r in rows]
+    return _encode_pieces(tok, conversations)
+
+
+def encode_example(tok: Tokenizer, instruction: str, context: str,
+                   response: str) -> tuple[list[int], list[int]]:
+    """Ids of a training example and its loss mask (1 on `\\n{response}<|endoftext|>`, else 0)."""
+    return encode_examples(tok, [(instruction, context, response)])[0]
+
+
+def truncate_example(ids: Sequence[int], mask: Sequence[int], max_len: int
+                     ) -> tuple[Sequence[int], Sequence[int]] | None:
+    """Fit an encoded example into `max_len` tokens, or None when even its response cannot fit.
+
+    Drops tokens from the end of the user text (the context's tail first, then the instruction's)
+    and keeps the opening role token, the "\\n" before `<|assistant|>`, `<|assistant|>` and the
+    whole response. Works on lists and numpy arrays and returns the same kind.
+    """
+    m = np.asarray(mask)
+    n = len(m)
+    if len(ids) != n:
+        raise ValueError(f"ids and mask differ in length ({len(ids)} != {n})")
+    prompt = int(np.argmax(m)) if m.any() else n  # the mask is 0 on the prompt, then 1 to the end
+    if not m[prompt:].all() or prompt < _TEMPLATE_HEAD + _TEMPLATE_TAIL \
+            or int(ids[prompt - 1]) != _ASSISTANT_ID:
+        raise ValueError("not a single-turn chat example (prompt ending in <|assistant|>, then "
+                         "a response masked 1 to the end)")
+    if n <= max_len:
+        return ids, mask
+    response = n - prompt
+    if _TEMPLATE_HEAD + _TEMPLATE_TAIL + response > max_len:
+        return None
+    head = max_len - response - _TEMPLATE_TAIL  # role token + as much user text as fits
+    keep = np.r_[0:head, prompt - _TEMPLATE_TAIL:n]
+    if isinstance(ids, np.ndarray):
+        return ids[keep], np.asarray(mask)[keep]
+    return [ids[k] for k in keep], [mask[k] for k in keep]
+
+
+def hf_tokenizer_config(model_max_length: int) -> dict:
+    """`tokenizer_config.json` for an exported model: the chat template and the special tokens.
+
+    No cleanup of spaces on decode (it would break the exact round trip) and no added BOS/EOS:
+    the template places every special token itself.
+    """
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAT_TEMPLATE_JINJA,
+        "eos_token": EOT,
+        "pad_token": SPECIAL_TOKENS[1],
+        "bos_token": None,
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+    }

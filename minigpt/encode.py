@@ -1,0 +1,284 @@
+"""Processed JSONL -> token files (`data/tokens/{pretrain,sft}/`), and the readers training uses.
+
+Formats (docs/FORMATS.md): `{split}.bin` flat little-endian ids (`uint16`, or `uint32` for a
+vocabulary over 65535), read with `np.memmap`, plus a `{split}.json` sidecar (dtype, count,
+documents or examples, tokenizer_hash). SFT adds `{split}.mask.bin` (uint8 loss mask, aligned with
+the ids) and `{split}.idx.bin` (uint64 offsets, examples + 1).
+
+Design choices
+- Streaming: documents are read `batch_size` at a time (fewer when they pass 8 MB), encoded with
+  one `encode_batch` call on the Rust thread pool, converted to a numpy array and appended to the
+  file. Memory is bounded by one batch whatever the corpus size; ids never pile up as Python ints.
+- The Python side (JSON parsing, list -> numpy) measured at ~4% of the time, so it is not
+  overlapped with the Rust encoding: a pipeline of threads would buy little on 2 cores.
+- Text is encoded as ordinary text (`minigpt.tokenizer.encode_texts`): a literal "<|endoftext|>"
+  in an article is plain text; the only EOT ids in a pretrain stream are the ones appended here,
+  one after every document, so document boundaries are exact.
+- A corpus is written into a temporary directory beside its destination, then renamed into
+  place: a crash leaves the previous tokens or the new ones, never a mix of the two.
+- Every reader checks the sidecar against the file (dtype, size) and, when asked, against the
+  current tokenizer's hash, failing with one line that says what to re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from minigpt.chat import encode_examples
+from minigpt.tokenizer import (EOT, encode_texts, iter_jsonl, load_tokenizer, special_id,
+                               str_field, tokenizer_hash)
+
+CORPORA = ("pretrain", "sft")
+SPLITS = ("train", "validation", "test")
+MASK_DTYPE = np.dtype("u1")
+IDX_DTYPE = np.dtype("<u8")
+# A batch also ends at this much JSONL: an encoded batch costs ~200 bytes per token until its
+# ids are written (`tokenizers` Encoding objects with token strings, then Python int lists),
+# measured ~700 MB for 16 MB of text, so 1000 book-sized documents would need many GB.
+# 8 MB of text is ~1.8M tokens, ~350 MB in flight, and still hundreds of articles per batch.
+BATCH_BYTES = 8 * 2**20
+
+
+class EncodeError(ValueError):
+    """Bad token files or inputs; the message is one line naming the file."""
+
+
+@dataclass
+class SplitStats:
+    """What encoding one split produced (also the sidecar's content)."""
+
+    split: str
+    tokens: int
+    items: int  # documents (pretrain) or examples (sft)
+    bytes_in: int  # JSONL bytes read
+    seconds: float
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Little-endian uint16 while every id fits (vocab <= 65535, as FORMATS.md says), else uint32."""
+    return np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
+
+
+def set_threads(num_threads: int) -> None:
+    """Size the `tokenizers` (Rust rayon) thread pool: 0 = all cores, 1 = no parallelism.
+
+    Must run before the first batch encode in this process: rayon reads the variable once.
+    """
+    if num_threads > 0:
+        os.environ["RAYON_NUM_THREADS"] = str(num_threads)
+    # tokenizers turns itself off after a fork when this is unset; say what we want explicitly.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false" if num_threads == 1 else "true"
+
+
+def _batches(path: Path, batch_size: int, max_bytes: int = BATCH_BYTES
+             ) -> Iterator[tuple[list[tuple[int, dict]], int]]:
+    """(rows as (line number, object), bytes they took) for every `batch_size` lines of a JSONL,
+    or fewer once they reach `max_bytes`."""
+    rows: list[tuple[int, dict]] = []
+    size = 0
+    for number, nbytes, obj in iter_jsonl(path):
+        rows.append((number, obj))
+        size += nbytes
+        if len(rows) == batch_size or size >= max_bytes:
+            yield rows, size
+            rows, size = [], 0
+    if rows:
+        yield rows, size
+
+
+def _progress(path: Path, desc: str) -> tqdm:
+    """A byte-based progress bar, shown only on a terminal."""
+    return tqdm(total=path.stat().st_size, desc=desc, unit="B", unit_scale=True,
+                disable=None, leave=False, mininterval=0.5)
+
+
+def flatten_with_eot(id_lists: list[list[int]], eot: int, dtype: np.dtype) -> np.ndarray:
+    """One array of every list followed by `eot` (a batch of documents, ready to append)."""
+    out = np.empty(sum(map(len, id_lists)) + len(id_lists), dtype=dtype)
+    pos = 0
+    for ids in id_lists:  # slice assignment converts a whole list in C; ~1 call per document
+        n = len(ids)
+        out[pos:pos + n] = ids
+        out[pos + n] = eot
+        pos += n + 1
+    return out
+
+
+def encode_pretrain_split(tok: Tokenizer, src: Path, dst: Path, batch_size: int,
+                          dtype: np.dtype) -> SplitStats:
+    """Encode `{"text"}` JSONL `src` into the flat token file `dst` (EOT after every document)."""
+    start, eot = time.perf_counter(), special_id(tok, EOT)
+    tokens = docs = size_in = 0
+    with dst.open("wb") as out, _progress(src, f"encode {src.parent.name}/{src.stem}") as bar:
+        for rows, size in _batches(src, batch_size):
+            texts = [str_field(src, n, obj, "text") for n, obj in rows]
+            arr = flatten_with_eot(encode_texts(tok, texts), eot, dtype)
+            arr.tofile(out)
+            tokens, docs, size_in = tokens + arr.size, docs + len(rows), size_in + size
+            bar.update(size)
+    return SplitStats(src.stem, tokens, docs, size_in, time.perf_counter() - start)
+
+
+def encode_sft_split(tok: Tokenizer, src: Path, dst: Path, batch_size: int,
+                     dtype: np.dtype) -> SplitStats:
+    """Encode `{"instruction","context","response"}` JSONL into ids, loss mask and offsets."""
+    start = time.perf_counter()
+    tokens = examples = size_in = 0
+    prefix = dst.with_suffix("")
+    with dst.open("wb") as f_ids, open(f"{prefix}.mask.bin", "wb") as f_mask, \
+            open(f"{prefix}.idx.bin", "wb") as f_idx, \
+            _progress(src, f"encode {src.parent.name}/{src.stem}") as bar:
+        np.zeros(1, IDX_DTYPE).tofile(f_idx)  # offsets start at 0
+        for rows, size in _batches(src, batch_size):
+            triples = [tuple(str_field(src, n, obj, k) for k in ("instruction", "context", "response"))
+                       for n, obj in rows]
+            encoded = encode_examples(tok, triples)
+            lengths = np.fromiter((len(ids) for ids, _ in encoded), np.int64, count=len(encoded))
+            _append(f_ids, (ids for ids, _ in encoded), int(lengths.sum()), dtype)
+            _append(f_mask, (mask for _, mask in encoded), int(lengths.sum()), MASK_DTYPE)
+            (tokens + np.cumsum(lengths)).astype(IDX_DTYPE).tofile(f_idx)
+            tokens, examples, size_in = tokens + int(lengths.sum()), examples + len(rows), size_in + size
+            bar.update(size)
+    return SplitStats(src.stem, tokens, examples, size_in, time.perf_counter() - start)
+
+
+def _append(f: BinaryIO, lists: Iterator[list[int]], total: int, dtype: np.dtype) -> None:
+    """Write the concatenation of `lists` (`total` values) to `f` as `dtype`."""
+    out = np.empty(total, dtype=dtype)
+    pos = 0
+    for values in lists:
+        out[pos:pos + len(values)] = values
+        pos += len(values)
+    out.tofile(f)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _replace_dir(tmp: Path, dst: Path) -> None:
+    """Move the finished directory `tmp` to `dst`, replacing an old one.
+
+    A directory cannot be swapped in one rename, so the old one is renamed aside first; a crash
+    between the two renames leaves the old tokens beside `dst` (and DVC re-runs the stage).
+    """
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def encode_corpus(corpus: str, processed_dir: str | Path, tokenizer_path: str | Path,
+                  out_dir: str | Path, batch_size: int = 1000,
+                  splits: tuple[str, ...] = SPLITS) -> list[SplitStats]:
+    """Encode every split of one corpus into `out_dir`, written elsewhere then renamed into place."""
+    if corpus not in CORPORA:
+        raise EncodeError(f"corpus must be one of {', '.join(CORPORA)} (got {corpus!r})")
+    processed_dir, out_dir = Path(processed_dir), Path(out_dir)
+    sources = [processed_dir / f"{split}.jsonl" for split in splits]
+    for src in sources:  # fail before any work, not after encoding train
+        if not src.is_file():
+            raise EncodeError(f"{src}: not found (run `dvc repro process@{corpus}`)")
+    tok = load_tokenizer(tokenizer_path)
+    meta_common = {"tokenizer_hash": tokenizer_hash(tokenizer_path)}
+    dtype = token_dtype(tok.get_vocab_size())
+    encode_split = encode_pretrain_split if corpus == "pretrain" else encode_sft_split
+    count_key = "documents" if corpus == "pretrain" else "examples"
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared directory
+    try:
+        stats = []
+        for src in sources:
+            s = encode_split(tok, src, tmp / f"{src.stem}.bin", batch_size, dtype)
+            _write_json(tmp / f"{src.stem}.json", {"dtype": dtype.name, "count": s.tokens,
+                                                   count_key: s.items, **meta_common})
+            stats.append(s)
+        _replace_dir(tmp, out_dir)
+        return stats
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _prefix(path: str | Path) -> Path:
+    """`data/tokens/pretrain/train` from that prefix or from `.../train.bin` / `.../train.json`."""
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".bin", ".json") else path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The sidecar of a token file (given its prefix, .bin or .json path)."""
+    meta_path = _prefix(path).with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise EncodeError(f"{meta_path}: sidecar not found (run `dvc repro encode`)") from None
+    except ValueError as e:
+        raise EncodeError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("dtype") not in ("uint16", "uint32") \
+            or not isinstance(meta.get("count"), int):
+        raise EncodeError(f"{meta_path}: expected dtype uint16/uint32 and an integer count")
+    return meta
+
+
+def check_tokenizer_hash(meta: dict, expected: str, where: str | Path) -> None:
+    """Fail unless token files were made with the tokenizer whose hash is `expected`."""
+    got = meta.get("tokenizer_hash")
+    if got != expected:
+        raise EncodeError(f"{where}: encoded with tokenizer {got}, but the tokenizer is {expected} "
+                          "(run `dvc repro encode`)")
+
+
+def _memmap(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
+    """Read-only memmap of exactly `count` values; the file size must agree."""
+    if not path.is_file():
+        raise EncodeError(f"{path}: not found (run `dvc repro encode`)")
+    size = path.stat().st_size
+    if size != count * dtype.itemsize:
+        raise EncodeError(f"{path}: {size} bytes, but the sidecar says {count} x {dtype.name} "
+                          f"({count * dtype.itemsize} bytes)")
+    if count == 0:  # mmap cannot map an empty file
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+def read_tokens(path: str | Path, expected_hash: str | None = None) -> np.ndarray:
+    """Memmap of a token file (prefix, .bin or .json path), checked against its sidecar."""
+    prefix = _prefix(path)
+    meta = read_meta(prefix)
+    if expected_hash is not None:
+        check_tokenizer_hash(meta, expected_hash, prefix.with_suffix(".json"))
+    return _memmap(prefix.with_suffix(".bin"), np.dtype(meta["dtype"]).newbyteorder("<"),
+                   meta["count"])
+
+
+def read_sft(directory: str | Path, split: str, expected_hash: str | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(ids memmap, mask memmap, offsets, sidecar) of an SFT split; example i is ids[idx[i]:idx[i+1]]."""
+    prefix = Path(directory) / split
+    meta = read_meta(prefix)
+    ids = read_tokens(prefix, expected_hash)
+    mask = _memmap(Path(f"{prefix}.mask.bin"), MASK_DTYPE, meta["count"])
+    examples = meta.get("examples")
+    if not isinstance(examples, int):
+        raise EncodeError(f"{prefix}.json: missing integer 'examples'")
+    idx = np.array(_memmap(Path(f"{prefix}.idx.bin"), IDX_DTYPE, examples + 1))
+    if idx[0] != 0 or idx[-1] != meta["count"] or np.any(np.diff(idx.astype(np.int64)) < 0):
+        raise EncodeError(f"{prefix}.idx.bin: offsets must rise from 0 to {meta['count']}")
+    return ids, mask, idx, meta

@@ -1,0 +1,470 @@
+"""Evaluation: sliding-window perplexity, bits per byte, masked SFT loss, ROUGE/BLEU/chrF, samples.
+
+Design choices (and why)
+- Perplexity uses the standard sliding window (Hugging Face's "perplexity of fixed-length models"):
+  windows of `block_size` tokens advance by `stride`; the first window scores all its targets, each
+  later one only the targets it has not seen, so every token is predicted exactly once and (past
+  the first window) with at least `block_size - stride` tokens of context. One change from the HF
+  recipe: the last window is moved back to end at the last token instead of being cut short, so
+  every window has the same length (one batched tensor shape) and the tail gets more context.
+- The pre-training test stream is scored as stored: documents *and* the `<|endoftext|>` after each
+  one. Predicting where a document ends is part of modelling text, and it keeps the token stream
+  identical to what training saw. The stage prepends one `<|endoftext|>` as context so the first
+  document's first token is predicted too, exactly like every later document's (each follows an
+  EOT). The EOT predictions' cost is spread over the text's bytes and words, which is what
+  tokenizer-independent numbers need: total NLL of the corpus / its size.
+- Bits per byte = total NLL / ln 2 / UTF-8 bytes; word-level perplexity = exp(total NLL / words),
+  with bytes and whitespace words recorded by the process stage. Neither depends on the tokenizer,
+  so runs with different vocabularies (and published WikiText numbers) can be compared. When
+  `max_tokens` caps the stream, bytes and words are scaled by the fraction of tokens scored (an
+  estimate, flagged in the output).
+- Losses go through the model's own `model(idx, targets)` path (targets -100 = ignored), which
+  skips ignored rows before the LM head: unscored window positions and SFT prompts cost nothing
+  there. The returned mean is turned back into a sum with the count of scored targets.
+- SFT loss is the response-only loss that fine-tuning minimises (the loss mask from encode),
+  over the whole SFT test split, each example cut with `chat.truncate_example` to block_size + 1.
+- Generation is greedy (temperature 0, stop at `<|endoftext|>`), so numbers are deterministic.
+  Both models get the same chat-template prompt; the pre-trained one shows what instruction tuning
+  added. An echo baseline (answer = the instruction and context) is scored the same way: a floor.
+- Scores keep their libraries' native scales: ROUGE F1 in [0, 1] (`rouge_score`, stemming on, the
+  mean over examples), BLEU and chrF in [0, 100] (`sacrebleu` corpus scores).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from minigpt.chat import encode_prompt, truncate_example
+from minigpt.config import EvalConfig
+from minigpt.encode import read_meta, read_sft, read_tokens
+from minigpt.sft import IGNORE, build_split, collate
+from minigpt.tokenizer import EOT, PAD, SPECIAL_TOKENS, decode, iter_jsonl, str_field
+
+LN2 = math.log(2.0)
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+EOT_ID, PAD_ID = SPECIAL_TOKENS.index(EOT), SPECIAL_TOKENS.index(PAD)  # fixed ids (FORMATS.md)
+TOKENS_PER_BATCH = {"cpu": 8192, "cuda": 65536, "mps": 16384}  # window batch size, in tokens
+SFT_BATCH = 16  # examples per batch for the SFT loss
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+class EvalError(ValueError):
+    """Inputs that cannot be evaluated; the message is one line naming the file or key."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` -> cuda > mps > cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"eval.device: {name!r} requested but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise EvalError("eval.device: 'mps' requested but MPS is not available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPUs that have it, fp32 everywhere else.
+
+    Unlike training, CPUs stay fp32 even where bf16 is fast: a metric should not move because
+    the same model was evaluated on a machine with another instruction set."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def window_plan(n_targets: int, block_size: int, stride: int) -> list[tuple[int, int]]:
+    """Sliding windows over a stream whose targets are positions 1..n_targets.
+
+    Returns (begin, first_scored) pairs: the window's inputs are tokens[begin : begin + W] with
+    W = min(block_size, n_targets), its targets tokens[begin + 1 : begin + W + 1], and it scores
+    window positions first_scored..W-1. Together the windows score every target exactly once.
+    """
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride must be in [1, block_size={block_size}] (got {stride})")
+    if n_targets <= 0:
+        return []
+    width = min(block_size, n_targets)
+    plan, scored_to, begin = [], 0, 0  # scored_to: targets 1..scored_to are already scored
+    while scored_to < n_targets:
+        begin = min(begin, n_targets - width)  # the last window ends at the last target, full length
+        plan.append((begin, scored_to - begin))
+        scored_to = begin + width
+        begin += stride
+    return plan
+
+
+def summed_loss(model: Callable, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """(sum of NLL in nats, number of targets) over the targets of y that are not -100."""
+    n = int((y != -100).sum())
+    if n == 0:
+        return 0.0, 0
+    _, loss = model(x, y)
+    return float(loss) * n, n
+
+
+@torch.inference_mode()
+def sliding_window_nll(model: Callable, tokens, block_size: int, stride: int, batch_size: int,
+                       device: torch.device | str = "cpu", max_tokens: int = 0,
+                       progress: bool = False) -> tuple[float, int]:
+    """Total NLL (nats) of tokens[1:] under `model`, and how many tokens that is.
+
+    `tokens` is a 1-D array/tensor (a memmap is fine: windows are copied one batch at a time).
+    `max_tokens` > 0 scores only the first max_tokens targets. Windows are batched `batch_size`
+    at a time; all have the same length, so a batch is one (B, W) tensor.
+    """
+    device = torch.device(device)
+    tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
+    n_targets = len(tokens) - 1
+    if max_tokens > 0:
+        n_targets = min(n_targets, max_tokens)
+    plan = window_plan(n_targets, block_size, stride)
+    if not plan:
+        return 0.0, 0
+    width = min(block_size, n_targets)
+    offsets = np.arange(width + 1)
+    total, count = 0.0, 0
+    batches = tqdm(range(0, len(plan), batch_size), desc="perplexity", unit="batch", leave=False,
+                   disable=None if progress else True)  # None: only on a terminal
+    for start in batches:
+        chunk = plan[start : start + batch_size]
+        rows = np.stack([tokens[b + offsets] for b, _ in chunk]).astype(np.int64)
+        xy = torch.from_numpy(rows).to(device)
+        x, y = xy[:, :-1], xy[:, 1:].clone()
+        for i, (_, first) in enumerate(chunk):
+            y[i, :first] = -100  # already scored by an earlier window
+        with autocast(device):
+            nll, n = summed_loss(model, x, y)
+        total += nll
+        count += n
+    return total, count
+
+
+def lm_metrics(total_nll: float, n_tokens: int, n_bytes: float, n_words: float) -> dict:
+    """Mean token loss, token perplexity, bits per byte and word-level perplexity."""
+    loss = total_nll / n_tokens
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": total_nll / LN2 / n_bytes,
+        "word_perplexity": math.exp(total_nll / n_words),
+    }
+
+
+# ----------------------------------------------------------------------------- SFT loss
+
+
+def sft_rows(examples: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(x, y) rows for next-token prediction: y = -100 wherever the loss mask is 0.
+
+    mask[j] == 1 means token j is a target (the response and its closing EOT), so the target
+    y[j - 1] = ids[j] counts exactly when mask[j] is 1, as in fine-tuning (`minigpt.sft`)."""
+    rows = []
+    for ids, mask in examples:
+        ids = np.asarray(ids, dtype=np.int64)
+        rows.append((ids[:-1], np.where(np.asarray(mask[1:], dtype=bool), ids[1:], IGNORE)))
+    return rows
+
+
+@torch.inference_mode()
+def masked_nll(model: Callable, examples: Sequence[tuple[np.ndarray, np.ndarray]], batch_size: int,
+               device: torch.device | str = "cpu", pad_id: int = PAD_ID,
+               progress: bool = False) -> tuple[float, int, int]:
+    """(total response NLL in nats, response tokens, examples scored) over (ids, mask) examples.
+
+    Examples must already fit the model (len(ids) <= block_size + 1). They are batched in order
+    of length, so padding is small; the causal model never lets padding on the right leak into
+    earlier positions. An example with no target left after truncation is not counted.
+    """
+    device = torch.device(device)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    order = [i for i in order if len(examples[i][0]) >= 2 and np.asarray(examples[i][1][1:]).any()]
+    total, count = 0.0, 0
+    batches = tqdm(range(0, len(order), batch_size), desc="sft loss", unit="batch", leave=False,
+                   disable=None if progress else True)
+    for start in batches:
+        x, y = collate(sft_rows([examples[i] for i in order[start : start + batch_size]]), pad_id)
+        with autocast(device):
+            nll, n = summed_loss(model, x.to(device), y.to(device))
+        total += nll
+        count += n
+    return total, count, len(order)
+
+
+def loss_metrics(total_nll: float, n_tokens: int) -> dict:
+    """Mean loss and perplexity of a (sum, count) pair."""
+    loss = total_nll / n_tokens if n_tokens else float("nan")
+    return {"loss": loss, "perplexity": math.exp(loss) if n_tokens else float("nan")}
+
+
+# ----------------------------------------------------------------------------- text scores
+
+
+def echo_baseline(instruction: str, context: str = "") -> str:
+    """The trivial answer: repeat the question (and its context). Scores below this mean nothing."""
+    return f"{instruction}\n\n{context}" if context else instruction
+
+
+def text_scores(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    """ROUGE-1/2/L F1 (mean over examples, [0, 1]) and corpus BLEU / chrF ([0, 100])."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return {"examples": 0}
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    sums = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for pred, ref in zip(predictions, references):
+        scores = scorer.score(ref, pred)  # (target, prediction)
+        for key in ROUGE_TYPES:
+            sums[key] += scores[key].fmeasure
+    out = {key: sums[key] / len(predictions) for key in ROUGE_TYPES}
+    out["bleu"] = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
+    out["chrf"] = sacrebleu.corpus_chrf(list(predictions), [list(references)]).score
+    out["examples"] = len(predictions)
+    return out
+
+
+def rounded(obj, digits: int = 6):
+    """Floats rounded to `digits` significant digits, recursively: readable, stable git diffs.
+
+    NaN/inf become None (null): strict JSON has no NaN, and `dvc metrics` would choke on it."""
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
+    return obj
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def prompt_budget(block_size: int, max_new_tokens: int) -> int:
+    """Prompt tokens allowed: room for the whole answer in the context, but at least half of it."""
+    return max(block_size - max_new_tokens, block_size // 2)
+
+
+def fit_prompt(ids: Sequence[int], max_len: int) -> list[int]:
+    """A chat prompt cut to `max_len` tokens exactly the way training cuts examples.
+
+    `encode_prompt` ends with `<|assistant|>`, "\\n"; that "\\n" plays the response for
+    `chat.truncate_example`, which then keeps the template tokens and drops the end of the
+    context, then of the instruction. Long Dolly contexts would otherwise push the instruction
+    out of the sampler's sliding window."""
+    ids = list(ids)
+    if len(ids) <= max_len:
+        return ids
+    cut = truncate_example(ids, [0] * (len(ids) - 1) + [1], max_len)
+    if cut is None:
+        raise EvalError(f"a prompt cannot be cut to {max_len} tokens (context too small)")
+    return [int(i) for i in cut[0]]
+
+
+def greedy_answer(model: Callable, tok, ids: Sequence[int], max_new_tokens: int) -> str:
+    """The model's greedy answer to prompt `ids`, as text, without the closing <|endoftext|>."""
+    from minigpt.sample import generate
+
+    new = list(generate(model, list(ids), max_new_tokens, temperature=0.0, stop_ids=[EOT_ID]))
+    if new and new[-1] == EOT_ID:
+        new = new[:-1]
+    return decode(tok, new).strip()
+
+
+def greedy_answers(model: Callable, tok, prompts: Sequence[tuple[str, str]], max_new_tokens: int,
+                   desc: str = "generate", progress: bool = False) -> list[str]:
+    """Greedy answers to (instruction, context) prompts in the chat template."""
+    budget = prompt_budget(model.config.block_size, max_new_tokens)
+    answers = []
+    for instruction, context in tqdm(prompts, desc=desc, unit="answer", leave=False,
+                                     disable=None if progress else True):
+        ids = fit_prompt(encode_prompt(tok, instruction, context), budget)
+        answers.append(greedy_answer(model, tok, ids, max_new_tokens))
+    return answers
+
+
+# ----------------------------------------------------------------------------- the eval stage
+
+
+@dataclass
+class EvalData:
+    """Everything the models are evaluated on (docs/FORMATS.md paths), read once for both."""
+
+    tokens: np.ndarray
+    """Pre-training test stream with one <|endoftext|> prepended (see the module docstring)."""
+    n_bytes: int
+    """UTF-8 bytes of the test split's text (stats.json)."""
+    n_words: int
+    """Whitespace words of the test split's text (stats.json)."""
+    sft: list[tuple[np.ndarray, np.ndarray]]
+    """Every SFT test example as (ids, mask), untruncated."""
+    questions: list[dict] = field(default_factory=list)
+    """The first `generate_examples` SFT test rows: instruction, context, response."""
+    tokenizer_hash: str = ""
+    """The tokenizer the token files were made with; both models must match it."""
+
+
+def read_split_size(stats_path: Path, split: str = "test") -> tuple[int, int]:
+    """(bytes, words) of a processed split from the process stage's stats.json."""
+    import json
+
+    try:
+        stats = json.loads(stats_path.read_text())
+        entry = stats[split]
+        n_bytes, n_words = int(entry["bytes"]), int(entry["words"])
+    except FileNotFoundError:
+        raise EvalError(f"{stats_path}: not found (run `dvc repro process@pretrain`)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise EvalError(f"{stats_path}: no {split}.bytes / {split}.words ({e!r})") from None
+    if n_bytes <= 0 or n_words <= 0:
+        raise EvalError(f"{stats_path}: the {split} split is empty ({n_bytes} bytes, {n_words} words)")
+    return n_bytes, n_words
+
+
+def read_questions(path: Path, limit: int) -> list[dict]:
+    """The first `limit` rows of a processed SFT split (the same order encode used)."""
+    rows: list[dict] = []
+    if limit <= 0:
+        return rows
+    if not path.is_file():
+        raise EvalError(f"{path}: not found (run `dvc repro process@sft`)")
+    for number, _, obj in iter_jsonl(path):
+        rows.append({k: str_field(path, number, obj, k) for k in ("instruction", "context", "response")})
+        if len(rows) == limit:
+            break
+    return rows
+
+
+def load_eval_data(tokens_dir: Path, processed_dir: Path, generate_examples: int) -> EvalData:
+    """Read the test splits: pretrain token stream + sizes, SFT ids/masks, SFT questions."""
+    meta = read_meta(tokens_dir / "pretrain" / "test")
+    thash = meta.get("tokenizer_hash", "")
+    stream = read_tokens(tokens_dir / "pretrain" / "test", thash)
+    if len(stream) == 0:
+        raise EvalError(f"{tokens_dir / 'pretrain' / 'test.bin'}: no tokens")
+    # condition the first document on <|endoftext|> like every other one (see the module docstring)
+    tokens = np.concatenate([np.array([EOT_ID], dtype=stream.dtype), stream])
+    n_bytes, n_words = read_split_size(processed_dir / "pretrain" / "stats.json")
+    ids, mask, idx, _ = read_sft(tokens_dir / "sft", "test", thash)
+    idx = idx.astype(np.int64)
+    sft = [(np.asarray(ids[a:b]), np.asarray(mask[a:b])) for a, b in zip(idx[:-1], idx[1:])]
+    questions = read_questions(processed_dir / "sft" / "test.jsonl", generate_examples)
+    return EvalData(tokens, n_bytes, n_words, sft, questions, thash)
+
+
+def window_batch(block_size: int, device: torch.device) -> int:
+    """Windows per forward pass: a fixed token budget per device type."""
+    return max(1, TOKENS_PER_BATCH.get(device.type, 8192) // block_size)
+
+
+def evaluate_lm(model: Callable, data: EvalData, cfg: EvalConfig, device: torch.device) -> dict:
+    """Sliding-window loss, perplexity, bits per byte and word perplexity on the test stream."""
+    block = model.config.block_size
+    if cfg.stride > block:
+        raise EvalError(f"eval.stride: {cfg.stride} exceeds the model's block_size ({block})")
+    nll, n = sliding_window_nll(model, data.tokens, block, cfg.stride, window_batch(block, device),
+                                device, cfg.max_tokens, progress=True)
+    # A capped run scores a prefix of the stream: scale its size by the share of tokens scored.
+    share = n / (len(data.tokens) - 1)
+    return lm_metrics(nll, n, data.n_bytes * share, data.n_words * share)
+
+
+def evaluate_sft_loss(model: Callable, data: EvalData, device: torch.device) -> dict:
+    """Response-only loss over the SFT test split, cut to the model's context as in fine-tuning."""
+    split = build_split("test", iter(data.sft), model.config.block_size, allow_empty=True)
+    examples = list(zip(split.ids, split.masks))
+    nll, n, scored = masked_nll(model, examples, SFT_BATCH, device, PAD_ID, progress=True)
+    return {**loss_metrics(nll, n), "examples": scored, "tokens": n, "dropped": split.dropped,
+            "truncated": split.truncated}
+
+
+def evaluate_model(model: Callable, tok, data: EvalData, cfg: EvalConfig,
+                   device: torch.device) -> tuple[dict, list[str], list[str]]:
+    """(metrics, answers to the SFT questions, answers to cfg.prompts) for one model."""
+    torch.manual_seed(cfg.seed)  # greedy decoding draws nothing, but keep any sampler's RNG fixed
+    metrics = {"lm": evaluate_lm(model, data, cfg, device),
+               "sft": evaluate_sft_loss(model, data, device)}
+    questions = [(q["instruction"], q["context"]) for q in data.questions]
+    answers = greedy_answers(model, tok, questions, cfg.max_new_tokens, "answer test", progress=True)
+    if answers:
+        metrics["gen"] = text_scores(answers, [q["response"] for q in data.questions])
+    samples = greedy_answers(model, tok, [(p, "") for p in cfg.prompts], cfg.max_new_tokens,
+                             "samples", progress=True)
+    return metrics, answers, samples
+
+
+def baseline_scores(data: EvalData) -> dict:
+    """The echo baseline, scored like the models: what repeating the question earns."""
+    if not data.questions:
+        return {}
+    echoes = [echo_baseline(q["instruction"], q["context"]) for q in data.questions]
+    return {"gen": text_scores(echoes, [q["response"] for q in data.questions])}
+
+
+def check_model(config: dict, data: EvalData, cfg: EvalConfig, where: Path) -> None:
+    """The model must speak the test files' tokenizer and have room for the stride."""
+    got = config.get("tokenizer_hash")
+    if got != data.tokenizer_hash:
+        raise EvalError(f"{where}: trained with tokenizer {got}, but the test tokens were encoded "
+                        f"with {data.tokenizer_hash} (re-run the pipeline: `dvc repro`)")
+    block = config.get("block_size")
+    if isinstance(block, int) and cfg.stride > block:
+        raise EvalError(f"eval.stride: {cfg.stride} exceeds the model's block_size ({block}, {where})")
+
+
+def run_eval(cfg: EvalConfig, model_dirs: dict[str, Path], tokens_dir: Path,
+             processed_dir: Path) -> tuple[dict, dict]:
+    """Evaluate every model directory -> (metrics for eval.json, samples for samples.json)."""
+    from minigpt.checkpoint import load_model, read_config
+
+    device = pick_device(cfg.device)
+    data = load_eval_data(tokens_dir, processed_dir, cfg.generate_examples)
+    for directory in model_dirs.values():  # fail before minutes of work, not after them
+        check_model(read_config(directory), data, cfg, directory)
+    metrics: dict = {}
+    answers: dict[str, list[str]] = {}
+    windows = set()
+    for name, directory in model_dirs.items():
+        model, tok, _ = load_model(directory, device)
+        windows.add(model.config.block_size)
+        metrics[name], _, answers[name] = evaluate_model(model, tok, data, cfg, device)
+        del model
+    metrics["baseline"] = baseline_scores(data)
+    n_targets = len(data.tokens) - 1
+    scored = min(n_targets, cfg.max_tokens) if cfg.max_tokens else n_targets
+    metrics["settings"] = {  # strings and booleans show in `dvc metrics show` too
+        "method": "sliding_window",
+        "window": windows.pop() if len(windows) == 1 else "/".join(map(str, sorted(windows))),
+        "stride": cfg.stride,
+        "eot_scored": True,
+        "tokens_scored": scored,
+        "tokens_total": n_targets,
+        "fraction_scored": scored / n_targets,
+        "sizes_scaled": scored < n_targets,  # bytes/words below are the scored share's estimate
+        "bytes": data.n_bytes * scored / n_targets,
+        "words": data.n_words * scored / n_targets,
+        "generate_examples": len(data.questions),
+    }
+    samples = {prompt: {name: answers[name][i] for name in model_dirs}
+               for i, prompt in enumerate(cfg.prompts)}
+    return rounded(metrics), samples

@@ -1,0 +1,309 @@
+"""The GPT: a small Llama-style decoder-only transformer.
+
+Design choices (and why)
+- Llama recipe, not GPT-2: RoPE instead of learned positions, RMSNorm instead of LayerNorm,
+  SwiGLU MLP, no biases. At this size it gives better loss per FLOP than GPT-2's recipe and costs
+  the same per token (SwiGLU's hidden width is ~8/3 * n_embd, so the MLP keeps GPT-2's 8 * n_embd^2
+  parameters). It also maps one-to-one onto `transformers.LlamaForCausalLM`
+  (`minigpt.export`), so a trained model runs anywhere Hugging Face models do.
+- RoPE uses Hugging Face Llama's `rotate_half` convention (first half / second half of each head),
+  so exported q/k weights need no permutation.
+- Tied input/output embeddings: at vocab 30k the embedding is ~half the parameters; tying saves
+  them and regularises a small model. The state dict holds the matrix once (`tok_emb.weight`).
+- Fused projections (one q|k|v matmul, one gate|up matmul): fewer, larger matmuls run faster on
+  CPU; export splits them back into HF's separate weights.
+- Attention goes through `F.scaled_dot_product_attention` (flash/fused kernels where available).
+- The loss never materialises the full (B, T, vocab) logits: `_LinearCrossEntropy` walks the rows
+  in chunks, computing logits, loss and both gradients while a chunk is still in cache, in the
+  autocast dtype for matmuls and fp32 for the softmax. At vocab 30k the LM head is half the FLOPs
+  and its logits are the largest activation, so this is the biggest single speed and memory win.
+  Rows whose target is -100 (SFT prompts, padding) are skipped before the head, not after.
+- KV cache (`KVCache`): preallocated per-layer key/value tensors written in place, so decoding one
+  token allocates nothing proportional to the context. Positions never exceed block_size; the
+  sampler slides its window (re-prefills) instead.
+- Init as GPT-2/nanoGPT: normal(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class GPTConfig:
+    """The architecture; saved to config.json and enough to rebuild the model."""
+
+    vocab_size: int
+    """Tokens in the vocabulary (from the trained tokenizer)."""
+    n_layer: int
+    """Transformer blocks."""
+    n_head: int
+    """Attention heads; n_embd / n_head must be even (RoPE rotates pairs)."""
+    n_embd: int
+    """Residual stream width."""
+    block_size: int
+    """Maximum context length (RoPE tables are precomputed for it)."""
+    dropout: float = 0.0
+    """Attention and residual dropout (training only)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    intermediate_size: int = 0
+    """SwiGLU hidden width; 0 derives ~8/3 * n_embd rounded up to a multiple of 64."""
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd={self.n_embd} must split into n_head={self.n_head} even-sized heads")
+        if self.intermediate_size <= 0:
+            self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer: kv is (n_layer, B, 2 * n_head, max_len, head_dim),
+    keys in the first n_head heads, values in the last, so one copy writes both.
+
+    `pos` is the number of positions already written; GPT.forward advances it."""
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device=None, dtype=None):
+        self.kv = torch.zeros(n_layer, batch_size, 2 * n_head, max_len, head_dim, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0  # stale entries beyond pos are never read
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and signed sin, (length, 3, 1, head_dim), for the q | k | v slots of the fused projection.
+
+    HF Llama layout: frequencies repeated for both halves of a head. The sin table holds
+    (-sin, +sin) so that rotate_half(x) * sin == flip_halves(x) * signed_sin. The v slot is the
+    identity (cos 1, sin 0): rotating all three slots at once is fewer ops than slicing q|k out."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)
+    sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+    cos = torch.stack((cos, cos, torch.ones_like(cos)), dim=1)[:, :, None]
+    sin = torch.stack((sin, sin, torch.zeros_like(sin)), dim=1)[:, :, None]
+    return cos, sin
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) done as a flip of the halves
+    (the sign lives in `sin`). x: (..., head_dim), cos/sin broadcastable to it."""
+    flipped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, flipped, sin)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # rows: q | k | v
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        H = self.n_head
+        qkv = apply_rope(self.qkv(x).view(B, T, 3, H, self.head_dim), cos, sin)
+        qkv = qkv.view(B, T, 3 * H, self.head_dim).transpose(1, 2)  # (B, 3H, T, hd)
+        q, kv = qkv[:, :H], qkv[:, H:]
+        mask, causal, dtype = None, T > 1, q.dtype
+        if cache is not None:  # write the new keys/values, attend over everything so far
+            pos = cache.pos
+            cache.kv[layer, :, :, pos : pos + T] = kv
+            kv = cache.kv[layer, :, :, : pos + T]
+            if q.dtype != kv.dtype:  # cache kept in another dtype than the compute
+                q = q.to(kv.dtype)
+            if pos > 0 and T > 1:  # chunked prefill: new queries see the past and a causal block
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+                causal = False
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, kv[:, :H], kv[:, H:], attn_mask=mask, dropout_p=p,
+                                           is_causal=causal)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        if y.dtype != dtype:
+            y = y.to(dtype)
+        y = self.proj(y)
+        return F.dropout(y, p, True) if p > 0 else y
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)  # gate | up
+        self.down = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        y = self.down(F.silu(gate) * up)
+        return F.dropout(y, self.dropout, True) if self.training and self.dropout > 0 else y
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean CE of (h @ w.T) against targets, chunked over rows; gradients computed in forward.
+
+    Never holds more than `chunk` rows of logits. Matmuls run in `dtype` (bf16 under autocast),
+    softmax/loss in fp32. Backward only scales the saved gradients."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, dtype, chunk):
+        hc, wc = h.to(dtype), w.to(dtype)  # cast the (vocab, C) matrix once, not per chunk
+        n = targets.numel()
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(hc)
+        grad_w = None  # fp32 accumulator, created by the first chunk's product
+        for i in range(0, n, chunk):
+            hi, ti = hc[i : i + chunk], targets[i : i + chunk]
+            logits = (hi @ wc.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, ti[:, None]).squeeze(1)).sum()
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            g[torch.arange(len(ti), device=g.device), ti] -= 1.0
+            g = g.to(dtype).div_(n)
+            grad_h[i : i + chunk] = g @ wc
+            if grad_w is None:
+                grad_w = (g.t() @ hi).float()
+            elif dtype == torch.float32:
+                grad_w.addmm_(g.t(), hi)
+            else:  # bf16 product, fp32 accumulation across chunks
+                grad_w += g.t() @ hi
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.h_dtype, ctx.w_dtype = h.dtype, w.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        # in place: the saved gradients are ours and used once (a second backward is an error anyway)
+        return grad_h.mul_(grad_out).to(ctx.h_dtype), grad_w.mul_(grad_out).to(ctx.w_dtype), None, None, None
+
+
+def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int = 512) -> Tensor:
+    """Mean cross-entropy of logits h @ w.T over targets != -100, without materialising all logits.
+
+    h: (N, C), w: (V, C), targets: (N,) int64. Returns nan when every target is ignored."""
+    keep = targets != -100
+    if not bool(keep.all()):
+        h, targets = h[keep], targets[keep]
+    if targets.numel() == 0:
+        return h.sum() * w.sum() * float("nan")  # keeps the graph; mirrors F.cross_entropy
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
+        with torch.autocast(h.device.type, enabled=False):
+            return _LinearCrossEntropy.apply(h, w, targets, dtype, chunk)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    wc = w.to(dtype)
+    for i in range(0, targets.numel(), chunk):
+        logits = (h[i : i + chunk].to(dtype) @ wc.t()).float()
+        total += F.cross_entropy(logits, targets[i : i + chunk], reduction="sum")
+    return total / targets.numel()
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)  # also the LM head (tied)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # derived from config: not saved
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None):
+        """Returns (logits, loss).
+
+        - targets given (int64 (B, T), -100 = ignored): loss = mean CE over the other positions,
+          computed chunked without full logits; logits is None.
+        - no targets, no cache: logits (B, T, vocab) for every position; loss None.
+        - cache: idx are the new tokens at positions cache.pos.. (prefill T > 1 or decode T = 1);
+          the cache is updated in place and logits are for the LAST position only: (B, 1, vocab).
+        """
+        B, T = idx.shape
+        pos = cache.pos if cache is not None else 0
+        if pos + T > self.config.block_size:
+            raise ValueError(f"positions {pos}..{pos + T - 1} exceed block_size={self.config.block_size}")
+        x = self.tok_emb(idx)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]  # shared by all layers
+        if cos.dtype != dtype:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, cache, i)
+        x = self.norm(x)
+        if cache is not None:
+            cache.pos += T
+            return F.linear(x[:, -1:], self.tok_emb.weight), None
+        if targets is not None:
+            return None, linear_cross_entropy(x.view(B * T, -1), self.tok_emb.weight, targets.reshape(-1))
+        return F.linear(x, self.tok_emb.weight), None
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; non_embedding drops the (tied) token embedding / LM head matrix."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.weight.numel() if non_embedding else n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token, nanoGPT/PaLM convention: 6 N + 12 L C T.
+
+        N counts every matmul weight including the LM head (tied, so that is num_params() minus
+        nothing: the embedding lookup is free but the same matrix is a full matmul as the head);
+        12 L C T is attention's QK^T and AV at full context T = block_size (fwd + bwd)."""
+        c = self.config
+        n = self.num_params(non_embedding=True) + c.vocab_size * c.n_embd
+        return 6.0 * n + 12.0 * c.n_layer * c.n_embd * c.block_size
+
+    def configure_optimizer(self, weight_decay: float, lr: float, betas, device_type: str):
+        """AdamW; weight decay on matrices (>= 2-D: linears, embedding) only, not on norm gains."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None,
+                                 foreach=None if fused else True)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to max_len (default block_size) tokens.
+
+        dtype defaults to the autocast dtype when autocast is on, else the weights' dtype."""
+        c, w = self.config, self.tok_emb.weight
+        device = device if device is not None else w.device
+        if dtype is None:
+            on = torch.is_autocast_enabled(torch.device(device).type)
+            dtype = torch.get_autocast_dtype(torch.device(device).type) if on else w.dtype
+        max_len = min(max_len or c.block_size, c.block_size)
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, device, dtype)

@@ -1,0 +1,651 @@
+"""One training loop for pre-training and fine-tuning: runtime setup, data windows, `fit`.
+
+Batch-source protocol (what `fit` needs; `TokenWindows` here and `minigpt.sft.SFTBatches` implement it)
+- Train source: `next() -> (x, y)`, CPU int64 tensors of shape (B, T) for THIS rank, y = -100 where
+  a position is not a target; `state_dict() -> dict` of tensors/plain values (stored in `state.pt`,
+  read back with `torch.load(weights_only=True)`) and `load_state_dict(d)` for an exact resume. A
+  DDP-aware source draws the global batch identically on every rank and returns its own slice,
+  so N ranks x B rows trains exactly like one process with N*B rows.
+- Validation: an iterable of THIS rank's (x, y) batches that yields the same batches every time it
+  is iterated (a list is fine). `fit` sums loss * target-count over them and all-reduces, so the
+  validation loss is a token-weighted mean over the union of all ranks' batches.
+
+Design choices
+- `setup_runtime` resolves device, dtype and DDP once. dtype `auto` is bf16 autocast on CUDA with
+  bf16 and on CPUs with AVX512-BF16/AMX, fp32 elsewhere. Measured on the AVX2-only dev box (no
+  bf16 instructions), a bf16 matmul runs at <1 GFLOP/s against ~120 fp32, so bf16 must never be
+  picked by accident; on the Zen 5 box of PERF-NOTES (AVX512-BF16) bf16 autocast is ~2x fp32.
+- CPU fp32: `torch.backends.mkldnn.matmul.fp32_precision = "bf16"` routes fp32 matmuls to oneDNN.
+  PERF-NOTES measured 1.6x on AVX-512; here (AVX2) it is 2.7x SLOWER and its name permits bf16
+  math. So it is enabled only after a ~0.1 s probe shows it both faster and fp32-exact (< 1e-4
+  relative error, bf16 math would give ~1e-2) on the machine at hand.
+- DDP from torchrun's env (RANK/WORLD_SIZE/LOCAL_RANK) only when WORLD_SIZE > 1; nccl on CUDA,
+  gloo on CPU. CPU ranks split the cores (`cores // local_world_size` threads each).
+- LR: linear warm-up then cosine to lr * min_lr_ratio, a pure function of (step, cfg). When a
+  resumed run's max_steps grew, the schedule is computed from the NEW max_steps: the cosine is
+  re-stretched, so LR jumps up to where the longer schedule is at that step. This keeps "resume
+  with budget M" identical to "train with budget M from scratch" whenever the earlier part also
+  ran with M, and needs no stored schedule state.
+- Resume: `ckpt_dir/meta.json` holds the run's identity (architecture, training config without
+  the knobs that do not change the trajectory, resolved device/dtype/world size, and the caller's
+  `meta`: tokenizer hash, data identity, stage). Equal apart from a larger or equal max_steps ->
+  restore weights, optimizer, step, per-rank RNG, per-rank data-source state and the metric
+  history (so the TSV curves survive DVC deleting them); anything else -> say why, start fresh.
+- Divergence: the loss and grad norm are checked every step (one scalar sync) BEFORE the optimizer
+  step, so a non-finite loss stops training without touching the weights or the last good
+  checkpoint; `TrainingError` names the step. Under DDP the loss is all-reduced first, so every
+  rank takes the same decision and none hangs in a collective.
+- Only rank 0 writes files. The TSV curves and metrics are rewritten at every checkpoint and at
+  the end (atomically), so they always agree with the checkpoint on disk.
+- MFU = flops_per_token * tokens/s / peak. Peaks used (dense): H100/H200 989e12 bf16, 494e12 tf32;
+  A100 312e12 bf16, 156e12 tf32; CPU per core (PERF-NOTES, Zen 5 AVX-512) 245e9 fp32 (oneDNN),
+  480e9 bf16; AVX2-only CPU per core 60e9 (measured 120e9 on 2 cores through MKL). CPU peak is
+  per-core * threads * ranks. Unknown accelerators log mfu 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from minigpt.checkpoint import (CheckpointError, atomic_write_bytes, atomic_write_json, load_state,
+                                read_state_meta, save_model, save_state, unwrap)
+from minigpt.encode import read_tokens
+
+IGNORE = -100
+BEST_FILE = "best.safetensors"  # extra file in ckpt_dir when keep_best: the best weights so far
+# Knobs that change neither the weights nor the data order: a resume ignores them.
+VOLATILE_KEYS = ("max_steps", "log_interval", "save_interval", "compile", "device", "dtype")
+TRAIN_COLUMNS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+VAL_COLUMNS = ("step", "tokens", "val_loss")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, bad data, bad device); the message is one line."""
+
+
+class BatchSource(Protocol):
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+# --- runtime ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """Where and how this process trains."""
+
+    device: torch.device
+    dtype: str  # resolved: "bf16" (autocast) or "fp32"
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    peak_flops: float = 0.0  # whole job (all ranks); 0 = unknown, MFU logged as 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        """bf16 autocast when dtype is bf16, else a no-op context."""
+        if self.dtype != "bf16":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: the only CPUs where bf16 autocast beats fp32 (see module docstring)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainingError(f"device {name!r} requested but CUDA is not available")
+        return torch.device(name) if ":" in name else torch.device("cuda", local_rank)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError("device 'mps' requested but MPS is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    return "fp32"  # mps: bf16 autocast support varies by OS version; opt in with dtype: bf16
+
+
+def _median_time(fn, reps: int = 5) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[reps // 2]
+
+
+def probe_onednn_fp32() -> bool:
+    """Enable oneDNN for CPU fp32 matmuls iff it is faster here AND still fp32-exact."""
+    backend = torch.backends.mkldnn.matmul
+    if not hasattr(backend, "fp32_precision"):
+        return False
+    before = backend.fp32_precision
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(512, 768, generator=g), torch.randn(768, 1024, generator=g)
+    ref = a.double() @ b.double()
+    default = _median_time(lambda: a @ b)
+    backend.fp32_precision = "bf16"
+    try:
+        onednn = _median_time(lambda: a @ b)
+        err = ((a @ b).double() - ref).abs().max().item() / ref.abs().max().item()
+    finally:
+        backend.fp32_precision = before
+    if onednn < 0.8 * default and err < 1e-4:
+        backend.fp32_precision = "bf16"
+        return True
+    return False
+
+
+def peak_flops(device: torch.device, dtype: str, world_size: int) -> float:
+    """Dense peak FLOP/s of the whole job, for MFU (numbers in the module docstring)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for chip, (bf16, tf32) in {"H100": (989e12, 494e12), "H200": (989e12, 494e12),
+                                   "A100": (312e12, 156e12)}.items():
+            if chip in name:
+                return (bf16 if dtype == "bf16" else tf32) * world_size
+        return 0.0
+    if device.type == "cpu":
+        if "avx512f" in cpu_flags():
+            per_core = 480e9 if dtype == "bf16" and cpu_has_bf16() else 245e9
+        else:
+            per_core = 60e9
+        return per_core * torch.get_num_threads() * world_size
+    return 0.0
+
+
+def setup_runtime(cfg: Any) -> Runtime:
+    """Resolve device/dtype, init DDP from torchrun's env when WORLD_SIZE > 1, seed everything.
+
+    All ranks get the same seed here, so models built right after are identical everywhere."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    device = resolve_device(cfg.device, local_rank)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
+    if device.type == "cpu" and world_size > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, (cores or 1) // local_world))
+    if device.type == "cpu" and dtype == "fp32" and "avx512f" in cpu_flags():
+        probe_onednn_fp32()  # only AVX-512 CPUs ever win with it (measured)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(cfg.seed)
+    return Runtime(device=device, dtype=dtype, rank=rank, local_rank=local_rank,
+                   world_size=world_size, peak_flops=peak_flops(device, dtype, world_size))
+
+
+def teardown(rt: Runtime) -> None:
+    """Leave the process group (no-op without DDP). No barrier: after an error on one rank the
+    others may never arrive; torchrun stops the remaining workers when one fails."""
+    if rt.ddp and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --- data: random windows over a token file ---------------------------------------------------
+
+
+def _windows(tokens: np.ndarray, starts: list[int], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64))
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+class TokenWindows:
+    """Endless random (x, y) windows of `block_size` tokens from a memory-mapped token file.
+
+    Each `next()` draws the GLOBAL batch (batch_size * world_size start offsets) from a generator
+    seeded identically on every rank and returns this rank's slice: N ranks x B == 1 x N*B."""
+
+    def __init__(self, bin_path: str | Path, block_size: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.tokens = read_tokens(bin_path)  # np.memmap, size checked against the sidecar
+        if len(self.tokens) < block_size + 2:
+            raise TrainingError(f"{bin_path}: {len(self.tokens)} tokens, need at least "
+                                f"block_size + 2 = {block_size + 2}")
+        self.block_size, self.batch_size = block_size, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n_starts = len(self.tokens) - self.block_size  # start s needs s + block_size < len
+        starts = torch.randint(0, n_starts, (self.batch_size * self.world_size,),
+                               generator=self.generator)
+        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return _windows(self.tokens, mine.tolist(), self.block_size)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def val_batches(bin_path: str | Path, block_size: int, batch_size: int, n_batches: int,
+                rank: int = 0, world_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's slices of `n_batches` fixed global validation batches (batch_size * world_size
+    windows each, rank r taking rows [r*B, (r+1)*B)), so the union over ranks is the same set
+    of windows as one process with batch_size * world_size.
+
+    The windows are evenly spaced over the whole file, so every evaluation sees the same tokens
+    and covers the split rather than its beginning."""
+    tokens = read_tokens(bin_path)
+    if len(tokens) < block_size + 1:
+        raise TrainingError(f"{bin_path}: {len(tokens)} tokens, need at least block_size + 1 = "
+                            f"{block_size + 1}")
+    per_batch = batch_size * world_size
+    starts = np.linspace(0, len(tokens) - block_size - 1, n_batches * per_batch).round().astype(int)
+    return [_windows(tokens, starts[i * per_batch + rank * batch_size:][:batch_size].tolist(), block_size)
+            for i in range(n_batches)]
+
+
+# --- schedule, evaluation ---------------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: Any) -> float:
+    """LR for the update taken at `step` (0-based): linear warm-up, then cosine to lr*min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - floor)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable, rt: Runtime) -> float:
+    """Token-weighted mean loss over this rank's batches, all-reduced across ranks."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    for x, y in batches:
+        x, y = x.to(rt.device), y.to(rt.device)
+        n = (y != IGNORE).sum()
+        if n == 0:
+            continue
+        with rt.autocast():
+            _, loss = model(x, y)
+        total[0] += loss.double() * n
+        total[1] += n
+    if rt.ddp:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+
+# --- resume identity --------------------------------------------------------------------------
+
+
+def run_identity(model: torch.nn.Module, cfg: Any, rt: Runtime, meta: dict,
+                 keep_best: bool = False, patience: int = 0) -> dict:
+    """What must match for a checkpoint to be resumed (stored as meta.json's "meta")."""
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in VOLATILE_KEYS}
+    train.update(keep_best=keep_best, patience=patience)
+    return {"model": dataclasses.asdict(unwrap(model).config), "train": train,
+            "runtime": {"device": rt.device.type, "dtype": rt.dtype, "world_size": rt.world_size},
+            "caller": meta}
+
+
+def _flatten(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def identity_mismatch(saved: dict, current: dict) -> str | None:
+    """A one-line reason why `saved` cannot be resumed under `current`, or None."""
+    a, b = _flatten(saved), _flatten(json.loads(json.dumps(current)))  # JSON-normalise tuples
+    diffs = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not diffs:
+        return None
+    more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    return "; ".join(diffs[:3]) + more
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+@dataclass
+class History:
+    """Everything besides weights/optimizer/RNG that a resume restores (plain values only)."""
+
+    step: int = 0
+    tokens: int = 0
+    train_time: float = 0.0  # seconds inside timed training steps (evals, saves excluded)
+    timed_tokens: int = 0  # tokens of those steps (a session's first step, with its
+    # torch.compile / allocator warm-up, is not timed)
+    wall_time: float = 0.0  # seconds of the whole loop, over all sessions
+    train_rows: list = field(default_factory=list)  # rows of TRAIN_COLUMNS
+    val_rows: list = field(default_factory=list)  # rows of VAL_COLUMNS
+    best_val: float = math.inf
+    best_step: int = -1
+    evals_since_best: int = 0
+    stopped_early: bool = False
+
+
+def _gather(obj: Any, rt: Runtime) -> list:
+    """obj from every rank, in rank order (a 1-list without DDP)."""
+    if not rt.ddp:
+        return [obj]
+    out = [None] * rt.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _rng_state(rt: Runtime) -> dict:
+    cuda = torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng_state(rng: dict, rt: Runtime) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if rng.get("cuda") is not None and rt.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], rt.device)
+
+
+def _write_tsv(path: Path, columns: tuple, rows: list) -> None:
+    lines = ["\t".join(columns)] + ["\t".join(_fmt(v) for v in row) for row in rows]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def _fmt(v: Any) -> str:
+    return str(v) if isinstance(v, int) else f"{v:.6g}"
+
+
+@dataclass
+class _Run:
+    """The moving parts of one `fit` call, so the helpers below stay small."""
+
+    raw: torch.nn.Module  # the plain model (saved/loaded)
+    model: torch.nn.Module  # what the step calls: raw, compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    cfg: Any
+    rt: Runtime
+    source: Any
+    val: Iterable
+    identity: dict
+    h: History
+    best: dict | None = None  # best weights (CPU) when keep_best
+    flops_per_token: float = 0.0
+
+
+def _save(run: _Run, ckpt_dir: Path, curves_dir: Path) -> None:
+    """Commit a resumable checkpoint (rank 0 writes; every rank contributes RNG/data state)."""
+    rngs, data = _gather(_rng_state(run.rt), run.rt), _gather(run.source.state_dict(), run.rt)
+    if not run.rt.is_main:
+        return
+    state = {"step": run.h.step, "history": dataclasses.asdict(run.h), "rng": rngs, "data": data}
+    extra = {BEST_FILE: run.best} if run.best is not None else None
+    save_state(ckpt_dir, run.raw, run.optimizer, state, run.identity, extra)
+    _write_tsv(curves_dir / "train.tsv", TRAIN_COLUMNS, run.h.train_rows)
+    _write_tsv(curves_dir / "val.tsv", VAL_COLUMNS, run.h.val_rows)
+
+
+def _try_resume(run: _Run, ckpt_dir: Path, log) -> bool:
+    """Restore the run from ckpt_dir if its identity matches; say why not otherwise."""
+    try:
+        record = read_state_meta(ckpt_dir)
+    except CheckpointError as e:
+        log(f"not resuming: {e}; starting fresh")
+        return False
+    if record is None:
+        return False
+    reason = identity_mismatch(record.get("meta", {}), run.identity)
+    if reason is None and record["step"] > run.cfg.max_steps:
+        reason = f"max_steps shrank: checkpoint is at step {record['step']} > {run.cfg.max_steps}"
+    if reason is not None:
+        log(f"not resuming from {ckpt_dir} (config changed: {reason}); starting fresh")
+        return False
+    initial = {k: v.detach().clone() for k, v in run.raw.state_dict().items()}
+    try:
+        state, _ = load_state(ckpt_dir, run.raw, run.optimizer, run.rt.device)
+    except CheckpointError as e:
+        run.raw.load_state_dict(initial)  # a failed load may have overwritten some weights
+        log(f"not resuming: {e}; starting fresh")
+        return False
+    run.h = History(**state["history"])
+    rank = run.rt.rank if len(state["rng"]) == run.rt.world_size else 0
+    _set_rng_state(state["rng"][rank], run.rt)
+    run.source.load_state_dict(state["data"][rank])
+    run.best = state["extra"].get(BEST_FILE)
+    log(f"resuming from {ckpt_dir} at step {run.h.step} (budget {run.cfg.max_steps} steps)")
+    return True
+
+
+def _eval_and_track(run: _Run, patience: int, keep_best: bool, log) -> None:
+    val = evaluate(run.raw, run.val, run.rt)
+    h = run.h
+    h.val_rows.append([h.step, h.tokens, val])
+    if val < h.best_val:
+        h.best_val, h.best_step, h.evals_since_best = val, h.step, 0
+        if keep_best and run.rt.is_main:
+            run.best = {k: v.detach().to("cpu", copy=True) for k, v in run.raw.state_dict().items()}
+    else:
+        h.evals_since_best += 1
+        if patience and h.evals_since_best >= patience:
+            h.stopped_early = True
+    log(f"step {h.step:6d} | val loss {val:.4f} (best {h.best_val:.4f} at step {h.best_step})")
+
+
+def _train_step(run: _Run) -> tuple[float, float, int]:
+    """One optimizer step over grad_accum micro-batches -> (loss, grad norm, tokens, all ranks)."""
+    cfg, rt, model = run.cfg, run.rt, run.model
+    lr = lr_at(run.h.step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=rt.device)
+    tokens = 0
+    for micro in range(cfg.grad_accum):
+        x, y = run.source.next()
+        tokens += x.numel()
+        if rt.device.type == "cuda":
+            x, y = x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
+        else:
+            x, y = x.to(rt.device), y.to(rt.device)
+        # under DDP, only the last micro-step all-reduces gradients (backward inside no_sync)
+        sync = model.no_sync() if rt.ddp and micro < cfg.grad_accum - 1 else nullcontext()
+        with sync:
+            with rt.autocast():
+                _, loss = model(x, y)
+            (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach().float()
+    norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.grad_clip or math.inf)
+    loss_mean = loss_sum / cfg.grad_accum
+    if rt.ddp:  # one decision on every rank: the global mean loss (norm is already global)
+        dist.all_reduce(loss_mean, op=dist.ReduceOp.AVG)
+    loss_val, norm_val = loss_mean.item(), norm.item()
+    if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+        return loss_val, norm_val, tokens * rt.world_size
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_val, norm_val, tokens * rt.world_size
+
+
+def _summary(run: _Run, resumed_from: int | None) -> dict:
+    h, raw = run.h, run.raw
+    tps = h.timed_tokens / h.train_time if h.train_time > 0 else 0.0
+    vals = [r[2] for r in h.val_rows]
+    return {
+        "steps": h.step,
+        "tokens": h.tokens,
+        "train_loss": h.train_rows[-1][2] if h.train_rows else None,
+        "first_val_loss": vals[0] if vals else None,
+        "val_loss": vals[-1] if vals else None,
+        "best_val_loss": h.best_val if vals else None,
+        "best_step": h.best_step,
+        "tokens_per_s": round(tps, 1),
+        "mfu": round(run.flops_per_token * tps / run.rt.peak_flops, 4) if run.rt.peak_flops else 0.0,
+        "params": raw.num_params(),
+        "params_non_embedding": raw.num_params(non_embedding=True),
+        "flops_per_token": run.flops_per_token,
+        "train_time_s": round(h.train_time, 2),
+        "time_s": round(h.wall_time, 2),
+        "stopped_early": int(h.stopped_early),
+        "resumed_from_step": resumed_from,
+    }
+
+
+def fit(model: torch.nn.Module, cfg: Any, rt: Runtime, train_source: BatchSource,
+        val_batches: Iterable, *, model_dir: str | Path, ckpt_dir: str | Path,
+        metrics_file: str | Path, curves_dir: str | Path, meta: dict,
+        tokenizer_file: str | Path, keep_best: bool = False, patience: int = 0) -> dict:
+    """Train `model` (a plain, unwrapped GPT) to cfg.max_steps, resuming from ckpt_dir if it matches.
+
+    Writes (rank 0 only): resumable state in ckpt_dir every cfg.save_interval steps and at the end;
+    the model directory (best-by-validation weights when keep_best) with config.json = architecture
+    + `meta` + {"training": summary}; metrics_file (the summary) and curves_dir/{train,val}.tsv.
+    `meta` identifies the run beyond the config (tokenizer_hash, stage, data identity, the starting
+    weights for fine-tuning): a change in it forbids resuming. patience > 0 stops after that many
+    evaluations without a better validation loss. Returns the summary. Raises TrainingError when
+    the loss diverges (nothing is saved for the bad step)."""
+    ckpt_dir, curves_dir, model_dir = Path(ckpt_dir), Path(curves_dir), Path(model_dir)
+    log = (lambda msg: tqdm.write(msg)) if rt.is_main else (lambda msg: None)
+    raw = model.to(rt.device)
+    raw.train()
+    optimizer = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), rt.device.type)
+    identity = run_identity(raw, cfg, rt, meta, keep_best, patience)
+    run = _Run(raw=raw, model=raw, optimizer=optimizer, cfg=cfg, rt=rt, source=train_source,
+               val=val_batches, identity=identity, h=History(),
+               flops_per_token=float(raw.flops_per_token()))
+    if rt.is_main:
+        curves_dir.mkdir(parents=True, exist_ok=True)
+    resumed = _try_resume(run, ckpt_dir, log)
+    resumed_from = run.h.step if resumed else None
+    if not resumed:
+        torch.manual_seed(cfg.seed + rt.rank)  # dropout streams differ per rank, fixed per seed
+    if cfg.compile:
+        run.model = torch.compile(run.model)
+    if rt.ddp:
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        run.model = torch.nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
+    _loop(run, ckpt_dir, curves_dir, keep_best, patience, log)
+    summary = _summary(run, resumed_from)
+    if rt.is_main:
+        if keep_best and run.best is not None:
+            raw.load_state_dict(run.best)
+        info = {**summary, "device": str(rt.device), "dtype": rt.dtype, "world_size": rt.world_size}
+        save_model(raw, model_dir, tokenizer_file=tokenizer_file, meta={**meta, "training": info})
+        Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(metrics_file, summary)
+    return summary
+
+
+def _loop(run: _Run, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience: int, log) -> None:
+    cfg, rt, h = run.cfg, run.rt, run.h
+    if h.step == 0 and not h.val_rows:  # the untrained (or pre-trained, for SFT) baseline
+        _eval_and_track(run, patience, keep_best, log)
+    bar = tqdm(total=cfg.max_steps, initial=h.step, disable=not rt.is_main, dynamic_ncols=True,
+               mininterval=1.0, desc=curves_dir.name or "train", unit="step")
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "norm": 0.0}
+    start = time.perf_counter()
+    last_saved = h.step
+    warm_up = True  # the first step of a session compiles/allocates: kept out of tokens/s
+    while h.step < cfg.max_steps and not h.stopped_early:
+        t0 = time.perf_counter()
+        loss, norm, tokens = _train_step(run)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            bar.close()
+            raise TrainingError(
+                f"non-finite loss {loss} (grad norm {norm}) at step {h.step + 1}; stopped without "
+                f"updating the weights; the last good checkpoint (step {last_saved}) in {ckpt_dir} "
+                f"is kept; lower the learning rate or check the data")
+        dt = time.perf_counter() - t0
+        h.step, h.tokens = h.step + 1, h.tokens + tokens
+        window["loss"] += loss
+        window["norm"] += norm
+        window["steps"] += 1
+        if not warm_up:
+            h.train_time, h.timed_tokens = h.train_time + dt, h.timed_tokens + tokens
+            window["time"] += dt
+            window["tokens"] += tokens
+        warm_up = False
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        last = h.step == cfg.max_steps
+        if h.step % cfg.log_interval == 0 or last:
+            _log_row(run, window, log)
+        if h.step % cfg.eval_interval == 0 or last:
+            _eval_and_track(run, patience, keep_best, log)
+            if h.stopped_early:
+                log(f"early stop at step {h.step}: {patience} evaluations without improvement")
+                if window["steps"]:
+                    _log_row(run, window, log)
+        if h.step % cfg.save_interval == 0 or last or h.stopped_early:
+            h.wall_time += time.perf_counter() - start
+            start = time.perf_counter()
+            _save(run, ckpt_dir, curves_dir)
+            last_saved = h.step
+    bar.close()
+    h.wall_time += time.perf_counter() - start
+    if last_saved != h.step:  # cannot happen today (the last step always saves); kept as a guard
+        _save(run, ckpt_dir, curves_dir)
+    elif rt.is_main:  # a resumed run that was already complete: its curves, rewritten
+        _write_tsv(curves_dir / "train.tsv", TRAIN_COLUMNS, h.train_rows)
+        _write_tsv(curves_dir / "val.tsv", VAL_COLUMNS, h.val_rows)
+
+
+def _log_row(run: _Run, window: dict, log) -> None:
+    h, rt = run.h, run.rt
+    n = window["steps"]
+    tps = window["tokens"] / window["time"] if window["time"] > 0 else 0.0
+    mfu = run.flops_per_token * tps / rt.peak_flops if rt.peak_flops else 0.0
+    loss, norm = window["loss"] / n, window["norm"] / n
+    lr = lr_at(h.step - 1, run.cfg)
+    h.train_rows.append([h.step, h.tokens, loss, lr, norm, tps, mfu])
+    log(f"step {h.step:6d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | "
+        f"{tps:,.0f} tok/s | mfu {100 * mfu:.1f}%")
+    window.update(loss=0.0, steps=0, tokens=0, time=0.0, norm=0.0)

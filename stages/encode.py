@@ -1,0 +1,63 @@
+"""DVC stage `encode@{pretrain,sft}`: processed JSONL -> token files.
+
+    python stages/encode.py pretrain|sft
+
+Reads `encode` from params.yaml (in the current directory), the tokenizer from
+`data/tokenizer/tokenizer.json` and `data/processed/<corpus>/{train,validation,test}.jsonl`, and
+writes `data/tokens/<corpus>/` (docs/FORMATS.md) all at once or not at all. Any error is one line
+`error: ...` on stderr and exit status 2; set MINIGPT_DEBUG=1 to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from minigpt.config import ConfigError, load_params
+from minigpt.encode import CORPORA, EncodeError, SplitStats, encode_corpus, set_threads
+from minigpt.tokenizer import TokenizerError
+
+TOKENIZER = Path("data/tokenizer/tokenizer.json")
+PROCESSED = Path("data/processed")
+OUT_ROOT = Path("data/tokens")
+
+
+def run(corpus: str) -> list[SplitStats]:
+    cfg = load_params().encode
+    set_threads(cfg.num_threads)  # before the first batch encode: the thread pool is built once
+    return encode_corpus(corpus, PROCESSED / corpus, TOKENIZER, OUT_ROOT / corpus, cfg.batch_size)
+
+
+def summary(corpus: str, stats: list[SplitStats], seconds: float) -> str:
+    unit = "documents" if corpus == "pretrain" else "examples"
+    parts = [f"{s.split} {s.tokens:,} tokens / {s.items:,} {unit}" for s in stats]
+    tokens = sum(s.tokens for s in stats)
+    mb = sum(s.bytes_in for s in stats) / 1e6
+    busy = sum(s.seconds for s in stats) or 1e-9
+    return (f"encode@{corpus}: {'; '.join(parts)} -> {OUT_ROOT / corpus} ({seconds:.1f}s, "
+            f"{tokens / busy / 1e6:.2f}M tokens/s, {mb / busy:.1f} MB/s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] not in CORPORA:
+        print(f"usage: python stages/encode.py {'|'.join(CORPORA)}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        stats = run(argv[0])
+    except Exception as e:  # every failure is reported the same way: one line, status 2
+        if os.environ.get("MINIGPT_DEBUG"):
+            raise
+        known = (ConfigError, EncodeError, TokenizerError)
+        message = str(e) if isinstance(e, known) else f"{type(e).__name__}: {e}"
+        print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
+        return 2
+    print(summary(argv[0], stats, time.perf_counter() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""DVC stage `eval`: both models -> metrics/eval.json and metrics/samples.json.
+
+    python stages/eval.py
+
+Reads `eval` from params.yaml, the model directories out/pretrain and out/finetune, the test splits
+data/tokens/{pretrain,sft}/test.* and data/processed/{pretrain/stats.json, sft/test.jsonl}, and
+writes (each atomically):
+- metrics/eval.json: {"pretrain": {"lm", "sft", "gen"}, "finetune": {...}, "baseline": {"gen"},
+  "settings": {...}}, nested so `dvc metrics show/diff` lists e.g. `finetune.gen.rougeL`;
+- metrics/samples.json: {prompt: {"pretrain": answer, "finetune": answer}} in params order,
+  pretty-printed, so `git diff` shows how the answers changed.
+What each number means is in `minigpt/evaluate.py`. Any error is one line `error: ...` on stderr
+and exit status 2; MINIGPT_DEBUG=1 shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file by DVC, not with -m
+
+from minigpt.checkpoint import CheckpointError, atomic_write_bytes  # noqa: E402
+from minigpt.config import ConfigError, load_params  # noqa: E402
+from minigpt.encode import EncodeError  # noqa: E402
+from minigpt.evaluate import EvalError, run_eval  # noqa: E402
+from minigpt.tokenizer import TokenizerError  # noqa: E402
+
+MODELS = {"pretrain": Path("out/pretrain"), "finetune": Path("out/finetune")}
+TOKENS = Path("data/tokens")
+PROCESSED = Path("data/processed")
+METRICS = Path("metrics/eval.json")
+SAMPLES = Path("metrics/samples.json")
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"  # readable diffs, UTF-8 as is
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def summary(m: dict, seconds: float) -> str:
+    parts = []
+    for name in MODELS:
+        lm, sft, gen = m[name]["lm"], m[name]["sft"], m[name].get("gen", {})
+        part = (f"{name} ppl {lm['perplexity']:.2f}, {lm['bits_per_byte']:.3f} bits/byte, "
+                f"word ppl {lm['word_perplexity']:.1f}, sft loss {sft['loss']}")
+        if gen:
+            part += f", rougeL {gen['rougeL']:.3f}, bleu {gen['bleu']:.2f}"
+        parts.append(part)
+    base = m["baseline"].get("gen")
+    if base:
+        parts.append(f"echo baseline rougeL {base['rougeL']:.3f}, bleu {base['bleu']:.2f}")
+    s = m["settings"]
+    return (f"eval: {'; '.join(parts)} ({s['tokens_scored']:,} tokens, window {s['window']}, "
+            f"stride {s['stride']}) -> {METRICS}, {SAMPLES} ({seconds:.1f}s)")
+
+
+def main() -> int:
+    start = time.perf_counter()
+    try:
+        cfg = load_params().eval
+        metrics, samples = run_eval(cfg, MODELS, TOKENS, PROCESSED)
+        write_json(METRICS, metrics)
+        write_json(SAMPLES, samples)
+    except Exception as e:  # every failure is reported the same way: one line, status 2
+        if os.environ.get("MINIGPT_DEBUG"):
+            raise
+        known = (ConfigError, EvalError, EncodeError, TokenizerError, CheckpointError)
+        message = str(e) if isinstance(e, known) else f"{type(e).__name__}: {e}"
+        print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
+        return 2
+    print(summary(metrics, time.perf_counter() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

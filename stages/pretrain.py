@@ -1,0 +1,105 @@
+"""DVC stage `pretrain`: train the GPT on the pre-training token stream.
+
+    torchrun --standalone --nproc_per_node N stages/pretrain.py     (or: python stages/pretrain.py)
+
+Reads `model` and `pretrain` from params.yaml, the tokenizer and data/tokens/pretrain/{train,
+validation}.bin, and writes out/pretrain/ (model directory), out/ckpt/pretrain/ (resumable state),
+metrics/pretrain.json and metrics/pretrain/{train,val}.tsv (docs/FORMATS.md). A matching checkpoint
+in out/ckpt/pretrain is resumed. Any error is one line `error: ...` on stderr and exit status 2
+(a diverged loss included); MINIGPT_DEBUG=1 shows the traceback instead.
+
+The vocabulary is the tokenizer's, rounded up to a multiple of 64 (aligned matmul shapes for the
+LM head); the extra ids are never targets, and config.json records `tokenizer_vocab_size` so
+samplers can mask them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # torchrun runs the file, not -m
+
+from minigpt.checkpoint import CheckpointError  # noqa: E402
+from minigpt.config import ConfigError, load_params  # noqa: E402
+from minigpt.encode import EncodeError, check_tokenizer_hash, read_meta  # noqa: E402
+from minigpt.model import GPT, GPTConfig  # noqa: E402
+from minigpt.tokenizer import TokenizerError, load_tokenizer, tokenizer_hash  # noqa: E402
+from minigpt.train import TokenWindows, TrainingError, fit, setup_runtime, teardown, val_batches  # noqa: E402
+
+TOKENIZER = Path("data/tokenizer/tokenizer.json")
+TOKENS = Path("data/tokens/pretrain")
+MODEL_DIR = Path("out/pretrain")
+CKPT_DIR = Path("out/ckpt/pretrain")
+METRICS = Path("metrics/pretrain.json")
+CURVES = Path("metrics/pretrain")
+
+
+def padded_vocab(n: int, multiple: int = 64) -> int:
+    return multiple * math.ceil(n / multiple)
+
+
+def run() -> dict:
+    params = load_params()
+    cfg, shape = params.pretrain, params.model
+    tok = load_tokenizer(TOKENIZER)
+    thash = tokenizer_hash(TOKENIZER)
+    sidecars = {}
+    for split in ("train", "validation"):
+        sidecars[split] = read_meta(TOKENS / split)
+        check_tokenizer_hash(sidecars[split], thash, TOKENS / f"{split}.json")
+    rt = setup_runtime(cfg)
+    try:
+        config = GPTConfig(vocab_size=padded_vocab(tok.get_vocab_size()), n_layer=shape.n_layer,
+                           n_head=shape.n_head, n_embd=shape.n_embd, block_size=shape.block_size,
+                           dropout=shape.dropout)
+        model = GPT(config)
+        source = TokenWindows(TOKENS / "train.bin", shape.block_size, cfg.batch_size, cfg.seed,
+                              rt.rank, rt.world_size)
+        val = val_batches(TOKENS / "validation.bin", shape.block_size, cfg.batch_size,
+                          cfg.eval_batches, rt.rank, rt.world_size)
+        meta = {"stage": "pretrain", "tokenizer_hash": thash, "chat_template": None,
+                "tokenizer_vocab_size": tok.get_vocab_size(), "data": sidecars}
+        if rt.is_main:
+            print(f"pretrain: {model.num_params() / 1e6:.2f}M params "
+                  f"({model.num_params(non_embedding=True) / 1e6:.2f}M without embeddings), "
+                  f"{model.flops_per_token() / 1e6:.1f} MFLOP/token; {rt.device} {rt.dtype}, "
+                  f"{rt.world_size} process(es), {sidecars['train']['count']:,} train tokens")
+        summary = fit(model, cfg, rt, source, val, model_dir=MODEL_DIR, ckpt_dir=CKPT_DIR,
+                      metrics_file=METRICS, curves_dir=CURVES, meta=meta, tokenizer_file=TOKENIZER)
+        summary["is_main"] = rt.is_main
+        return summary
+    finally:
+        teardown(rt)
+
+
+def report(s: dict, seconds: float) -> str:
+    return (f"pretrain: val loss {s['first_val_loss']:.4f} (step 0) -> {s['val_loss']:.4f} "
+            f"(step {s['steps']}, best {s['best_val_loss']:.4f} at step {s['best_step']}); "
+            f"train loss {s['train_loss']:.4f}; {s['tokens']:,} tokens, {s['tokens_per_s']:,.0f} tok/s, "
+            f"mfu {100 * s['mfu']:.1f}% -> {MODEL_DIR} ({seconds:.1f}s)")
+
+
+def main() -> int:
+    start = time.perf_counter()
+    try:
+        summary = run()
+    except Exception as e:  # every failure is reported the same way: one line, status 2
+        if os.environ.get("MINIGPT_DEBUG"):
+            raise
+        known = isinstance(e, (ConfigError, EncodeError, TokenizerError, TrainingError, CheckpointError))
+        message = str(e) if known else f"{type(e).__name__}: {e}"
+        rank = os.environ.get("RANK")
+        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        print(f"error{where}: {' '.join(message.splitlines())}", file=sys.stderr)
+        return 2
+    if summary["is_main"]:
+        print(report(summary, time.perf_counter() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

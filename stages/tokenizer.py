@@ -1,0 +1,59 @@
+"""DVC stage `tokenizer`: train the byte-level BPE on the processed pre-training train split.
+
+    python stages/tokenizer.py
+
+Reads `tokenizer` from params.yaml (in the current directory), streams
+`data/processed/pretrain/train.jsonl` (never loaded whole) and writes
+`data/tokenizer/tokenizer.json` atomically (docs/FORMATS.md). Only pre-training text is used, so a
+change to the SFT corpus never retrains the tokenizer. Any error is one line `error: ...` on stderr
+and exit status 2; set MINIGPT_DEBUG=1 to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from minigpt.config import ConfigError, load_params
+from minigpt.tokenizer import TokenizerError, iter_texts, save_tokenizer, train_tokenizer
+
+SOURCE = Path("data/processed/pretrain/train.jsonl")
+OUT = Path("data/tokenizer/tokenizer.json")
+
+
+def run() -> str:
+    """Train and save; return the summary line."""
+    cfg = load_params().tokenizer
+    if not SOURCE.is_file():
+        raise TokenizerError(f"{SOURCE}: not found (run `dvc repro process@pretrain`)")
+    start = time.perf_counter()
+    tok = train_tokenizer(iter_texts(SOURCE), cfg.vocab_size, cfg.min_frequency)
+    save_tokenizer(tok, OUT)
+    seconds = time.perf_counter() - start
+    vocab = tok.get_vocab_size()
+    short = f" (corpus too small for {cfg.vocab_size:,})" if vocab < cfg.vocab_size else ""
+    return (f"tokenizer: vocab {vocab:,}{short}, trained on {SOURCE.stat().st_size / 1e6:.1f} MB "
+            f"in {seconds:.1f}s -> {OUT}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv:
+        print("usage: python stages/tokenizer.py", file=sys.stderr)
+        return 2
+    try:
+        line = run()
+    except Exception as e:  # every failure is reported the same way: one line, status 2
+        if os.environ.get("MINIGPT_DEBUG"):
+            raise
+        message = str(e) if isinstance(e, (ConfigError, TokenizerError)) else f"{type(e).__name__}: {e}"
+        print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
+        return 2
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The GPT: loss, gradients, KV cache, RoPE convention, parameter accounting, optimizer groups."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt.model import GPT, GPTConfig, linear_cross_entropy
+
+V, T = 97, 16
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=V, n_layer=2, n_head=4, n_embd=32, block_size=T)
+    return GPT(GPTConfig(**{**cfg, **kw}))
+
+
+def batch(B=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+
+
+def reference_loss(model, x, y):
+    logits, _ = model(x)
+    return F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), ignore_index=-100)
+
+
+def test_config_derives_swiglu_width_and_checks_heads():
+    assert GPTConfig(vocab_size=10, n_layer=1, n_head=6, n_embd=384, block_size=8).intermediate_size == 1024
+    assert GPTConfig(vocab_size=10, n_layer=1, n_head=4, n_embd=256, block_size=8).intermediate_size == 704
+    assert GPTConfig(vocab_size=10, n_layer=1, n_head=4, n_embd=256, block_size=8,
+                     intermediate_size=100).intermediate_size == 100
+    with pytest.raises(ValueError):
+        GPTConfig(vocab_size=10, n_layer=1, n_head=5, n_embd=64, block_size=8)
+    with pytest.raises(ValueError):  # odd head_dim: RoPE rotates pairs
+        GPTConfig(vocab_size=10, n_layer=1, n_head=4, n_embd=12, block_size=8)
+
+
+def test_loss_and_grads_match_plain_cross_entropy():
+    model = tiny()
+    x, y = batch()
+    y[0, :5] = -100  # ignored positions (SFT prompt, padding)
+    ref = reference_loss(model, x, y)
+    ref.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits, loss = model(x, y)
+    assert logits is None  # the loss path never builds the full logits
+    loss.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], atol=1e-6, rtol=1e-5, msg=n)
+    with torch.no_grad():  # the no-grad (eval) path gives the same number
+        torch.testing.assert_close(model(x, y)[1], ref.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_linear_cross_entropy_chunking_and_grad_scaling():
+    torch.manual_seed(0)
+    h = torch.randn(37, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    t = torch.randint(0, 11, (37,))
+    ref = F.cross_entropy(h @ w.t(), t) * 0.25  # a scaled loss (gradient accumulation)
+    gh, gw = torch.autograd.grad(ref, (h, w))
+    loss = linear_cross_entropy(h, w, t, chunk=5) * 0.25
+    h2, w2 = torch.autograd.grad(loss, (h, w))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(h2, gh)
+    torch.testing.assert_close(w2, gw)
+    assert torch.isnan(linear_cross_entropy(h, w, torch.full((37,), -100)))  # like F.cross_entropy
+
+
+def test_bf16_autocast_loss_close_to_fp32():
+    model = tiny()
+    x, y = batch()
+    ref = reference_loss(model, x, y).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(x, y)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref) < 2e-2
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.tok_emb.weight.grad.dtype == torch.float32
+
+
+def test_causal():
+    model = tiny().eval()
+    x, _ = batch(1)
+    x2 = x.clone()
+    x2[0, 10:] = (x2[0, 10:] + 1) % V
+    with torch.no_grad():
+        a, b = model(x)[0], model(x2)[0]
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_kv_cache_prefill_decode_and_chunked_prefill_match_full_forward():
+    model = tiny().eval()
+    x, _ = batch(2)
+    with torch.no_grad():
+        full, _ = model(x)
+        cache = model.new_cache(2)
+        got = [model(x[:, :6], cache=cache)[0][:, -1]]  # prefill
+        want = [full[:, 5]]
+        for t in range(6, 9):  # one-token decode
+            got.append(model(x[:, t : t + 1], cache=cache)[0][:, -1])
+            want.append(full[:, t])
+        got.append(model(x[:, 9:T], cache=cache)[0][:, -1])  # chunked prefill at pos > 0
+        want.append(full[:, T - 1])
+    assert cache.pos == T
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="block_size"):
+        model(x[:, :1], cache=cache)
+
+
+def test_cache_in_other_dtype_than_weights():
+    model = tiny().eval()
+    x, _ = batch(1)
+    with torch.no_grad():
+        full, _ = model(x)
+        cache = model.new_cache(1, dtype=torch.bfloat16)
+        logits, _ = model(x, cache=cache)
+    assert cache.kv.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    torch.testing.assert_close(logits[:, -1], full[:, -1], atol=5e-2, rtol=5e-2)
+
+
+def test_rope_is_hf_rotate_half():
+    """Reference: HF Llama's apply_rotary_pos_emb (rotate_half) on q and k, identity on v."""
+    model = tiny().eval()
+    attn = model.layers[0].attn
+    x = torch.randn(1, T, 32)
+    hd = 8
+    inv = 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)
+    emb = torch.cat([torch.outer(torch.arange(T).float(), inv)] * 2, -1)
+    cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+
+    def rotate_half(t):
+        return torch.cat((-t[..., hd // 2 :], t[..., : hd // 2]), dim=-1)
+
+    q, k, v = attn.qkv(x).view(1, T, 3, 4, hd).unbind(2)
+    want = torch.stack([q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v], 2)
+    from minigpt.model import apply_rope
+
+    got = apply_rope(attn.qkv(x).view(1, T, 3, 4, hd), model.rope_cos[:T], model.rope_sin[:T])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_param_accounting_tied_and_flops():
+    model = tiny()
+    c = model.config
+    emb = V * 32
+    per_layer = 32 * 3 * 32 + 32 * 32 + 3 * 32 * c.intermediate_size + 2 * 32
+    assert model.num_params() == emb + 2 * per_layer + 32
+    assert model.num_params(non_embedding=True) == 2 * per_layer + 32
+    sd = model.state_dict()
+    assert "tok_emb.weight" in sd and not any("lm_head" in k or "rope" in k for k in sd)
+    n = model.num_params()  # non-embedding + the (tied) LM head matrix
+    assert model.flops_per_token() == 6 * n + 12 * 2 * 32 * T
+
+
+def test_init_scales_residual_projections():
+    model = GPT(GPTConfig(vocab_size=512, n_layer=8, n_head=4, n_embd=128, block_size=8))
+    std = 0.02 / math.sqrt(16)
+    assert abs(model.layers[0].attn.proj.weight.std().item() - std) < 0.1 * std
+    assert abs(model.layers[0].mlp.down.weight.std().item() - std) < 0.1 * std
+    assert abs(model.layers[0].attn.qkv.weight.std().item() - 0.02) < 0.002
+    assert torch.all(model.norm.weight == 1)
+
+
+def test_configure_optimizer_decays_matrices_only():
+    model = tiny()
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    x, y = batch()
+    model(x, y)[1].backward()
+    opt.step()
+
+
+def test_dropout_only_in_training():
+    model = tiny(dropout=0.5)
+    x, _ = batch(1)
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x)[0], model(x)[0])
+        model.eval()
+        torch.testing.assert_close(model(x)[0], model(x)[0])

@@ -1,0 +1,349 @@
+"""The training loop: schedule, token windows, exact resume, budget growth, fresh start on a config
+change, early stopping with best weights, divergence, and DDP == one process with the global batch.
+
+A 2-layer, 2-head, 32-wide GPT (block 16, vocab 64) on synthetic token files; fp32 on CPU with one
+thread, so runs are bit-for-bit reproducible."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minigpt import train
+from minigpt.config import TrainConfig
+from minigpt.model import GPT, GPTConfig
+from minigpt.train import Runtime, TokenWindows, TrainingError, fit, lr_at, val_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK, VOCAB = 16, 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add contention and nondeterminism
+    yield
+    torch.set_num_threads(before)
+
+
+def write_tokens(path: Path, n: int, seed: int = 0, dtype: str = "uint16") -> Path:
+    """A token file + sidecar in the docs/FORMATS.md layout; a learnable pattern plus noise."""
+    rng = np.random.default_rng(seed)
+    tokens = ((np.arange(n) * 7) % VOCAB + rng.integers(0, 2, n)) % VOCAB
+    tokens.astype(dtype).tofile(path)
+    path.with_suffix(".json").write_text(json.dumps(
+        {"dtype": dtype, "count": n, "documents": 1, "tokenizer_hash": "0123456789abcdef"}))
+    return path
+
+
+@pytest.fixture
+def data(tmp_path) -> dict:
+    d = tmp_path / "tokens"
+    d.mkdir()
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text("{}")
+    return {"train": write_tokens(d / "train.bin", 5000, 0),
+            "val": write_tokens(d / "validation.bin", 1000, 1), "tokenizer": tok, "root": tmp_path}
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(device="cpu", dtype="fp32", batch_size=4, max_steps=8, lr=3e-3, warmup_steps=2,
+                eval_interval=4, eval_batches=2, save_interval=4, log_interval=2, seed=7)
+    return TrainConfig(**{**base, **kw})
+
+
+def rt() -> Runtime:
+    return Runtime(device=torch.device("cpu"), dtype="fp32")
+
+
+def tiny_model(seed: int = 7) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK))
+
+
+def run_fit(data: dict, c: TrainConfig, out: str = "run", source=None, model=None, **kw) -> dict:
+    root = data["root"] / out
+    model = model or tiny_model(c.seed)
+    source = source or TokenWindows(data["train"], BLOCK, c.batch_size, c.seed)
+    val = val_batches(data["val"], BLOCK, c.batch_size, c.eval_batches)
+    summary = fit(model, c, rt(), source, val, model_dir=root / "model", ckpt_dir=root / "ckpt",
+                  metrics_file=root / "metrics.json", curves_dir=root / "curves",
+                  meta={"stage": "pretrain", "tokenizer_hash": "0123456789abcdef", "chat_template": None},
+                  tokenizer_file=data["tokenizer"], **kw)
+    summary["model"] = model
+    return summary
+
+
+def weights(root: Path) -> dict:
+    return load_file(root / "model" / "model.safetensors")
+
+
+# --- schedule and data ---------------------------------------------------------------------
+
+
+def test_lr_schedule():
+    c = cfg(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
+    lrs = [lr_at(s, c) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # linear warm-up
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then non-increasing
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)  # cosine midpoint
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and min(lrs) >= 0.1
+    assert lr_at(0, cfg(lr=1.0, warmup_steps=0, max_steps=10)) == pytest.approx(1.0)
+
+
+def test_token_windows_deterministic_and_shifted(data):
+    a = TokenWindows(data["train"], BLOCK, 4, seed=3)
+    b = TokenWindows(data["train"], BLOCK, 4, seed=3)
+    tokens = np.fromfile(data["train"], dtype=np.uint16)
+    for _ in range(3):
+        (xa, ya), (xb, yb) = a.next(), b.next()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert xa.dtype == torch.int64 and xa.shape == (4, BLOCK)
+        assert torch.equal(xa[:, 1:], ya[:, :-1])
+        start = int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(
+            tokens, BLOCK) == xa[0].numpy(), axis=1))[0])
+        assert torch.equal(ya[0], torch.from_numpy(tokens[start + 1:start + BLOCK + 1].astype(np.int64)))
+    assert not torch.equal(TokenWindows(data["train"], BLOCK, 4, seed=4).next()[0], xa)
+
+
+def test_token_windows_resume_and_rank_slices(data):
+    a = TokenWindows(data["train"], BLOCK, 4, seed=3)
+    a.next()
+    state = a.state_dict()
+    expected = a.next()
+    b = TokenWindows(data["train"], BLOCK, 4, seed=3)
+    b.load_state_dict(state)
+    assert all(torch.equal(u, v) for u, v in zip(expected, b.next()))
+
+    whole = TokenWindows(data["train"], BLOCK, 6, seed=5)
+    ranks = [TokenWindows(data["train"], BLOCK, 2, seed=5, rank=r, world_size=3) for r in range(3)]
+    for _ in range(2):
+        x, y = whole.next()
+        parts = [r.next() for r in ranks]
+        assert torch.equal(x, torch.cat([p[0] for p in parts]))
+        assert torch.equal(y, torch.cat([p[1] for p in parts]))
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_token_windows_never_load_the_file(tmp_path):
+    path = tmp_path / "big.bin"
+    count = 1 << 30  # 2 GiB of uint16, sparse on disk: reading it all would show in RSS
+    with open(path, "wb") as f:
+        f.truncate(count * 2)
+    path.with_suffix(".json").write_text(json.dumps({"dtype": "uint16", "count": count}))
+    before = _rss_mb()
+    windows = TokenWindows(path, BLOCK, 8, seed=0)
+    for _ in range(20):
+        windows.next()
+    assert isinstance(windows.tokens, np.memmap)
+    assert _rss_mb() - before < 100
+
+
+def test_val_batches_fixed_and_sharded(data):
+    full = val_batches(data["val"], BLOCK, 4, 5)
+    again = val_batches(data["val"], BLOCK, 4, 5)
+    assert len(full) == 5 and all(torch.equal(a[0], b[0]) for a, b in zip(full, again))
+    tokens = np.fromfile(data["val"], dtype=np.uint16).astype(np.int64)
+    assert torch.equal(full[0][0][0], torch.from_numpy(tokens[:BLOCK]))  # first window at 0
+    assert torch.equal(full[-1][1][-1], torch.from_numpy(tokens[-BLOCK:]))  # last ends at the end
+    shards = [val_batches(data["val"], BLOCK, 2, 5, rank=r, world_size=2) for r in range(2)]
+    assert [len(s) for s in shards] == [5, 5]
+    for i in range(5):  # rank slices of global batch i == one process's batch i
+        assert torch.equal(torch.cat([shards[0][i][0], shards[1][i][0]]), full[i][0])
+
+
+def test_auto_dtype_follows_cpu_bf16_support(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert train.resolve_dtype("auto", cpu) == "fp32"
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert train.resolve_dtype("auto", cpu) == "bf16"
+    assert train.resolve_dtype("fp32", cpu) == "fp32"
+    assert train.resolve_device("auto").type in ("cpu", "cuda", "mps")
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+
+class CrashAfter:
+    """A train source that dies (like a killed process) on its (n+1)-th batch."""
+
+    def __init__(self, inner, n: int):
+        self.inner, self.left = inner, n
+
+    def next(self):
+        if self.left == 0:
+            raise KeyboardInterrupt("simulated kill")
+        self.left -= 1
+        return self.inner.next()
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+def test_fit_writes_everything(data):
+    s = run_fit(data, cfg())
+    root = data["root"] / "run"
+    assert s["steps"] == 8 and s["tokens"] == 8 * 4 * BLOCK
+    assert s["val_loss"] < s["first_val_loss"] < math.log(VOCAB) + 0.5
+    assert sorted(p.name for p in (root / "ckpt").iterdir()) == ["meta.json", "model.safetensors", "state.pt"]
+    train_tsv = (root / "curves" / "train.tsv").read_text().splitlines()
+    assert train_tsv[0].split("\t") == ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"]
+    assert [int(r.split("\t")[0]) for r in train_tsv[1:]] == [2, 4, 6, 8]
+    val_tsv = (root / "curves" / "val.tsv").read_text().splitlines()
+    assert val_tsv[0] == "step\ttokens\tval_loss" and [r.split("\t")[0] for r in val_tsv[1:]] == ["0", "4", "8"]
+    metrics = json.loads((root / "metrics.json").read_text())
+    for key in ("train_loss", "first_val_loss", "val_loss", "best_val_loss", "tokens", "steps",
+                "tokens_per_s", "mfu", "params", "params_non_embedding", "time_s"):
+        assert key in metrics
+    config = json.loads((root / "model" / "config.json").read_text())
+    assert config["stage"] == "pretrain" and config["training"]["steps"] == 8 and config["n_layer"] == 2
+
+
+def test_resume_after_kill_is_exact(data, capsys):
+    straight = run_fit(data, cfg(), out="straight")
+    with pytest.raises(KeyboardInterrupt):  # killed during step 6: checkpoint at step 4 survives
+        run_fit(data, cfg(), out="resumed",
+                source=CrashAfter(TokenWindows(data["train"], BLOCK, 4, 7), 5))
+    capsys.readouterr()
+    resumed = run_fit(data, cfg(), out="resumed", model=tiny_model(99))  # other init: all restored
+    assert "resuming from" in capsys.readouterr().out
+    assert resumed["resumed_from_step"] == 4
+    a, b = weights(data["root"] / "straight"), weights(data["root"] / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["train_loss"] == straight["train_loss"] and resumed["val_loss"] == straight["val_loss"]
+    ta = (data["root"] / "straight" / "curves" / "train.tsv").read_text().splitlines()
+    tb = (data["root"] / "resumed" / "curves" / "train.tsv").read_text().splitlines()
+    assert [r.split("\t")[:5] for r in ta] == [r.split("\t")[:5] for r in tb]
+
+
+def test_longer_budget_continues_and_other_change_starts_fresh(data, capsys):
+    run_fit(data, cfg(max_steps=4))
+    longer = run_fit(data, cfg(max_steps=8))
+    assert longer["resumed_from_step"] == 4 and longer["steps"] == 8
+    rows = (data["root"] / "run" / "curves" / "train.tsv").read_text().splitlines()[1:]
+    assert [int(r.split("\t")[0]) for r in rows] == [2, 4, 6, 8]
+
+    class Untouched(TokenWindows):
+        def next(self):
+            raise AssertionError("a finished run must not train again")
+
+    done = run_fit(data, cfg(max_steps=8, log_interval=1, save_interval=2),  # volatile knobs only
+                   source=Untouched(data["train"], BLOCK, 4, 7))
+    assert done["steps"] == 8 and done["resumed_from_step"] == 8
+    capsys.readouterr()
+
+    fresh = run_fit(data, cfg(max_steps=8, lr=1e-3))
+    out = capsys.readouterr()
+    assert "not resuming" in out.err + out.out and "train.lr" in out.err + out.out
+    assert fresh["resumed_from_step"] is None and fresh["steps"] == 8
+
+    shrunk = run_fit(data, cfg(max_steps=4, lr=1e-3))
+    out = capsys.readouterr()
+    assert "max_steps shrank" in out.err + out.out and shrunk["resumed_from_step"] is None
+
+
+def test_early_stopping_keeps_best_weights(data, monkeypatch):
+    c = cfg(max_steps=20, eval_interval=1, save_interval=100)
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7])  # evals at steps 0..4: best at step 1
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: next(scripted))
+    s = run_fit(data, c, out="early", keep_best=True, patience=3)
+    assert s["stopped_early"] == 1 and s["steps"] == 4
+    assert s["best_step"] == 1 and s["best_val_loss"] == 2.0
+    assert (data["root"] / "early" / "ckpt" / "best.safetensors").exists()
+    # reference: the same run killed during step 2 holds exactly the step-1 weights in memory
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: 1.0)
+    ref = tiny_model(c.seed)
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(data, c, out="ref", model=ref, source=CrashAfter(TokenWindows(data["train"], BLOCK, 4, 7), 1))
+    got = weights(data["root"] / "early")
+    assert all(torch.equal(got[k], ref.state_dict()[k]) for k in got)
+
+
+def test_nan_stops_with_step_and_keeps_checkpoint(data):
+    c = cfg(max_steps=8, save_interval=2)
+    model = tiny_model(c.seed)
+    calls = {"n": 0}
+
+    def poison(module, args, output):  # the 3rd training forward returns NaN activations
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                return output * float("nan")
+        return output
+
+    model.norm.register_forward_hook(poison)
+    with pytest.raises(TrainingError, match=r"at step 3\b") as e:
+        run_fit(data, c, model=model)
+    assert "\n" not in str(e.value) and "step 2" in str(e.value)
+    meta = json.loads((data["root"] / "run" / "ckpt" / "meta.json").read_text())
+    assert meta["step"] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step never applied
+    assert not (data["root"] / "run" / "model").exists()
+
+
+DDP_CFG = dict(max_steps=6, eval_interval=3, save_interval=3, eval_batches=4)
+DDP_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from pathlib import Path
+    from minigpt.config import TrainConfig
+    from minigpt.model import GPT, GPTConfig
+    from minigpt.train import TokenWindows, fit, setup_runtime, teardown, val_batches
+    root, c = Path(sys.argv[2]), TrainConfig(**eval(sys.argv[3]))
+    rt = setup_runtime(c)  # seeds identically on both ranks: same init as the test's model
+    torch.set_num_threads(1)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16))
+    src = TokenWindows(root / "tokens" / "train.bin", 16, c.batch_size, c.seed, rt.rank, rt.world_size)
+    val = val_batches(root / "tokens" / "validation.bin", 16, c.batch_size, c.eval_batches,
+                      rt.rank, rt.world_size)
+    out = root / "ddp"
+    fit(model, c, rt, src, val, model_dir=out / "model", ckpt_dir=out / "ckpt",
+        metrics_file=out / "metrics.json", curves_dir=out / "curves", meta={"stage": "pretrain"},
+        tokenizer_file=root / "tokenizer.json")
+    teardown(rt)
+""")
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="needs torchrun")
+def test_ddp_two_ranks_match_one_process_with_the_global_batch(data):
+    single = run_fit(data, cfg(batch_size=4, **DDP_CFG), out="single")
+    script = data["root"] / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    c = dataclasses.asdict(cfg(batch_size=2, nproc=2, **DDP_CFG))
+    ddp = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", str(script), str(ROOT),
+                          str(data["root"]), repr(c)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = weights(data["root"] / "single"), weights(data["root"] / "ddp")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    m = json.loads((data["root"] / "ddp" / "metrics.json").read_text())
+    assert m["tokens"] == single["tokens"] == 6 * 4 * BLOCK
+    assert m["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
+    assert m["first_val_loss"] == pytest.approx(single["first_val_loss"], abs=1e-6)
+    assert m["train_loss"] == pytest.approx(single["train_loss"], abs=1e-5)
