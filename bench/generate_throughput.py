@@ -41,6 +41,15 @@ def tiny_tokenizer(path: Path) -> None:
     tok.save(str(path))
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: without them CPU bf16 matmuls are emulated and far slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def timed(fn, repeats: int) -> tuple[float, list[int]]:
     fn()  # warm-up
     times, out = [], None
@@ -58,7 +67,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="4 layers, 4 heads, 256 wide, vocab 8192")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--dtypes", default="auto", help="comma list of fp32,bf16; auto: bf16 only if fast here")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -79,7 +88,8 @@ def main() -> None:
     x = torch.tensor([prompt])
     print(f"{L} layers, {H} heads, {C} wide, vocab {V}; batch 1, prompt {args.prompt}, "
           f"{args.new} new tokens, {torch.get_num_threads()} threads")
-    for name in args.dtypes.split(","):
+    dtypes = args.dtypes if args.dtypes != "auto" else "fp32,bf16" if cpu_has_fast_bf16() else "fp32"
+    for name in dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
         ours.to(dtype)
         hf.to(dtype)

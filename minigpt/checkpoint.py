@@ -223,7 +223,10 @@ def save_state(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: torch.op
     as safetensors (e.g. the best weights so far). See the module docstring for the commit order."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    finish_commit(ckpt_dir)
+    try:
+        finish_commit(ckpt_dir)
+    except CheckpointError:  # an unreadable/foreign meta.json: the caller already chose to overwrite
+        pass
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     payload = {}
     writers: dict[str, Callable[[Path], None]] = {
@@ -247,6 +250,9 @@ def save_state(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: torch.op
             (ckpt_dir / entry["tmp"]).unlink(missing_ok=True)
         raise
     finish_commit(ckpt_dir)
+    for stale in ckpt_dir.glob("*.safetensors"):  # e.g. best.safetensors of an earlier keep_best run
+        if stale.name not in payload:
+            stale.unlink(missing_ok=True)
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -266,7 +272,7 @@ def finish_commit(ckpt_dir: str | Path) -> None:
             if tmp.exists() and sha256_file(tmp) == entry["sha256"]:
                 os.replace(tmp, ckpt_dir / name)
         _fsync_dir(ckpt_dir)
-    for p in ckpt_dir.glob(".*.tmp"):
+    for p in ckpt_dir.glob(".*.tmp"):  # payloads of saves killed before their commit
         p.unlink(missing_ok=True)
 
 

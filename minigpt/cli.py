@@ -175,6 +175,15 @@ class Loaded:
     """config.json names a chat template: prompts are wrapped in it."""
     eot: int
     """<|endoftext|>: starts raw prompts, ends every generation."""
+    slid: bool = False
+    """The sampler's window has slid once already this run (the notice is shown once)."""
+
+    def warn_slide(self, message: str) -> None:
+        """The sampler's context-overflow notice: one `warning:` line on stderr, once per run
+        (the sampler says it once per call; --num_samples and chat turns make many calls)."""
+        if not self.slid:
+            print(f"warning: {message}", file=sys.stderr)
+            self.slid = True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -214,11 +223,12 @@ def load(checkpoint_path: str, device_name: str = "cpu", tokenizer_path: str | N
     """The model directory (and optional separate tokenizer), with usage errors as CLIError."""
     from minigpt.chat import TEMPLATE_NAME
     from minigpt.checkpoint import CheckpointError, load_model
-    from minigpt.tokenizer import EOT, TokenizerError, special_id
+    from minigpt.tokenizer import EOT, TokenizerError, check_special_tokens, special_id
 
     device = resolve_device(device_name)
     try:
         model, tok, config = load_model(checkpoint_path, device)
+        check_special_tokens(tok, f"{checkpoint_path}/tokenizer.json")  # ids 0..4 per FORMATS.md
     except (CheckpointError, TokenizerError) as e:
         raise CLIError(f"--checkpoint_path: {e}") from None  # e names the path
     if tokenizer_path is not None:
@@ -268,11 +278,6 @@ class TextStream:
         return new
 
 
-def _warn(message: str) -> None:
-    """The sampler's once-per-call notice (context slid past block_size): one line on stderr."""
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def _write(text: str, out=None) -> None:
     out = out or sys.stdout
     if text:
@@ -300,7 +305,7 @@ def sample_ids(m: Loaded, ids: list[int], args: argparse.Namespace, generator,
         new = generate(m.model, ids, args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k or None, top_p=args.top_p,
                        repetition_penalty=args.repetition_penalty, stop_ids=[m.eot],
-                       generator=generator, on_token=on_token, on_window=_warn)
+                       generator=generator, on_token=on_token, on_window=m.warn_slide)
     except ValueError as e:  # the sampler's own argument checks; ours should have caught them
         raise CLIError(str(e)) from None
     return new[:-1] if new and new[-1] == m.eot else list(new)

@@ -33,6 +33,7 @@ Design choices (and why)
 from __future__ import annotations
 
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from tqdm import tqdm
 from minigpt.chat import encode_prompt, truncate_example
 from minigpt.config import EvalConfig
 from minigpt.encode import read_meta, read_sft, read_tokens
+from minigpt.sample import generate
 from minigpt.sft import IGNORE, build_split, collate
 from minigpt.tokenizer import EOT, PAD, SPECIAL_TOKENS, decode, iter_jsonl, str_field
 
@@ -283,9 +285,8 @@ def fit_prompt(ids: Sequence[int], max_len: int) -> list[int]:
 
 def greedy_answer(model: Callable, tok, ids: Sequence[int], max_new_tokens: int) -> str:
     """The model's greedy answer to prompt `ids`, as text, without the closing <|endoftext|>."""
-    from minigpt.sample import generate
-
-    new = list(generate(model, list(ids), max_new_tokens, temperature=0.0, stop_ids=[EOT_ID]))
+    with autocast(model.tok_emb.weight.device):
+        new = list(generate(model, list(ids), max_new_tokens, temperature=0.0, stop_ids=[EOT_ID]))
     if new and new[-1] == EOT_ID:
         new = new[:-1]
     return decode(tok, new).strip()
@@ -398,18 +399,27 @@ def evaluate_sft_loss(model: Callable, data: EvalData, device: torch.device) -> 
             "truncated": split.truncated}
 
 
-def evaluate_model(model: Callable, tok, data: EvalData, cfg: EvalConfig,
-                   device: torch.device) -> tuple[dict, list[str], list[str]]:
-    """(metrics, answers to the SFT questions, answers to cfg.prompts) for one model."""
+def evaluate_model(model: Callable, tok, data: EvalData, cfg: EvalConfig, device: torch.device,
+                   seconds: dict | None = None) -> tuple[dict, list[str], list[str]]:
+    """(metrics, answers to the SFT questions, answers to cfg.prompts) for one model.
+
+    `seconds`, when given, receives the wall time of each phase (lm, sft, generate): timings
+    stay out of the metrics, which must be identical from run to run."""
     torch.manual_seed(cfg.seed)  # greedy decoding draws nothing, but keep any sampler's RNG fixed
-    metrics = {"lm": evaluate_lm(model, data, cfg, device),
-               "sft": evaluate_sft_loss(model, data, device)}
+    model.eval()  # no dropout (a fine-tuned config keeps its training dropout)
+    seconds = {} if seconds is None else seconds
+    start = time.perf_counter()
+    metrics = {"lm": evaluate_lm(model, data, cfg, device)}
+    seconds["lm"], start = time.perf_counter() - start, time.perf_counter()
+    metrics["sft"] = evaluate_sft_loss(model, data, device)
+    seconds["sft"], start = time.perf_counter() - start, time.perf_counter()
     questions = [(q["instruction"], q["context"]) for q in data.questions]
     answers = greedy_answers(model, tok, questions, cfg.max_new_tokens, "answer test", progress=True)
     if answers:
         metrics["gen"] = text_scores(answers, [q["response"] for q in data.questions])
     samples = greedy_answers(model, tok, [(p, "") for p in cfg.prompts], cfg.max_new_tokens,
                              "samples", progress=True)
+    seconds["generate"] = time.perf_counter() - start
     return metrics, answers, samples
 
 
@@ -432,9 +442,11 @@ def check_model(config: dict, data: EvalData, cfg: EvalConfig, where: Path) -> N
         raise EvalError(f"eval.stride: {cfg.stride} exceeds the model's block_size ({block}, {where})")
 
 
-def run_eval(cfg: EvalConfig, model_dirs: dict[str, Path], tokens_dir: Path,
-             processed_dir: Path) -> tuple[dict, dict]:
-    """Evaluate every model directory -> (metrics for eval.json, samples for samples.json)."""
+def run_eval(cfg: EvalConfig, model_dirs: dict[str, Path], tokens_dir: Path, processed_dir: Path,
+             seconds: dict | None = None) -> tuple[dict, dict]:
+    """Evaluate every model directory -> (metrics for eval.json, samples for samples.json).
+
+    `seconds`, when given, receives {model name: {phase: wall seconds}}."""
     from minigpt.checkpoint import load_model, read_config
 
     device = pick_device(cfg.device)
@@ -447,7 +459,10 @@ def run_eval(cfg: EvalConfig, model_dirs: dict[str, Path], tokens_dir: Path,
     for name, directory in model_dirs.items():
         model, tok, _ = load_model(directory, device)
         windows.add(model.config.block_size)
-        metrics[name], _, answers[name] = evaluate_model(model, tok, data, cfg, device)
+        phases = {}
+        metrics[name], _, answers[name] = evaluate_model(model, tok, data, cfg, device, phases)
+        if seconds is not None:
+            seconds[name] = phases
         del model
     metrics["baseline"] = baseline_scores(data)
     n_targets = len(data.tokens) - 1

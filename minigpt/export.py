@@ -90,7 +90,6 @@ def export_hf(model, tokenizer_file: str | os.PathLike, out_dir: str | os.PathLi
     from tokenizers import Tokenizer
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_file(str(tokenizer_file))
     if tok.get_vocab_size() > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens, model only {model.config.vocab_size}")
@@ -103,10 +102,7 @@ def export_hf(model, tokenizer_file: str | os.PathLike, out_dir: str | os.PathLi
             raise ValueError(f"token id {i} is not in {tokenizer_file}")
         return token
 
-    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out / "config.json", llama_config(model, eos_id, pad_id, bos_id))
-    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
-    tok_cfg = {
+    tok_cfg = {  # names first: a bad id fails before anything is written
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": model.config.block_size,
         "bos_token": name(bos_id),
@@ -116,6 +112,10 @@ def export_hf(model, tokenizer_file: str | os.PathLike, out_dir: str | os.PathLi
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
     }
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(out / "config.json", llama_config(model, eos_id, pad_id, bos_id))
+    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
     if chat_template is not None:
         tok_cfg["chat_template"] = chat_template
     _write_json(out / "tokenizer_config.json", tok_cfg)

@@ -267,7 +267,9 @@ class GPT(nn.Module):
             cache.pos += T
             return F.linear(x[:, -1:], self.tok_emb.weight), None
         if targets is not None:
-            return None, linear_cross_entropy(x.view(B * T, -1), self.tok_emb.weight, targets.reshape(-1))
+            # Small chunks keep a CPU's logits in cache; a GPU wants few, large launches.
+            chunk = 256 if x.device.type == "cpu" else 8192
+            return None, linear_cross_entropy(x.view(B * T, -1), self.tok_emb.weight, targets.reshape(-1), chunk)
         return F.linear(x, self.tok_emb.weight), None
 
     def num_params(self, non_embedding: bool = False) -> int:

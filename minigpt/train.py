@@ -12,13 +12,14 @@ Batch-source protocol (what `fit` needs; `TokenWindows` here and `minigpt.sft.SF
 
 Design choices
 - `setup_runtime` resolves device, dtype and DDP once. dtype `auto` is bf16 autocast on CUDA with
-  bf16 and on CPUs with AVX512-BF16/AMX, fp32 elsewhere. Measured on the AVX2-only dev box (no
-  bf16 instructions), a bf16 matmul runs at <1 GFLOP/s against ~120 fp32, so bf16 must never be
-  picked by accident; on the Zen 5 box of PERF-NOTES (AVX512-BF16) bf16 autocast is ~2x fp32.
+  bf16 and on CPUs with AVX512-BF16/AMX (/proc/cpuinfo flags), fp32 elsewhere. Measured: on the
+  AVX2-only dev box a bf16 matmul runs at <1 GFLOP/s against ~120 fp32 (3 bf16 training steps of
+  the tiny config did not finish in 10 minutes), so bf16 must never be picked there; on a 2-core
+  slice of an AMX Xeon a seed-config step is 1.8x faster in bf16 (2,497 vs 1,381 tok/s).
 - CPU fp32: `torch.backends.mkldnn.matmul.fp32_precision = "bf16"` routes fp32 matmuls to oneDNN.
-  PERF-NOTES measured 1.6x on AVX-512; here (AVX2) it is 2.7x SLOWER and its name permits bf16
-  math. So it is enabled only after a ~0.1 s probe shows it both faster and fp32-exact (< 1e-4
-  relative error, bf16 math would give ~1e-2) on the machine at hand.
+  Measured: on the AVX2 box it is no faster and fp32-exact; on the AMX Xeon it is 2.5x faster
+  but does bf16 math (relative error 2.4e-3 vs 6e-7). So it is enabled only after a ~0.1 s probe
+  shows it both faster and fp32-exact (< 1e-4) on the machine at hand (AVX-512 CPUs only).
 - DDP from torchrun's env (RANK/WORLD_SIZE/LOCAL_RANK) only when WORLD_SIZE > 1; nccl on CUDA,
   gloo on CPU. CPU ranks split the cores (`cores // local_world_size` threads each).
 - LR: linear warm-up then cosine to lr * min_lr_ratio, a pure function of (step, cfg). When a
@@ -35,6 +36,10 @@ Design choices
   step, so a non-finite loss stops training without touching the weights or the last good
   checkpoint; `TrainingError` names the step. Under DDP the loss is all-reduced first, so every
   rank takes the same decision and none hangs in a collective.
+- Validation runs at step 0 (the untrained model, or the base model for fine-tuning), every
+  eval_interval steps and at the end. keep_best/patience are part of the run's identity; the best
+  weights live in ckpt_dir/best.safetensors so a resumed run still ships the best.
+- tokens/s and MFU leave out each session's first step (torch.compile and allocator warm-up).
 - Only rank 0 writes files. The TSV curves and metrics are rewritten at every checkpoint and at
   the end (atomically), so they always agree with the checkpoint on disk.
 - MFU = flops_per_token * tokens/s / peak. Peaks used (dense): H100/H200 989e12 bf16, 494e12 tf32;
@@ -236,7 +241,9 @@ def teardown(rt: Runtime) -> None:
 # --- data: random windows over a token file ---------------------------------------------------
 
 
-def _windows(tokens: np.ndarray, starts: list[int], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(tokens: np.ndarray, starts: list[int], block_size: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = tokens[s:s+T], y = tokens[s+1:s+T+1] for each start s, as int64 (B, T) tensors."""
     w = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64))
     return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
@@ -285,8 +292,8 @@ def val_batches(bin_path: str | Path, block_size: int, batch_size: int, n_batche
                             f"{block_size + 1}")
     per_batch = batch_size * world_size
     starts = np.linspace(0, len(tokens) - block_size - 1, n_batches * per_batch).round().astype(int)
-    return [_windows(tokens, starts[i * per_batch + rank * batch_size:][:batch_size].tolist(), block_size)
-            for i in range(n_batches)]
+    mine = [starts[i * per_batch + rank * batch_size:][:batch_size] for i in range(n_batches)]
+    return [_windows(tokens, s.tolist(), block_size) for s in mine]
 
 
 # --- schedule, evaluation ---------------------------------------------------------------------
@@ -481,6 +488,12 @@ def _eval_and_track(run: _Run, patience: int, keep_best: bool, log) -> None:
     log(f"step {h.step:6d} | val loss {val:.4f} (best {h.best_val:.4f} at step {h.best_step})")
 
 
+def _to_device(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.device.type == "cuda":  # pinned + async: the copy overlaps the previous kernels
+        return t.pin_memory().to(rt.device, non_blocking=True)
+    return t.to(rt.device)
+
+
 def _train_step(run: _Run) -> tuple[float, float, int]:
     """One optimizer step over grad_accum micro-batches -> (loss, grad norm, tokens, all ranks)."""
     cfg, rt, model = run.cfg, run.rt, run.model
@@ -492,10 +505,7 @@ def _train_step(run: _Run) -> tuple[float, float, int]:
     for micro in range(cfg.grad_accum):
         x, y = run.source.next()
         tokens += x.numel()
-        if rt.device.type == "cuda":
-            x, y = x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
-        else:
-            x, y = x.to(rt.device), y.to(rt.device)
+        x, y = _to_device(x, rt), _to_device(y, rt)
         # under DDP, only the last micro-step all-reduces gradients (backward inside no_sync)
         sync = model.no_sync() if rt.ddp and micro < cfg.grad_accum - 1 else nullcontext()
         with sync:
@@ -504,9 +514,9 @@ def _train_step(run: _Run) -> tuple[float, float, int]:
             (loss / cfg.grad_accum).backward()
         loss_sum += loss.detach().float()
     norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.grad_clip or math.inf)
-    loss_mean = loss_sum / cfg.grad_accum
+    loss_mean = loss_sum / (cfg.grad_accum * rt.world_size)
     if rt.ddp:  # one decision on every rank: the global mean loss (norm is already global)
-        dist.all_reduce(loss_mean, op=dist.ReduceOp.AVG)
+        dist.all_reduce(loss_mean)  # SUM, pre-divided: every backend has SUM
     loss_val, norm_val = loss_mean.item(), norm.item()
     if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
         return loss_val, norm_val, tokens * rt.world_size

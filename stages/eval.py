@@ -42,7 +42,7 @@ def write_json(path: Path, obj: dict) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def summary(m: dict, seconds: float) -> str:
+def summary(m: dict, phases: dict, seconds: float) -> str:
     parts = []
     for name in MODELS:
         lm, sft, gen = m[name]["lm"], m[name]["sft"], m[name].get("gen", {})
@@ -50,6 +50,7 @@ def summary(m: dict, seconds: float) -> str:
                 f"word ppl {lm['word_perplexity']:.1f}, sft loss {sft['loss']}")
         if gen:
             part += f", rougeL {gen['rougeL']:.3f}, bleu {gen['bleu']:.2f}"
+        part += " [" + ", ".join(f"{k} {v:.0f}s" for k, v in phases.get(name, {}).items()) + "]"
         parts.append(part)
     base = m["baseline"].get("gen")
     if base:
@@ -63,7 +64,8 @@ def main() -> int:
     start = time.perf_counter()
     try:
         cfg = load_params().eval
-        metrics, samples = run_eval(cfg, MODELS, TOKENS, PROCESSED)
+        phases: dict = {}
+        metrics, samples = run_eval(cfg, MODELS, TOKENS, PROCESSED, phases)
         write_json(METRICS, metrics)
         write_json(SAMPLES, samples)
     except Exception as e:  # every failure is reported the same way: one line, status 2
@@ -73,7 +75,7 @@ def main() -> int:
         message = str(e) if isinstance(e, known) else f"{type(e).__name__}: {e}"
         print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
         return 2
-    print(summary(metrics, time.perf_counter() - start))
+    print(summary(metrics, phases, time.perf_counter() - start))
     return 0
 
 

@@ -28,7 +28,8 @@ from minigpt.config import ConfigError, load_params  # noqa: E402
 from minigpt.encode import EncodeError, check_tokenizer_hash, read_meta  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.tokenizer import TokenizerError, load_tokenizer, tokenizer_hash  # noqa: E402
-from minigpt.train import TokenWindows, TrainingError, fit, setup_runtime, teardown, val_batches  # noqa: E402
+from minigpt.train import (TokenWindows, TrainingError, fit, setup_runtime, teardown,  # noqa: E402
+                           val_batches)
 
 TOKENIZER = Path("data/tokenizer/tokenizer.json")
 TOKENS = Path("data/tokens/pretrain")

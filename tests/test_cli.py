@@ -178,8 +178,8 @@ def test_context_overflow_warns_once_on_one_line(env, capsys):
     prompt = " ".join(CORPUS[:3])
     assert len(encode_text(env.tok, prompt)) > BLOCK_SIZE
     code, out, err = run_main(capsys, "generate", "--checkpoint_path", env.base, "--prompt", prompt,
-                              "--max_new_tokens", 40, *GREEDY)
-    assert code == 0 and out.startswith(prompt)
+                              "--max_new_tokens", 40, "--num_samples", 2, *GREEDY)
+    assert code == 0 and out.startswith(prompt)  # the notice goes to stderr, once per run
     assert len(err.splitlines()) == 1 and err.startswith("warning: ") and "block_size" in err
 
 
@@ -231,6 +231,20 @@ def test_bad_input_one_line_exit_2(env, capsys, case):
     assert out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], err
+
+
+def test_matching_tokenizer_path_is_accepted(env, capsys):
+    args = ["generate", "--checkpoint_path", env.chat, "--prompt", "Hi", "--max_new_tokens", 8, *GREEDY]
+    code, out, _ = run_main(capsys, *args, "--tokenizer_path", env.root / "tokenizer.json")
+    assert code == 0
+    assert run_main(capsys, *args)[1] == out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is absent")
+def test_unavailable_device_is_usage_error(env, capsys):
+    code, _, err = run_main(capsys, "generate", "--checkpoint_path", env.chat, "--prompt", "Hi",
+                            "--device", "cuda")
+    assert code == 2 and err.startswith("error: --device cuda") and err.count("\n") == 1
 
 
 def test_bad_input_exit_code_from_entry_point(env):

@@ -347,3 +347,60 @@ def test_ddp_two_ranks_match_one_process_with_the_global_batch(data):
     assert m["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
     assert m["first_val_loss"] == pytest.approx(single["first_val_loss"], abs=1e-6)
     assert m["train_loss"] == pytest.approx(single["train_loss"], abs=1e-5)
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+
+def _load_stage():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stage_pretrain", ROOT / "stages" / "pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretrain_stage_errors_and_run(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from minigpt.tokenizer import save_tokenizer, tokenizer_hash, train_tokenizer
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"] = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.0}
+    params["pretrain"].update(device="cpu", dtype="fp32", batch_size=4, max_steps=4, warmup_steps=1,
+                              eval_interval=2, eval_batches=2, save_interval=2, log_interval=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    stage = _load_stage()
+
+    assert stage.main() == 2  # no tokenizer yet
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data/tokenizer/tokenizer.json") and "\n" not in err
+
+    tok_path = tmp_path / "data" / "tokenizer" / "tokenizer.json"
+    tok_path.parent.mkdir(parents=True)
+    save_tokenizer(train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 30, 300), tok_path)
+    tokens = tmp_path / "data" / "tokens" / "pretrain"
+    tokens.mkdir(parents=True)
+    for split in ("train", "validation"):
+        write_tokens(tokens / f"{split}.bin", 2000, seed=len(split))
+    assert stage.main() == 2  # token files made with another tokenizer
+    err = capsys.readouterr().err.strip()
+    assert "encoded with tokenizer 0123456789abcdef" in err and "\n" not in err
+
+    for split in ("train", "validation"):
+        side = json.loads((tokens / f"{split}.json").read_text())
+        side["tokenizer_hash"] = tokenizer_hash(tok_path)
+        (tokens / f"{split}.json").write_text(json.dumps(side))
+    assert stage.main() == 0
+    out = capsys.readouterr().out
+    assert "without embeddings" in out and "val loss" in out
+    config = json.loads((tmp_path / "out" / "pretrain" / "config.json").read_text())
+    assert config["vocab_size"] % 64 == 0 and config["vocab_size"] >= config["tokenizer_vocab_size"]
+    assert config["tokenizer_hash"] == tokenizer_hash(tok_path) and config["stage"] == "pretrain"
+    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    assert metrics["steps"] == 4
+    assert (tmp_path / "metrics" / "pretrain" / "val.tsv").is_file()
+    assert stage.main() == 0  # already complete: resumes at the end and rewrites the outputs
+    assert "resuming from out/ckpt/pretrain at step 4" in capsys.readouterr().out
