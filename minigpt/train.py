@@ -460,14 +460,17 @@ def _try_resume(run: _Run, ckpt_dir: Path, log) -> bool:
     initial = {k: v.detach().clone() for k, v in run.raw.state_dict().items()}
     try:
         state, _ = load_state(ckpt_dir, run.raw, run.optimizer, run.rt.device)
-    except CheckpointError as e:
+        history = History(**state["history"])
+        rank = run.rt.rank if len(state["rng"]) == run.rt.world_size else 0
+        _set_rng_state(state["rng"][rank], run.rt)
+        run.source.load_state_dict(state["data"][rank])
+    except (CheckpointError, KeyError, TypeError, IndexError, ValueError) as e:
         run.raw.load_state_dict(initial)  # a failed load may have overwritten some weights
-        log(f"not resuming: {e}; starting fresh")
+        run.optimizer.state.clear()
+        why = e if isinstance(e, CheckpointError) else f"{ckpt_dir}: state from another version ({e!r})"
+        log(f"not resuming: {why}; starting fresh")
         return False
-    run.h = History(**state["history"])
-    rank = run.rt.rank if len(state["rng"]) == run.rt.world_size else 0
-    _set_rng_state(state["rng"][rank], run.rt)
-    run.source.load_state_dict(state["data"][rank])
+    run.h = history
     run.best = state["extra"].get(BEST_FILE)
     log(f"resuming from {ckpt_dir} at step {run.h.step} (budget {run.cfg.max_steps} steps)")
     return True

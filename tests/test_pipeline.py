@@ -150,3 +150,31 @@ def test_vocab_change_reruns_tokenizer_and_both_encodes(repo):
     assert ran == {"tokenizer", "encode@pretrain", "encode@sft"}, out
     _dvc(repo, "repro")
     assert _stale(repo) == set()
+
+
+def _metric_sets(node) -> list[dict]:
+    """Every `metrics` mapping in `dvc exp show --json` output, wherever the format nests it."""
+    found = []
+    if isinstance(node, dict):
+        if isinstance(node.get("metrics"), dict) and "metrics/finetune.json" in node["metrics"]:
+            found.append(node["metrics"])
+        for v in node.values():
+            found += _metric_sets(v)
+    elif isinstance(node, list):
+        for v in node:
+            found += _metric_sets(v)
+    return found
+
+
+def test_experiment_reruns_only_finetune_and_eval_and_is_comparable(repo):
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "baseline")
+    out = _dvc(repo, "exp", "run", "-S", "finetune.lr=0.003").stdout
+    ran = {s for s in STAGES if f"Running stage '{s}'" in out}
+    assert ran == {"finetune", "eval"}, out
+    shown = _metric_sets(json.loads(_dvc(repo, "exp", "show", "--json").stdout))
+    finetune = [json.dumps(m["metrics/finetune.json"], sort_keys=True) for m in shown]
+    assert len(set(finetune)) >= 2, "baseline and experiment should have different finetune metrics"
+    diff = json.loads(_dvc(repo, "metrics", "diff", "--json").stdout or "{}")
+    assert "metrics/finetune.json" in diff and "metrics/eval.json" in diff
+    assert "metrics/pretrain.json" not in diff  # pretrain did not run again
