@@ -158,7 +158,7 @@ class ModelConfig:
     """Transformer blocks."""
     n_head: int = 4
     """Attention heads; must divide n_embd."""
-    n_embd: int = 256
+    n_embd: int = 128
     """Residual stream width."""
     block_size: int = 256
     """Context length in tokens."""
@@ -192,13 +192,13 @@ class TrainConfig:
     """Sequences per micro-batch per process."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    max_steps: int = 300
+    max_steps: int = 200
     """Optimizer steps to train for (the budget)."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """Cosine decays to lr * min_lr_ratio."""
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     """Linear warm-up steps."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices only."""
@@ -243,8 +243,8 @@ class FinetuneConfig(TrainConfig):
     """`finetune`: instruction tuning; the training loop's knobs plus SFT-specific ones."""
 
     lr: float = 3e-4
-    max_steps: int = 200
-    warmup_steps: int = 20
+    max_steps: int = 100
+    warmup_steps: int = 10
     eval_interval: int = 25
     dropout: float = 0.1
     """Dropout during fine-tuning (overrides the pre-trained model's)."""

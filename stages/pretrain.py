@@ -8,14 +8,13 @@ metrics/pretrain.json and metrics/pretrain/{train,val}.tsv (docs/FORMATS.md). A 
 in out/ckpt/pretrain is resumed. Any error is one line `error: ...` on stderr and exit status 2
 (a diverged loss included); MINIGPT_DEBUG=1 shows the traceback instead.
 
-The vocabulary is the tokenizer's, rounded up to a multiple of 64 (aligned matmul shapes for the
-LM head); the extra ids are never targets, and config.json records `tokenizer_vocab_size` so
-samplers can mask them.
+The model's vocabulary is exactly the tokenizer's (no rounding up to a multiple of 64): padded ids
+would be sampleable, un-decodable and a mismatch for exported tokenizers, and the tokenizer stage
+already hits round targets such as 8192 on real corpora.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -39,10 +38,6 @@ METRICS = Path("metrics/pretrain.json")
 CURVES = Path("metrics/pretrain")
 
 
-def padded_vocab(n: int, multiple: int = 64) -> int:
-    return multiple * math.ceil(n / multiple)
-
-
 def run() -> dict:
     params = load_params()
     cfg, shape = params.pretrain, params.model
@@ -54,7 +49,7 @@ def run() -> dict:
         check_tokenizer_hash(sidecars[split], thash, TOKENS / f"{split}.json")
     rt = setup_runtime(cfg)
     try:
-        config = GPTConfig(vocab_size=padded_vocab(tok.get_vocab_size()), n_layer=shape.n_layer,
+        config = GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=shape.n_layer,
                            n_head=shape.n_head, n_embd=shape.n_embd, block_size=shape.block_size,
                            dropout=shape.dropout)
         model = GPT(config)
