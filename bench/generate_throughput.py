@@ -36,7 +36,7 @@ def tiny_tokenizer(path: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.train_from_iterator(["a tiny corpus for a throwaway tokenizer"] * 10,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.save(str(path))
 

@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--onednn", action="store_true", help="route fp32 matmuls to oneDNN (mkldnn fp32_precision=bf16)")
     args = ap.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,7 +55,7 @@ def main() -> None:
     torch.manual_seed(0)
     ours = GPT(GPTConfig(vocab_size=V, n_layer=L, n_head=H, n_embd=C, block_size=T))
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_layer=L, n_head=H, n_embd=C, n_positions=T,
-                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
                                     attn_implementation="sdpa"))
     print(f"params: ours {ours.num_params() / 1e6:.2f}M, gpt2 {hf.num_parameters() / 1e6:.2f}M; "
           f"threads {torch.get_num_threads()}, {args.dtype}, batch {B}x{T}")

@@ -20,9 +20,11 @@ Design choices (and why)
   Rows whose target is -100 (SFT prompts, padding) are skipped before the head, not after.
   That is the CPU path; on a GPU, launch overhead dominates at this size, so the plain fused
   cross-entropy over full logits is used instead (and compiles without graph breaks).
-- KV cache (`KVCache`): preallocated per-layer key/value tensors written in place, so decoding one
-  token allocates nothing proportional to the context. Positions never exceed block_size; the
-  sampler slides its window (re-prefills) instead.
+- KV cache (`KVCache`): one preallocated (layer, batch, k|v heads, position, head_dim) tensor
+  written in place, so decoding one token allocates nothing proportional to the context. Decoding
+  is bound by per-op dispatch at this size, so the attention is written for few ops: RoPE is a
+  flip and a multiply-add applied to q, k and v at once (identity on v), and one copy stores k|v.
+  Positions never exceed block_size; the sampler slides its window (re-prefills) instead.
 - Init as GPT-2/nanoGPT: normal(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layer).
 """
 
@@ -165,26 +167,29 @@ class Block(nn.Module):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """mean CE of (h @ w.T) against targets, chunked over rows; gradients computed in forward.
+    """Mean CE of (h @ w.T) against targets (-100 = ignored), chunked over rows; the gradients are
+    computed in forward while each chunk's logits are hot, so backward only scales them.
 
     Never holds more than `chunk` rows of logits. Matmuls run in `dtype` (bf16 under autocast),
-    softmax/loss in fp32. Backward only scales the saved gradients."""
+    softmax and loss in fp32."""
 
     @staticmethod
     def forward(ctx, h, w, targets, dtype, chunk):
         hc, wc = h.to(dtype), w.to(dtype)  # cast the (vocab, C) matrix once, not per chunk
-        n = targets.numel()
+        valid = targets != -100
+        n = valid.sum().clamp(min=1)  # a tensor: no host sync
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(hc)
         grad_w = None  # fp32 accumulator, created by the first chunk's product
-        for i in range(0, n, chunk):
-            hi, ti = hc[i : i + chunk], targets[i : i + chunk]
+        for i in range(0, targets.numel(), chunk):
+            hi, vi = hc[i : i + chunk], valid[i : i + chunk, None]
+            ti = targets[i : i + chunk, None].clamp(min=0)
             logits = (hi @ wc.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, ti[:, None]).squeeze(1)).sum()
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-            g[torch.arange(len(ti), device=g.device), ti] -= 1.0
-            g = g.to(dtype).div_(n)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            loss += ((lse - logits.gather(1, ti)) * vi).sum()
+            g = logits.sub_(lse).exp_()  # softmax, in place
+            g.scatter_add_(1, ti, torch.full_like(lse, -1.0))
+            g = g.mul_(vi / n).to(dtype)
             grad_h[i : i + chunk] = g @ wc
             if grad_w is None:
                 grad_w = (g.t() @ hi).float()
@@ -194,7 +199,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w += g.t() @ hi
         ctx.save_for_backward(grad_h, grad_w)
         ctx.h_dtype, ctx.w_dtype = h.dtype, w.dtype
-        return loss / n
+        return loss / valid.sum()  # nan when every target is ignored, like F.cross_entropy
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -211,11 +216,10 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int | Non
     ~128M on GPUs (there a few large matmuls beat many small ones)."""
     if chunk is None:
         chunk = max(256, (2**27 if h.is_cuda else 2**24) // w.shape[0])
-    keep = targets != -100
-    if not bool(keep.all()):
-        h, targets = h[keep], targets[keep]
-    if targets.numel() == 0:
-        return h.sum() * w.sum() * float("nan")  # keeps the graph; mirrors F.cross_entropy
+    if not torch.compiler.is_compiling():  # eager: drop ignored rows before the head (SFT prompts)
+        keep = targets != -100
+        if not bool(keep.all()) and bool(keep.any()):
+            h, targets = h[keep], targets[keep]
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
     if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
         with torch.autocast(h.device.type, enabled=False):
@@ -225,7 +229,7 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int | Non
     for i in range(0, targets.numel(), chunk):
         logits = (h[i : i + chunk].to(dtype) @ wc.t()).float()
         total += F.cross_entropy(logits, targets[i : i + chunk], reduction="sum")
-    return total / targets.numel()
+    return total / (targets != -100).sum()
 
 
 class GPT(nn.Module):
@@ -258,9 +262,10 @@ class GPT(nn.Module):
           the cache is updated in place and logits are for the LAST position only: (B, 1, vocab).
         """
         B, T = idx.shape
-        pos = cache.pos if cache is not None else 0
-        if pos + T > self.config.block_size:
-            raise ValueError(f"positions {pos}..{pos + T - 1} exceed block_size={self.config.block_size}")
+        pos, limit = (cache.pos, cache.max_len) if cache is not None else (0, self.config.block_size)
+        if pos + T > limit:
+            raise ValueError(f"positions {pos}..{pos + T - 1} exceed the context of {limit} "
+                             f"(block_size={self.config.block_size})")
         x = self.tok_emb(idx)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]  # shared by all layers
@@ -290,8 +295,8 @@ class GPT(nn.Module):
     def flops_per_token(self) -> float:
         """Training FLOPs per token, nanoGPT/PaLM convention: 6 N + 12 L C T.
 
-        N counts every matmul weight including the LM head (tied, so that is num_params() minus
-        nothing: the embedding lookup is free but the same matrix is a full matmul as the head);
+        N = non-embedding parameters + the LM head matrix (tied to the embedding: the lookup is
+        free, but the same matrix is a full matmul as the head), i.e. num_params() here;
         12 L C T is attention's QK^T and AV at full context T = block_size (fwd + bwd)."""
         c = self.config
         n = self.num_params(non_embedding=True) + c.vocab_size * c.n_embd

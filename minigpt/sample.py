@@ -99,7 +99,10 @@ def generate(model, ids: list[int], max_new_tokens: int, *, temperature: float =
         if not warned:
             msg = (f"context of {len(context)} tokens exceeds block_size={block}: "
                    f"keeping the most recent {keep} tokens (older ones are forgotten)")
-            on_window(msg) if on_window is not None else warnings.warn(msg, stacklevel=3)
+            if on_window is not None:
+                on_window(msg)
+            else:
+                warnings.warn(msg, stacklevel=3)
             warned = True
         return context[-keep:]
 

@@ -69,6 +69,15 @@ def test_linear_cross_entropy_chunking_and_grad_scaling():
     torch.testing.assert_close(h2, gh)
     torch.testing.assert_close(w2, gw)
     assert torch.isnan(linear_cross_entropy(h, w, torch.full((37,), -100)))  # like F.cross_entropy
+    # ignored rows: masking inside the chunks (the torch.compile path) == dropping them first (eager)
+    t[::3] = -100
+    from minigpt.model import _LinearCrossEntropy
+
+    ref = F.cross_entropy(h @ w.t(), t)
+    masked = _LinearCrossEntropy.apply(h, w, t, torch.float32, 4)
+    torch.testing.assert_close(masked, ref)
+    torch.testing.assert_close(torch.autograd.grad(masked, h)[0], torch.autograd.grad(ref, h)[0])
+    torch.testing.assert_close(linear_cross_entropy(h, w, t), ref)
 
 
 def test_bf16_autocast_loss_close_to_fp32():
