@@ -10,14 +10,13 @@ writes `data/tokens/<corpus>/` (docs/FORMATS.md) all at once or not at all. Any 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
-from minigpt.config import ConfigError, load_params
-from minigpt.encode import CORPORA, EncodeError, SplitStats, encode_corpus, set_threads
-from minigpt.tokenizer import TokenizerError
+from minigpt.config import load_params
+from minigpt.encode import CORPORA, SplitStats, encode_corpus, set_threads
+from minigpt.stage import corpus_arg, run_stage
 
 TOKENIZER = Path("data/tokenizer/tokenizer.json")
 PROCESSED = Path("data/processed")
@@ -41,22 +40,11 @@ def summary(corpus: str, stats: list[SplitStats], seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] not in CORPORA:
-        print(f"usage: python stages/encode.py {'|'.join(CORPORA)}", file=sys.stderr)
+    corpus = corpus_arg(argv, "encode.py", CORPORA)
+    if corpus is None:
         return 2
     start = time.perf_counter()
-    try:
-        stats = run(argv[0])
-    except Exception as e:  # every failure is reported the same way: one line, status 2
-        if os.environ.get("MINIGPT_DEBUG"):
-            raise
-        known = (ConfigError, EncodeError, TokenizerError)
-        message = str(e) if isinstance(e, known) else f"{type(e).__name__}: {e}"
-        print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
-        return 2
-    print(summary(argv[0], stats, time.perf_counter() - start))
-    return 0
+    return run_stage(lambda: summary(corpus, run(corpus), time.perf_counter() - start))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ Design choices
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from minigpt.chat import TEMPLATE_NAME  # noqa: E402
 from minigpt.checkpoint import atomic_write_json, load_model, sha256_file  # noqa: E402
 from minigpt.config import FinetuneConfig, load_params  # noqa: E402
 from minigpt.encode import read_meta  # noqa: E402
+from minigpt.stage import run_stage  # noqa: E402
 from minigpt.model import GPT  # noqa: E402
 from minigpt.tokenizer import PAD  # noqa: E402
 from minigpt.train import fit, setup_runtime, teardown  # noqa: E402
@@ -143,20 +143,12 @@ def report(s: dict, seconds: float) -> str:
 
 def main() -> int:
     start = time.perf_counter()
-    try:
+
+    def body() -> str | None:
         summary = run()
-    except Exception as e:  # every failure is reported the same way: one line, status 2
-        if os.environ.get("MINIGPT_DEBUG"):
-            raise
-        known = isinstance(e, (ValueError, RuntimeError, OSError))
-        message = str(e) if known else f"{type(e).__name__}: {e}"
-        rank = os.environ.get("RANK")
-        where = f" (rank {rank})" if rank not in (None, "0") else ""
-        print(f"error{where}: {' '.join(message.splitlines())}", file=sys.stderr)
-        return 2
-    if summary["is_main"]:
-        print(report(summary, time.perf_counter() - start))
-    return 0
+        return report(summary, time.perf_counter() - start) if summary["is_main"] else None
+
+    return run_stage(body)
 
 
 if __name__ == "__main__":

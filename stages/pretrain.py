@@ -15,19 +15,18 @@ already hits round targets such as 8192 on real corpora.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # torchrun runs the file, not -m
 
-from minigpt.checkpoint import CheckpointError  # noqa: E402
-from minigpt.config import ConfigError, load_params  # noqa: E402
-from minigpt.encode import EncodeError, check_tokenizer_hash, read_meta  # noqa: E402
+from minigpt.config import load_params  # noqa: E402
+from minigpt.encode import check_tokenizer_hash, read_meta  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
-from minigpt.tokenizer import TokenizerError, load_tokenizer, tokenizer_hash  # noqa: E402
-from minigpt.train import (TokenWindows, TrainingError, fit, setup_runtime, teardown,  # noqa: E402
+from minigpt.stage import run_stage  # noqa: E402
+from minigpt.tokenizer import load_tokenizer, tokenizer_hash  # noqa: E402
+from minigpt.train import (TokenWindows, fit, setup_runtime, teardown,  # noqa: E402
                            val_batches)
 
 TOKENIZER = Path("data/tokenizer/tokenizer.json")
@@ -81,20 +80,12 @@ def report(s: dict, seconds: float) -> str:
 
 def main() -> int:
     start = time.perf_counter()
-    try:
+
+    def body() -> str | None:
         summary = run()
-    except Exception as e:  # every failure is reported the same way: one line, status 2
-        if os.environ.get("MINIGPT_DEBUG"):
-            raise
-        known = isinstance(e, (ConfigError, EncodeError, TokenizerError, TrainingError, CheckpointError))
-        message = str(e) if known else f"{type(e).__name__}: {e}"
-        rank = os.environ.get("RANK")
-        where = f" (rank {rank})" if rank not in (None, "0") else ""
-        print(f"error{where}: {' '.join(message.splitlines())}", file=sys.stderr)
-        return 2
-    if summary["is_main"]:
-        print(report(summary, time.perf_counter() - start))
-    return 0
+        return report(summary, time.perf_counter() - start) if summary["is_main"] else None
+
+    return run_stage(body)
 
 
 if __name__ == "__main__":

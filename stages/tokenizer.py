@@ -11,12 +11,12 @@ and exit status 2; set MINIGPT_DEBUG=1 to get the traceback instead.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
-from minigpt.config import ConfigError, load_params
+from minigpt.config import load_params
+from minigpt.stage import run_stage
 from minigpt.tokenizer import TokenizerError, iter_texts, save_tokenizer, train_tokenizer
 
 SOURCE = Path("data/processed/pretrain/train.jsonl")
@@ -43,16 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv:
         print("usage: python stages/tokenizer.py", file=sys.stderr)
         return 2
-    try:
-        line = run()
-    except Exception as e:  # every failure is reported the same way: one line, status 2
-        if os.environ.get("MINIGPT_DEBUG"):
-            raise
-        message = str(e) if isinstance(e, (ConfigError, TokenizerError)) else f"{type(e).__name__}: {e}"
-        print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
-        return 2
-    print(line)
-    return 0
+    return run_stage(run)
 
 
 if __name__ == "__main__":
