@@ -9,35 +9,48 @@ Design choices (and why)
   every window has the same length (one batched tensor shape) and the tail gets more context.
 - The pre-training test stream is scored as stored: documents *and* the `<|endoftext|>` after each
   one. Predicting where a document ends is part of modelling text, and it keeps the token stream
-  identical to what training saw. The stage prepends one `<|endoftext|>` as context so the first
+  identical to what training saw. One `<|endoftext|>` is prepended as context so the first
   document's first token is predicted too, exactly like every later document's (each follows an
-  EOT). The EOT predictions' cost is spread over the text's bytes and words, which is what
-  tokenizer-independent numbers need: total NLL of the corpus / its size.
+  EOT): every token of test.bin is scored once. The EOT predictions' cost is spread over the
+  text's bytes and words: total NLL of the corpus / its size.
 - Bits per byte = total NLL / ln 2 / UTF-8 bytes; word-level perplexity = exp(total NLL / words),
   with bytes and whitespace words recorded by the process stage. Neither depends on the tokenizer,
-  so runs with different vocabularies (and published WikiText numbers) can be compared. When
-  `max_tokens` caps the stream, bytes and words are scaled by the fraction of tokens scored (an
-  estimate, flagged in the output).
+  so runs with different vocabularies can be compared. The words are those of the detokenized
+  text; published WikiText word perplexities divide by the tokenized text's word count (larger:
+  punctuation is split off), so they are close to, not identical with, ours. When `max_tokens` caps
+  the stream, bytes and words are scaled by the fraction of tokens scored (an estimate, flagged
+  in the output as `settings.sizes_scaled`).
 - Losses go through the model's own `model(idx, targets)` path (targets -100 = ignored), which
   skips ignored rows before the LM head: unscored window positions and SFT prompts cost nothing
   there. The returned mean is turned back into a sum with the count of scored targets.
-- SFT loss is the response-only loss that fine-tuning minimises (the loss mask from encode),
-  over the whole SFT test split, each example cut with `chat.truncate_example` to block_size + 1.
+- All forward passes run in fp32, or under bf16 autocast on GPUs that have it; CPUs stay fp32
+  even where bf16 is fast, so a metric does not move with the evaluating machine's instruction set.
+- SFT loss is the response-only loss that fine-tuning minimises (the loss mask from encode), over
+  the whole SFT test split, each example cut exactly as fine-tuning cuts it (`sft.build_split`:
+  `chat.truncate_example` to block_size + 1; an example whose response alone does not fit is
+  dropped, and the drops are counted in the output).
 - Generation is greedy (temperature 0, stop at `<|endoftext|>`), so numbers are deterministic.
   Both models get the same chat-template prompt; the pre-trained one shows what instruction tuning
-  added. An echo baseline (answer = the instruction and context) is scored the same way: a floor.
+  added. A long prompt is cut like a training example (end of the context first) so that the
+  answer fits the context. An echo baseline (answer = the instruction and context) is scored the
+  same way: a floor.
 - Scores keep their libraries' native scales: ROUGE F1 in [0, 1] (`rouge_score`, stemming on, the
-  mean over examples), BLEU and chrF in [0, 100] (`sacrebleu` corpus scores).
+  mean over examples; its tokenizer keeps only ASCII letters and digits), BLEU and chrF in
+  [0, 100] (`sacrebleu` corpus scores, default tokenization).
+- Cost (quick start: 4x4x256, block 256, ~350k test tokens, stride 128, 2-core CPU shared with
+  other jobs): the sliding window is ~700k token-forwards per model and dominates; greedy
+  decoding runs on one CPU thread (see `one_cpu_thread`). A larger `eval.stride` or a
+  `eval.max_tokens` cap trades context or coverage for time.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -292,15 +305,34 @@ def greedy_answer(model: Callable, tok, ids: Sequence[int], max_new_tokens: int)
     return decode(tok, new).strip()
 
 
+@contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Decode on one intra-op thread on CPU, restoring the setting afterwards.
+
+    A decode step is a few hundred tiny ops; with two threads each parallel region (attention,
+    small matmuls) waits for both to be scheduled. Measured on the 2-core dev box with other
+    work running: 64 ms/token with 2 threads, 10.5 ms/token with 1 (4x256 model, 160-token prompt)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def greedy_answers(model: Callable, tok, prompts: Sequence[tuple[str, str]], max_new_tokens: int,
                    desc: str = "generate", progress: bool = False) -> list[str]:
     """Greedy answers to (instruction, context) prompts in the chat template."""
     budget = prompt_budget(model.config.block_size, max_new_tokens)
     answers = []
-    for instruction, context in tqdm(prompts, desc=desc, unit="answer", leave=False,
-                                     disable=None if progress else True):
-        ids = fit_prompt(encode_prompt(tok, instruction, context), budget)
-        answers.append(greedy_answer(model, tok, ids, max_new_tokens))
+    with one_cpu_thread(model.tok_emb.weight.device):
+        for instruction, context in tqdm(prompts, desc=desc, unit="answer", leave=False,
+                                         disable=None if progress else True):
+            ids = fit_prompt(encode_prompt(tok, instruction, context), budget)
+            answers.append(greedy_answer(model, tok, ids, max_new_tokens))
     return answers
 
 

@@ -223,6 +223,14 @@ def test_echo_baseline_repeats_instruction_and_context():
     assert 0.0 < s["rouge1"] < 1.0
 
 
+def test_fit_prompt_cuts_user_text_and_keeps_the_template():
+    # <|user|> "\n" instruction/context tokens "\n" <|assistant|> "\n"  (9 stands for "\n")
+    ids = [3, 9, 10, 11, 12, 13, 14, 9, 4, 9]
+    assert ev.fit_prompt(ids, 10) == ids
+    assert ev.fit_prompt(ids, 7) == [3, 9, 10, 11, 9, 4, 9]
+    assert ev.prompt_budget(256, 96) == 160 and ev.prompt_budget(32, 30) == 16
+
+
 # ----------------------------------------------------------------------------- the eval stage
 
 ROOT = Path(__file__).resolve().parents[1]
