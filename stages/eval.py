@@ -16,18 +16,16 @@ and exit status 2; MINIGPT_DEBUG=1 shows the traceback instead.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file by DVC, not with -m
 
-from minigpt.checkpoint import CheckpointError, atomic_write_bytes  # noqa: E402
-from minigpt.config import ConfigError, load_params  # noqa: E402
-from minigpt.encode import EncodeError  # noqa: E402
-from minigpt.evaluate import EvalError, run_eval  # noqa: E402
-from minigpt.tokenizer import TokenizerError  # noqa: E402
+from minigpt.checkpoint import atomic_write_bytes  # noqa: E402
+from minigpt.config import load_params  # noqa: E402
+from minigpt.evaluate import run_eval  # noqa: E402
+from minigpt.stage import run_stage  # noqa: E402
 
 MODELS = {"pretrain": Path("out/pretrain"), "finetune": Path("out/finetune")}
 TOKENS = Path("data/tokens")
@@ -60,23 +58,18 @@ def summary(m: dict, phases: dict, seconds: float) -> str:
             f"stride {s['stride']}) -> {METRICS}, {SAMPLES} ({seconds:.1f}s)")
 
 
+def run(start: float) -> str:
+    cfg = load_params().eval
+    phases: dict = {}
+    metrics, samples = run_eval(cfg, MODELS, TOKENS, PROCESSED, phases)
+    write_json(METRICS, metrics)
+    write_json(SAMPLES, samples)
+    return summary(metrics, phases, time.perf_counter() - start)
+
+
 def main() -> int:
     start = time.perf_counter()
-    try:
-        cfg = load_params().eval
-        phases: dict = {}
-        metrics, samples = run_eval(cfg, MODELS, TOKENS, PROCESSED, phases)
-        write_json(METRICS, metrics)
-        write_json(SAMPLES, samples)
-    except Exception as e:  # every failure is reported the same way: one line, status 2
-        if os.environ.get("MINIGPT_DEBUG"):
-            raise
-        known = (ConfigError, EvalError, EncodeError, TokenizerError, CheckpointError)
-        message = str(e) if isinstance(e, known) else f"{type(e).__name__}: {e}"
-        print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
-        return 2
-    print(summary(metrics, phases, time.perf_counter() - start))
-    return 0
+    return run_stage(lambda: run(start))
 
 
 if __name__ == "__main__":
