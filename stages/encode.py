@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from minigpt.config import load_params
-from minigpt.encode import CORPORA, SplitStats, encode_corpus, set_threads
-from minigpt.stage import corpus_arg, run_stage
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minigpt: the code DVC tracks
+
+from minigpt.config import load_params  # noqa: E402
+from minigpt.encode import CORPORA, SplitStats, encode_corpus, set_threads  # noqa: E402
+from minigpt.stage import corpus_arg, run_stage  # noqa: E402
 
 TOKENIZER = Path("data/tokenizer/tokenizer.json")
 PROCESSED = Path("data/processed")

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file by DVC, not with -m
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minigpt: the code DVC tracks
 
 from minigpt.checkpoint import atomic_write_bytes  # noqa: E402
 from minigpt.config import load_params  # noqa: E402

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # torchrun runs the file, not -m
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minigpt: the code DVC tracks
 
 from minigpt import sft  # noqa: E402
 from minigpt.chat import TEMPLATE_NAME  # noqa: E402

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # torchrun runs the file, not -m
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minigpt: the code DVC tracks
 
 from minigpt.config import load_params  # noqa: E402
 from minigpt.encode import check_tokenizer_hash, read_meta  # noqa: E402

@@ -15,9 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from minigpt.config import load_params
-from minigpt.stage import run_stage
-from minigpt.tokenizer import TokenizerError, iter_texts, save_tokenizer, train_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minigpt: the code DVC tracks
+
+from minigpt.config import load_params  # noqa: E402
+from minigpt.stage import run_stage  # noqa: E402
+from minigpt.tokenizer import TokenizerError, iter_texts, save_tokenizer, train_tokenizer  # noqa: E402
 
 SOURCE = Path("data/processed/pretrain/train.jsonl")
 OUT = Path("data/tokenizer/tokenizer.json")
