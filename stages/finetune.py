@@ -133,7 +133,9 @@ def _intro(data: dict, block: int, rt) -> str:
             f"{rt.device} {rt.dtype}, {rt.world_size} process(es)")
 
 
-def report(s: dict, seconds: float) -> str:
+def report(s: dict, seconds: float) -> str | None:
+    if not s["is_main"]:  # every rank trains; rank 0 speaks
+        return None
     return (f"finetune: masked val loss {s['first_val_loss']:.4f} (base) -> best "
             f"{s['best_val_loss']:.4f} at step {s['best_step']} (last {s['val_loss']:.4f}, step "
             f"{s['steps']}{', stopped early' if s['stopped_early'] else ''}); train loss "
@@ -143,12 +145,7 @@ def report(s: dict, seconds: float) -> str:
 
 def main() -> int:
     start = time.perf_counter()
-
-    def body() -> str | None:
-        summary = run()
-        return report(summary, time.perf_counter() - start) if summary["is_main"] else None
-
-    return run_stage(body)
+    return run_stage(lambda: report(run(), time.perf_counter() - start))
 
 
 if __name__ == "__main__":

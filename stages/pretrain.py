@@ -71,7 +71,9 @@ def run() -> dict:
         teardown(rt)
 
 
-def report(s: dict, seconds: float) -> str:
+def report(s: dict, seconds: float) -> str | None:
+    if not s["is_main"]:  # every rank trains; rank 0 speaks
+        return None
     return (f"pretrain: val loss {s['first_val_loss']:.4f} (step 0) -> {s['val_loss']:.4f} "
             f"(step {s['steps']}, best {s['best_val_loss']:.4f} at step {s['best_step']}); "
             f"train loss {s['train_loss']:.4f}; {s['tokens']:,} tokens, {s['tokens_per_s']:,.0f} tok/s, "
@@ -80,12 +82,7 @@ def report(s: dict, seconds: float) -> str:
 
 def main() -> int:
     start = time.perf_counter()
-
-    def body() -> str | None:
-        summary = run()
-        return report(summary, time.perf_counter() - start) if summary["is_main"] else None
-
-    return run_stage(body)
+    return run_stage(lambda: report(run(), time.perf_counter() - start))
 
 
 if __name__ == "__main__":
