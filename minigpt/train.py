@@ -32,6 +32,9 @@ Design choices
   `meta`: tokenizer hash, data identity, stage). Equal apart from a larger or equal max_steps ->
   restore weights, optimizer, step, per-rank RNG, per-rank data-source state and the metric
   history (so the TSV curves survive DVC deleting them); anything else -> say why, start fresh.
+- The training loss of a step is the mean over every target of the global batch: micro-batches
+  and ranks are weighted by their target counts (one extra all-reduce of a scalar), so masked SFT
+  batches train exactly like one big batch under grad accumulation and DDP.
 - Divergence: the loss and grad norm are checked every step (one scalar sync) BEFORE the optimizer
   step, so a non-finite loss stops training without touching the weights or the last good
   checkpoint; `TrainingError` names the step. Under DDP the loss is all-reduced first, so every
@@ -503,23 +506,33 @@ def _train_step(run: _Run) -> tuple[float, float, int]:
     lr = lr_at(run.h.step, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    batches = [run.source.next() for _ in range(cfg.grad_accum)]
+    tokens = sum(x.numel() for x, _ in batches)
+    # The step's loss is the mean over every target of the global batch. Micro-batches (and ranks)
+    # hold different numbers of targets when prompts and padding are masked (SFT), so each
+    # micro-batch's mean is weighted by its share of the global target count, not by 1/grad_accum;
+    # DDP then averages gradients over ranks, hence the world_size factor.
+    counts = [int((y != IGNORE).sum()) for _, y in batches]
+    total = torch.tensor(float(sum(counts)), device=rt.device)
+    if rt.ddp:
+        dist.all_reduce(total)
+    total = total.clamp(min=1.0)
     loss_sum = torch.zeros((), device=rt.device)
-    tokens = 0
-    for micro in range(cfg.grad_accum):
-        x, y = run.source.next()
-        tokens += x.numel()
+    for micro, (x, y) in enumerate(batches):
         x, y = _to_device(x, rt), _to_device(y, rt)
         # under DDP, only the last micro-step all-reduces gradients (backward inside no_sync)
         sync = model.no_sync() if rt.ddp and micro < cfg.grad_accum - 1 else nullcontext()
         with sync:
             with rt.autocast():
                 _, loss = model(x, y)
-            (loss / cfg.grad_accum).backward()
-        loss_sum += loss.detach().float()
+            if counts[micro] == 0:  # nothing to learn here, but DDP still needs this backward
+                loss = torch.nan_to_num(loss) * 0.0
+            (loss * (counts[micro] * rt.world_size / total)).backward()
+        loss_sum += loss.detach().float() * counts[micro]
     norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.grad_clip or math.inf)
-    loss_mean = loss_sum / (cfg.grad_accum * rt.world_size)
     if rt.ddp:  # one decision on every rank: the global mean loss (norm is already global)
-        dist.all_reduce(loss_mean)  # SUM, pre-divided: every backend has SUM
+        dist.all_reduce(loss_sum)
+    loss_mean = loss_sum / total
     loss_val, norm_val = loss_mean.item(), norm.item()
     if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
         return loss_val, norm_val, tokens * rt.world_size

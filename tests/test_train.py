@@ -403,3 +403,35 @@ def test_pretrain_stage_errors_and_run(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "metrics" / "pretrain" / "val.tsv").is_file()
     assert stage.main() == 0  # already complete: resumes at the end and rewrites the outputs
     assert "resuming from out/ckpt/pretrain at step 4" in capsys.readouterr().out
+
+
+class _Fixed:
+    """A train source that hands out prepared (x, y) micro-batches in order."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def next(self):
+        return self.batches.pop(0)
+
+
+def test_grad_accum_weights_micro_batches_by_their_targets():
+    """Two micro-batches with different numbers of targets (masked prompts) must step exactly
+    like one batch holding both: the loss is a mean over targets, not over micro-batches."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (4, 16), generator=g)
+    y = torch.randint(0, VOCAB, (4, 16), generator=g)
+    y[:2, :12] = train.IGNORE  # the first half has few targets (a long prompt)
+    results = []
+    for accum, batches in ((1, [(x, y)]), (2, [(x[:2], y[:2]), (x[2:], y[2:])])):
+        model = tiny_model()
+        c = cfg(grad_accum=accum, batch_size=4 // accum, grad_clip=0.0)
+        opt = model.configure_optimizer(c.weight_decay, c.lr, (c.beta1, c.beta2), "cpu")
+        run = train._Run(raw=model, model=model, optimizer=opt, cfg=c, rt=rt(),
+                         source=_Fixed(batches), val=[], identity={}, h=train.History())
+        loss, norm, tokens = train._train_step(run)
+        results.append((loss, norm, tokens, [p.detach().clone() for p in model.parameters()]))
+    (l1, n1, t1, w1), (l2, n2, t2, w2) = results
+    assert l1 == pytest.approx(l2, rel=1e-5) and n1 == pytest.approx(n2, rel=1e-4) and t1 == t2
+    for a, b in zip(w1, w2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # Adam: tiny grads move by ~lr
