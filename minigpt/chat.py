@@ -37,7 +37,6 @@ from tokenizers import Tokenizer
 from minigpt.tokenizer import ASSISTANT, EOT, SPECIAL_TOKENS, SYSTEM, USER, encode_texts
 
 TEMPLATE_NAME = "minigpt-v1"  # recorded as `chat_template` in a fine-tuned model's config.json
-ROLES = ("system", "user", "assistant")
 
 # The same template for Hugging Face (`tokenizer_config.json` "chat_template"). Every tag trims the
 # whitespace around it (`{%-`, `-%}`), so the layout here never leaks into the output, whatever the
@@ -174,23 +173,3 @@ def truncate_example(ids: Sequence[int], mask: Sequence[int], max_len: int
     if isinstance(ids, np.ndarray):
         return ids[keep], np.asarray(mask)[keep]
     return [ids[k] for k in keep], [mask[k] for k in keep]
-
-
-def hf_tokenizer_config(model_max_length: int) -> dict:
-    """`tokenizer_config.json` for an exported model: the chat template and the special tokens.
-
-    No cleanup of spaces on decode (it would break the exact round trip) and no added BOS/EOS:
-    the template places every special token itself.
-    """
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": CHAT_TEMPLATE_JINJA,
-        "eos_token": EOT,
-        "pad_token": SPECIAL_TOKENS[1],
-        "bos_token": None,
-        "unk_token": None,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": model_max_length,
-    }

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minigpt.chat import (CHAT_TEMPLATE_JINJA, encode_conversation, encode_example, encode_examples,
-                          encode_prompt, example_messages, hf_tokenizer_config, render,
+                          encode_prompt, example_messages, render,
                           truncate_example)
 from minigpt.tokenizer import decode, encode_text, train_tokenizer
 
@@ -134,8 +134,8 @@ def test_jinja_template_rejects_unknown_roles():
 
 def test_transformers_apply_chat_template_gives_the_same_ids(tok):
     transformers = pytest.importorskip("transformers")
-    config = hf_tokenizer_config(model_max_length=256)
-    kwargs = {k: v for k, v in config.items() if k in ("chat_template", "eos_token", "pad_token")}
+    # the same fields minigpt.export writes to tokenizer_config.json
+    kwargs = {"chat_template": CHAT_TEMPLATE_JINJA, "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
     for messages in CONVERSATIONS:
         for add_generation_prompt in (True, False):
