@@ -1,4 +1,4 @@
-"""The `minigpt` command: `generate`, `chat` and `export` subcommands over a model directory.
+"""The `minigpt` command: `generate`, `chat`, `serve` and `export` subcommands over a model directory.
 
 Design choices
 - Plain argparse subcommands, one small function per command; `main(argv) -> int` so tests call it
@@ -150,6 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(max_new_tokens=128)  # answers are shorter; leaves room for the history
     chat.add_argument("--system", default=None, help="an optional system message, kept on /reset")
     chat.set_defaults(func=cmd_chat)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page",
+                         description="Serve the model over an OpenAI-compatible API "
+                                     "(/v1/chat/completions, /v1/completions, /v1/models, /health) "
+                                     "and a chat page at /. Needs the `serve` extra.")
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    srv.add_argument("--port", type=_int_at_least(0), default=8000, help="port (default: %(default)s)")
+    srv.add_argument("--max_tokens", type=_int_at_least(1), default=512,
+                     help="cap on a request's max_tokens (default: %(default)s)")
+    srv.add_argument("--name", default=None,
+                     help="model name in the API (default: the checkpoint directory's name)")
+    srv.add_argument("--device", type=_device, default="auto",
+                     help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    srv.set_defaults(func=cmd_serve)
 
     exp = sub.add_parser("export", help="export a model directory to another format",
                          description="Export a model directory, e.g. for Hugging Face transformers.")
@@ -464,6 +479,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": _reply(m, ids, args, generator)})
     if interactive:
         print(file=sys.stderr)  # leave the shell prompt on its own line after Ctrl-D
+    return 0
+
+
+# --- serve --------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from minigpt.serve import serve
+    except ImportError as e:
+        raise CLIError(f"serve needs FastAPI and uvicorn: pip install 'minigpt[serve]' ({e})") from None
+    if args.port > 65535:
+        raise CLIError(f"--port must be <= 65535, got {args.port}")
+    m = load(args.checkpoint_path, args.device)
+    serve(m, args.name or Path(args.checkpoint_path).resolve().name, args.host, args.port,
+          args.max_tokens)
     return 0
 
 
