@@ -169,8 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export a model directory to another format",
                          description="Export a model directory, e.g. for Hugging Face transformers.")
     exp.add_argument("out_dir", metavar="OUT_DIR", help="directory to write")
-    exp.add_argument("--format", choices=["hf"], default="hf",
-                     help="hf: transformers LlamaForCausalLM + tokenizer with chat template")
+    exp.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                     help="hf: transformers LlamaForCausalLM + tokenizer with chat template; "
+                          "gguf: one OUT_DIR/NAME-DTYPE.gguf file for llama.cpp (needs `gguf`)")
+    exp.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16",
+                     help="gguf weight type (default: %(default)s)")
     _add_model_args(exp)
     exp.set_defaults(func=cmd_export)
     return parser
@@ -505,10 +508,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     from minigpt.tokenizer import PAD, special_id
 
     m = load(args.checkpoint_path, "cpu")
+    tokenizer_file = Path(args.checkpoint_path) / "tokenizer.json"  # the directory is self-contained
+    if args.format == "gguf":
+        try:
+            from minigpt.export_gguf import export_gguf
+        except ImportError as e:
+            raise CLIError(f"--format gguf needs the gguf package: pip install gguf ({e})") from None
+        name = Path(args.checkpoint_path).resolve().name
+        try:
+            out = export_gguf(m.model, tokenizer_file, Path(args.out_dir) / f"{name}-{args.dtype}.gguf",
+                              dtype=args.dtype, name=name, chat_template=CHAT_TEMPLATE_JINJA,
+                              eos_id=m.eot, pad_id=special_id(m.tok, PAD), bos_id=None)
+        except (OSError, ValueError) as e:
+            raise CLIError(f"export to {args.out_dir}: {e}") from None
+        print(f"exported {args.checkpoint_path} to {out} (GGUF, llama, {args.dtype})", file=sys.stderr)
+        return 0
     # The template goes into base models' exports too: harmless, and every export has the same
-    # tokenizer_config. The tokenizer file is the model directory's own (it is self-contained).
+    # tokenizer_config.
     try:
-        out = export_hf(m.model, Path(args.checkpoint_path) / "tokenizer.json", args.out_dir,
+        out = export_hf(m.model, tokenizer_file, args.out_dir,
                         chat_template=CHAT_TEMPLATE_JINJA,
                         eos_id=m.eot,  # <|endoftext|> ends every answer and document
                         pad_id=special_id(m.tok, PAD), bos_id=None)
