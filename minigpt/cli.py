@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "gguf: one OUT_DIR/NAME-DTYPE.gguf file for llama.cpp (needs `gguf`)")
     exp.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16",
                      help="gguf weight type (default: %(default)s)")
+    exp.add_argument("--project_dir", default=".",
+                     help="hf: the pipeline's directory, read for the model card's data and "
+                          "metrics (data/processed/*/stats.json, metrics/*.json; default: .)")
+    exp.add_argument("--push-to-hub", dest="push_to_hub", metavar="REPO_ID", default=None,
+                     help="hf: upload the exported directory to this Hugging Face Hub repo")
+    exp.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
     _add_model_args(exp)
     exp.set_defaults(func=cmd_export)
     return parser
@@ -503,6 +509,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # --- export -------------------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from minigpt.card import model_card, push_to_hub
     from minigpt.chat import CHAT_TEMPLATE_JINJA
     from minigpt.export import export_hf
     from minigpt.tokenizer import PAD, special_id
@@ -530,9 +537,22 @@ def cmd_export(args: argparse.Namespace) -> int:
                         chat_template=CHAT_TEMPLATE_JINJA,
                         eos_id=m.eot,  # <|endoftext|> ends every answer and document
                         pad_id=special_id(m.tok, PAD), bos_id=None)
+        name = Path(args.checkpoint_path).resolve().name
+        (out / "README.md").write_text(model_card(m.config, m.model.num_params(), name,
+                                                  args.project_dir), encoding="utf-8")
     except (OSError, ValueError) as e:  # an unwritable OUT_DIR, a tokenizer that does not fit
         raise CLIError(f"export to {args.out_dir}: {e}") from None
-    print(f"exported {args.checkpoint_path} to {out} (Hugging Face LlamaForCausalLM)", file=sys.stderr)
+    print(f"exported {args.checkpoint_path} to {out} (Hugging Face LlamaForCausalLM, "
+          "README.md model card)", file=sys.stderr)
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(out, args.push_to_hub, private=args.private)
+        except ImportError as e:
+            raise CLIError(f"--push-to-hub needs huggingface_hub: pip install huggingface_hub ({e})") from None
+        except Exception as e:  # network, auth, a bad repo id: one line, the export stays on disk
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CLIError(f"--push-to-hub {args.push_to_hub}: {first}") from None
+        print(f"uploaded {out} to {url}", file=sys.stderr)
     return 0
 
 
