@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -201,13 +201,23 @@ class Loaded:
     """<|endoftext|>: starts raw prompts, ends every generation."""
     slid: bool = False
     """The sampler's window has slid once already this run (the notice is shown once)."""
+    pending: list = field(default_factory=list)
+    """Notices raised while an answer is being printed, shown after it (`flush_notices`)."""
 
     def warn_slide(self, message: str) -> None:
         """The sampler's context-overflow notice: one `warning:` line on stderr, once per run
-        (the sampler says it once per call; --num_samples and chat turns make many calls)."""
+        (the sampler says it once per call; --num_samples and chat turns make many calls).
+        It arrives mid-answer, so it waits for the answer's end: on a terminal, where stdout and
+        stderr share the screen, it must not land inside the answer's line."""
         if not self.slid:
-            print(f"warning: {message}", file=sys.stderr)
+            self.pending.append(f"warning: {message}")
             self.slid = True
+
+    def flush_notices(self) -> None:
+        """Print the notices held back during an answer, each on its own stderr line."""
+        for line in self.pending:
+            print(line, file=sys.stderr, flush=True)
+        self.pending.clear()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -379,6 +389,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             _write(decode(m.tok, sample_ids(m, ids, args, generator)))
         _write("\n")
+        m.flush_notices()  # after the answer's newline: never inside its line
     return 0
 
 
@@ -441,6 +452,7 @@ def _reply(m: Loaded, ids: list[int], args: argparse.Namespace, generator) -> st
         _write("\n")
     except KeyboardInterrupt:
         print("\n[stopped]", file=sys.stderr)
+    m.flush_notices()
     return stream.text()
 
 
