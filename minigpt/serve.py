@@ -9,8 +9,8 @@ Design choices
 - FastAPI + uvicorn: request bodies are parsed as JSON whatever the content type, then validated
   by pydantic models, so malformed JSON and wrong fields are rejected before any work; every error (ours, pydantic's, 404/405) is answered in OpenAI's shape
   `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
-- The same code path as the CLI: prompts are built by `minigpt.chat.encode_conversation` /
-  `cli.prompt_ids`, tokens come from `cli.sample_ids` (the KV-cache sampler, stopped at
+- The same code path as the CLI: prompts are built by `minigpt.chat.encode_conversation` (chat)
+  or as `<|endoftext|>` + text (completions, the ids of `generate --raw`), tokens come from `cli.sample_ids` (the KV-cache sampler, stopped at
   <|endoftext|>), text from `cli.TextStream`. So a request with `seed` (or temperature 0) answers
   exactly what `minigpt generate` prints with the same settings. OpenAI has no top_k: it is off.
 - One model, one worker thread: every generation runs on a single-thread executor, so requests are
