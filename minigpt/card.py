@@ -44,7 +44,7 @@ def _text(value, limit: int = 120) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.6g}"
     text = str(value)[:limit].replace("\n", " ")
     return re.sub(r"([\\`*_{}\[\]()<>#+!|])", r"\\\1", text)
 

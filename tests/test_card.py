@@ -66,7 +66,7 @@ def test_card_describes_model_data_training_and_licenses(project, capsys):
     assert "| train | 600 | 2,051,910 | 10,900,000 | 2,634,212 |" in card
     assert "| train | 14,011 | 2,400,000 | 13,000,000 | 3,100,456 |" in card
     assert "| pretrain | 5,000 | 20,480,000 | - | 4.012 |" in card
-    assert "| finetune | 1,200 | - | - | - | 3.211 |" in card
+    assert "| finetune | 1,200 | - | - | - | 3.2109 |" in card
     assert "- val\\_ppl: 55.3" in card and "- rougeL: 0.213" in card
     assert "stage `finetune`, 1,200 steps, 4,915,200 tokens, on cuda" in card
     assert card.count("CC BY-SA 3.0") >= 2 and "## Intended use and limits" in card
