@@ -220,7 +220,7 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int) -> FastAPI:
         return JSONResponse(error_body(str(e.detail), param=None, code=code),
                             status_code=e.status_code)
 
-    def check_max_tokens(req: _Sampling, value: int | None, param: str) -> int:
+    def check_max_tokens(value: int | None, param: str) -> int:
         if value is None:
             return min(max_tokens_cap, block)
         if value > max_tokens_cap:
@@ -317,7 +317,7 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int) -> FastAPI:
         if messages[-1]["role"] == "assistant":
             raise APIError(400, "messages: the last message must be from the user (or system)",
                            "messages")
-        max_tokens = check_max_tokens(req, req.max_completion_tokens or req.max_tokens,
+        max_tokens = check_max_tokens(req.max_completion_tokens or req.max_tokens,
                                       "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         ids = encode_conversation(m.tok, messages, add_generation_prompt=True)
         check_prompt(ids, "messages")
@@ -333,7 +333,7 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int) -> FastAPI:
             if len(prompt) != 1:
                 raise APIError(400, "prompt: one prompt per request", "prompt")
             prompt = prompt[0]
-        max_tokens = check_max_tokens(req, req.max_tokens, "max_tokens")
+        max_tokens = check_max_tokens(req.max_tokens, "max_tokens")
         ids = [m.eot] + encode_text(m.tok, prompt)  # what `generate --raw` feeds the model
         check_prompt(ids, "prompt")
         return await answer(Job(ids, req, max_tokens), "text", len(ids), include_usage(raw))
