@@ -1,4 +1,4 @@
-"""The `minigpt` command: `generate`, `chat` and `export` subcommands over a model directory.
+"""The `minigpt` command: `generate`, `chat`, `serve` and `export` subcommands over a model directory.
 
 Design choices
 - Plain argparse subcommands, one small function per command; `main(argv) -> int` so tests call it
@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -151,11 +151,35 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="an optional system message, kept on /reset")
     chat.set_defaults(func=cmd_chat)
 
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page",
+                         description="Serve the model over an OpenAI-compatible API "
+                                     "(/v1/chat/completions, /v1/completions, /v1/models, /health) "
+                                     "and a chat page at /. Needs the `serve` extra.")
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    srv.add_argument("--port", type=_int_at_least(0), default=8000, help="port (default: %(default)s)")
+    srv.add_argument("--max_tokens", type=_int_at_least(1), default=512,
+                     help="cap on a request's max_tokens (default: %(default)s)")
+    srv.add_argument("--name", default=None,
+                     help="model name in the API (default: the checkpoint directory's name)")
+    srv.add_argument("--device", type=_device, default="auto",
+                     help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    srv.set_defaults(func=cmd_serve)
+
     exp = sub.add_parser("export", help="export a model directory to another format",
                          description="Export a model directory, e.g. for Hugging Face transformers.")
     exp.add_argument("out_dir", metavar="OUT_DIR", help="directory to write")
-    exp.add_argument("--format", choices=["hf"], default="hf",
-                     help="hf: transformers LlamaForCausalLM + tokenizer with chat template")
+    exp.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                     help="hf: transformers LlamaForCausalLM + tokenizer with chat template; "
+                          "gguf: one OUT_DIR/NAME-DTYPE.gguf file for llama.cpp (needs `gguf`)")
+    exp.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16",
+                     help="gguf weight type (default: %(default)s)")
+    exp.add_argument("--project_dir", default=".",
+                     help="hf: the pipeline's directory, read for the model card's data and "
+                          "metrics (data/processed/*/stats.json, metrics/*.json; default: .)")
+    exp.add_argument("--push-to-hub", dest="push_to_hub", metavar="REPO_ID", default=None,
+                     help="hf: upload the exported directory to this Hugging Face Hub repo")
+    exp.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
     _add_model_args(exp)
     exp.set_defaults(func=cmd_export)
     return parser
@@ -177,13 +201,23 @@ class Loaded:
     """<|endoftext|>: starts raw prompts, ends every generation."""
     slid: bool = False
     """The sampler's window has slid once already this run (the notice is shown once)."""
+    pending: list = field(default_factory=list)
+    """Notices raised while an answer is being printed, shown after it (`flush_notices`)."""
 
     def warn_slide(self, message: str) -> None:
         """The sampler's context-overflow notice: one `warning:` line on stderr, once per run
-        (the sampler says it once per call; --num_samples and chat turns make many calls)."""
+        (the sampler says it once per call; --num_samples and chat turns make many calls).
+        It arrives mid-answer, so it waits for the answer's end: on a terminal, where stdout and
+        stderr share the screen, it must not land inside the answer's line."""
         if not self.slid:
-            print(f"warning: {message}", file=sys.stderr)
+            self.pending.append(f"warning: {message}")
             self.slid = True
+
+    def flush_notices(self) -> None:
+        """Print the notices held back during an answer, each on its own stderr line."""
+        for line in self.pending:
+            print(line, file=sys.stderr, flush=True)
+        self.pending.clear()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -355,6 +389,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             _write(decode(m.tok, sample_ids(m, ids, args, generator)))
         _write("\n")
+        m.flush_notices()  # after the answer's newline: never inside its line
     return 0
 
 
@@ -417,6 +452,7 @@ def _reply(m: Loaded, ids: list[int], args: argparse.Namespace, generator) -> st
         _write("\n")
     except KeyboardInterrupt:
         print("\n[stopped]", file=sys.stderr)
+    m.flush_notices()
     return stream.text()
 
 
@@ -467,24 +503,68 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve --------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from minigpt.serve import serve
+    except ImportError as e:
+        raise CLIError(f"serve needs FastAPI and uvicorn: pip install 'minigpt[serve]' ({e})") from None
+    if args.port > 65535:
+        raise CLIError(f"--port must be <= 65535, got {args.port}")
+    m = load(args.checkpoint_path, args.device)
+    serve(m, args.name or Path(args.checkpoint_path).resolve().name, args.host, args.port,
+          args.max_tokens)
+    return 0
+
+
 # --- export -------------------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from minigpt.card import model_card, push_to_hub
     from minigpt.chat import CHAT_TEMPLATE_JINJA
     from minigpt.export import export_hf
     from minigpt.tokenizer import PAD, special_id
 
     m = load(args.checkpoint_path, "cpu")
+    tokenizer_file = Path(args.checkpoint_path) / "tokenizer.json"  # the directory is self-contained
+    if args.format == "gguf":
+        try:
+            from minigpt.export_gguf import export_gguf
+        except ImportError as e:
+            raise CLIError(f"--format gguf needs the gguf package: pip install gguf ({e})") from None
+        name = Path(args.checkpoint_path).resolve().name
+        try:
+            out = export_gguf(m.model, tokenizer_file, Path(args.out_dir) / f"{name}-{args.dtype}.gguf",
+                              dtype=args.dtype, name=name, chat_template=CHAT_TEMPLATE_JINJA,
+                              eos_id=m.eot, pad_id=special_id(m.tok, PAD), bos_id=None)
+        except (OSError, ValueError) as e:
+            raise CLIError(f"export to {args.out_dir}: {e}") from None
+        print(f"exported {args.checkpoint_path} to {out} (GGUF, llama, {args.dtype})", file=sys.stderr)
+        return 0
     # The template goes into base models' exports too: harmless, and every export has the same
-    # tokenizer_config. The tokenizer file is the model directory's own (it is self-contained).
+    # tokenizer_config.
     try:
-        out = export_hf(m.model, Path(args.checkpoint_path) / "tokenizer.json", args.out_dir,
+        out = export_hf(m.model, tokenizer_file, args.out_dir,
                         chat_template=CHAT_TEMPLATE_JINJA,
                         eos_id=m.eot,  # <|endoftext|> ends every answer and document
                         pad_id=special_id(m.tok, PAD), bos_id=None)
+        name = Path(args.checkpoint_path).resolve().name
+        (out / "README.md").write_text(model_card(m.config, m.model.num_params(), name,
+                                                  args.project_dir), encoding="utf-8")
     except (OSError, ValueError) as e:  # an unwritable OUT_DIR, a tokenizer that does not fit
         raise CLIError(f"export to {args.out_dir}: {e}") from None
-    print(f"exported {args.checkpoint_path} to {out} (Hugging Face LlamaForCausalLM)", file=sys.stderr)
+    print(f"exported {args.checkpoint_path} to {out} (Hugging Face LlamaForCausalLM, "
+          "README.md model card)", file=sys.stderr)
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(out, args.push_to_hub, private=args.private)
+        except ImportError as e:
+            raise CLIError(f"--push-to-hub needs huggingface_hub: pip install huggingface_hub ({e})") from None
+        except Exception as e:  # network, auth, a bad repo id: one line, the export stays on disk
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CLIError(f"--push-to-hub {args.push_to_hub}: {first}") from None
+        print(f"uploaded {out} to {url}", file=sys.stderr)
     return 0
 
 

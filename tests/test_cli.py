@@ -309,6 +309,25 @@ def test_fit_conversation_keeps_system_and_last_user(env):
     assert dropped == 0 and messages == turns
 
 
+def test_chat_overflow_warning_is_its_own_line_on_a_shared_screen(env):
+    """stdout and stderr into one pipe (a terminal shows both): the context-overflow notice comes
+    after the streamed answer's line, never inside it."""
+    question = " ".join(CORPUS[:2])[:150]
+    env_vars = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "minigpt.cli", "chat", "--checkpoint_path",
+                             str(env.chat), "--max_new_tokens", "60", *GREEDY],
+                            input=(question + "\n").encode(), env=env_vars, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, timeout=120, cwd=ROOT)
+    assert result.returncode == 0
+    merged = result.stdout.decode()
+    answer = chat_reply(env, [{"role": "user", "content": question}], 60)
+    assert len(encode_conversation(env.tok, [{"role": "user", "content": question}])) + \
+        len(encode_text(env.tok, answer)) > BLOCK_SIZE  # the window did slide mid-answer
+    warning = next(line for line in merged.split("\n") if "block_size" in line)
+    assert warning.startswith("warning: context of ")
+    assert merged == f"{answer}\n{warning}\n"
+
+
 def test_chat_ctrl_c_stops_the_answer_not_the_chat(env, capsys, monkeypatch):
     import minigpt.sample
 

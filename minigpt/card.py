@@ -1,0 +1,177 @@
+"""The model card (README.md) that `minigpt export --format hf` writes, and `--push-to-hub`.
+
+Design choices
+- The card is built from what the pipeline already wrote, nothing typed by hand: the model
+  directory's config.json (architecture, stage, `training` summary) and, when present, the
+  project's fixed artifact paths (docs/FORMATS.md): data/processed/{pretrain,sft}/stats.json
+  (source, revision, sizes), data/tokens/{pretrain,sft}/{split}.json (token counts) and
+  metrics/{pretrain,finetune,eval}.json. Missing files leave their section saying so.
+- Those files are untrusted input: only these fixed names under the project directory are read
+  (never a path named inside a file), each at most 1 MB, and only plain numbers and short strings
+  are rendered (markdown-escaped), so a hostile stats file cannot inject a link or a huge card.
+- Dataset licenses are known for the pipeline's default sources (WikiText and Dolly: CC BY-SA
+  3.0); any other source is named with "see the dataset's own license".
+- Upload is `huggingface_hub.HfApi`: create_repo(exist_ok) then upload_folder of the export.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+MAX_FILE = 1 << 20
+LICENSES = {"wikitext": "CC BY-SA 3.0", "dolly": "CC BY-SA 3.0"}
+METRIC_KEYS = ("steps", "tokens", "train_loss", "val_loss", "best_val_loss", "best_step",
+               "tokens_per_s")
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object from `path`, or None when it is missing, too big or not an object."""
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_FILE:
+            return None
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _text(value, limit: int = 120) -> str:
+    """A scalar as safe markdown: numbers formatted, strings cut short and escaped."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() if value is not None else "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    text = str(value)[:limit].replace("\n", " ")
+    return re.sub(r"([\\`*_{}\[\]()<>#+!|])", r"\\\1", text)
+
+
+def _license(source: str) -> str:
+    for key, lic in LICENSES.items():
+        if key in source.lower():
+            return lic
+    return "see the dataset's own license"
+
+
+def _hub_id(source: str) -> str | None:
+    """A Hugging Face dataset id (owner/name), or None for a local path."""
+    return source if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not Path(source).exists() else None
+
+
+def model_card(config: dict, num_params: int, name: str, project_dir: str | Path = ".") -> str:
+    """The README.md of an exported model directory."""
+    project = Path(project_dir)
+    chat = config.get("chat_template") is not None
+    stages = [("pretrain", "Pre-training", "documents"), ("sft", "Instruction tuning", "examples")]
+    stats = {k: _read_json(project / "data/processed" / k / "stats.json") for k, _, _ in stages}
+    sources = [(k, str(s.get("source"))) for k, s in stats.items() if s and s.get("source")]
+    datasets = [h for _, s in sources if (h := _hub_id(s))]
+    lics = {_license(s) for _, s in sources}
+
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags: [minigpt, llama]"]
+    if lics == {"CC BY-SA 3.0"}:
+        front.append("license: cc-by-sa-3.0")
+    if datasets:
+        front.append("datasets: [" + ", ".join(datasets) + "]")
+    front.append("---")
+
+    c = config
+    lines = front + [
+        "", f"# {_text(name)}", "",
+        f"A small {'instruction-tuned' if chat else 'base (pre-trained only)'} GPT trained from "
+        "scratch with minigpt (a reproducible DVC pipeline), exported as a "
+        "Hugging Face `LlamaForCausalLM` (the architecture is Llama-shaped: RMSNorm, RoPE, SwiGLU, "
+        "tied embeddings).", "",
+        "## Model", "",
+        "| | |", "|---|---|",
+        f"| parameters | {_text(num_params)} |",
+        f"| layers / heads / width | {_text(c.get('n_layer'))} / {_text(c.get('n_head'))} / "
+        f"{_text(c.get('n_embd'))} |",
+        f"| SwiGLU hidden width | {_text(c.get('intermediate_size'))} |",
+        f"| context | {_text(c.get('block_size'))} tokens |",
+        f"| vocabulary | {_text(c.get('vocab_size'))} (byte-level BPE) |",
+        f"| RoPE theta | {_text(c.get('rope_theta'))} |",
+        f"| chat template | {_text(c.get('chat_template') or 'none')} |",
+        f"| tokenizer hash | {_text(c.get('tokenizer_hash'))} |", "",
+    ]
+    if chat:
+        lines += ["Prompt format (also in `tokenizer_config.json` as `chat_template`):", "",
+                  "```", "<|user|>", "{instruction}", "<|assistant|>", "{response}<|endoftext|>",
+                  "```", ""]
+
+    lines += ["## Data", ""]
+    for key, title, unit in stages:
+        s = stats[key]
+        if s is None:
+            lines += [f"- {title}: no `data/processed/{key}/stats.json` found.", ""]
+            continue
+        source = str(s.get("source"))
+        lines += [f"### {title}: {_text(source)}", "",
+                  f"- revision: {_text(s.get('revision') or 'not pinned')}",
+                  f"- license: {_license(source)}", "",
+                  f"| split | {unit} | words | bytes | tokens |", "|---|---:|---:|---:|---:|"]
+        for split in ("train", "validation", "test"):
+            row = s.get(split)
+            if not isinstance(row, dict):
+                continue
+            tokens = _read_json(project / "data/tokens" / key / f"{split}.json") or {}
+            lines.append(f"| {split} | {_text(row.get(unit))} | {_text(row.get('words'))} | "
+                         f"{_text(row.get('bytes'))} | {_text(tokens.get('count'))} |")
+        lines.append("")
+
+    lines += ["## Training", ""]
+    training = c.get("training") if isinstance(c.get("training"), dict) else {}
+    if training:
+        lines += [f"This directory's weights: stage `{_text(c.get('stage'))}`, "
+                  f"{_text(training.get('steps'))} steps, {_text(training.get('tokens'))} tokens, "
+                  f"on {_text(training.get('device'))} ({_text(training.get('dtype'))}, "
+                  f"world size {_text(training.get('world_size'))}).", ""]
+    metrics = {k: _read_json(project / "metrics" / f"{k}.json") for k in ("pretrain", "finetune")}
+    if any(metrics.values()):
+        lines += ["| run | " + " | ".join(METRIC_KEYS) + " |",
+                  "|---|" + "---:|" * len(METRIC_KEYS)]
+        for k, m in metrics.items():
+            if m:
+                lines.append(f"| {k} | " + " | ".join(_text(m.get(x)) for x in METRIC_KEYS) + " |")
+        lines.append("")
+    else:
+        lines += ["No `metrics/*.json` found.", ""]
+    ev = _read_json(project / "metrics" / "eval.json")
+    if ev:
+        lines += ["Evaluation (`metrics/eval.json`):", ""]
+        lines += [f"- {_text(k, 60)}: {_text(v)}" for k, v in ev.items()
+                  if isinstance(v, (int, float, str)) and not isinstance(v, bool)][:40]
+        lines.append("")
+
+    lines += [
+        "## Intended use and limits", "",
+        "A teaching and research model: for learning how a GPT is trained end to end, for testing "
+        "tools (transformers, llama.cpp, OpenAI-compatible clients) and for experiments. It is "
+        "small and trained on little data, so it makes up facts, repeats itself and loses track "
+        f"after a few sentences; its context is {_text(c.get('block_size'))} tokens. It has had "
+        "no safety tuning. Do not use it for decisions or facts that matter, or in products "
+        "facing users.", "",
+        "## Licenses", "",
+    ]
+    if sources:
+        lines += [f"- {_text(s)}: {_license(s)}" for _, s in sources]
+        lines += ["", "Text the model produces may reproduce its training data; CC BY-SA data "
+                  "asks for attribution and share-alike."]
+    else:
+        lines += ["Training data sources unknown (no stats.json found)."]
+    return "\n".join(lines) + "\n"
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload an exported directory to the Hugging Face Hub; returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo_id, repo_type="model", exist_ok=True, private=private)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                      commit_message="Upload minigpt export")
+    return str(url)

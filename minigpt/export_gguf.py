@@ -1,0 +1,137 @@
+"""Export a GPT to one GGUF file (llama.cpp, Ollama, LM Studio), written with ggml's `gguf` package.
+
+Design choices
+- Architecture `llama`: the model is Llama-shaped (`minigpt.export`), so this is the same renaming
+  as the Hugging Face export, with llama.cpp's tensor names, mirroring what llama.cpp's
+  `convert_hf_to_gguf.py` does for a `LlamaForCausalLM`: q and k rows are permuted from HF's
+  rotate_half RoPE layout to llama.cpp's interleaved pairs (`_permute`, its `LlamaModel.permute`).
+- Tied embeddings: no `output.weight` is written; llama.cpp's llama loader then uses `token_embd`
+  for the output (and transformers' GGUF loader sets tie_word_embeddings when it is absent).
+- Tokenizer: `tokenizer.ggml.model = "gpt2"` (byte-level BPE: the vocabulary's byte-level strings
+  and the merges, as in tokenizer.json), `tokenizer.ggml.pre = "gpt-2"`: llama.cpp's GPT2
+  pre-tokenizer regex `'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)`
+  is the one `tokenizers`' ByteLevel(use_regex=True) applies (ours: no prefix space, no
+  normalizer). Special tokens are CONTROL tokens; eos = pad's neighbour <|endoftext|>, which is
+  also bos (never added: `add_bos_token` false, like the HF export; set so that llama.cpp does
+  not fall back to its GPT-2 default id 11). The chat template is the same Jinja string.
+- Types: f32, f16, or q8_0 for the 2-D weights; norms stay f32 (as llama.cpp's converter does).
+  q8_0 needs rows that are a multiple of 32; a tensor whose rows are not falls back to f16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minigpt.export import hf_state_dict
+
+TYPES = ("f32", "f16", "q8_0")
+
+
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF q/k rows (rotate_half halves per head) -> llama.cpp's interleaved pairs."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def gguf_tensors(model) -> dict[str, torch.Tensor]:
+    """Our weights under llama.cpp's llama tensor names (fp32)."""
+    c = model.config
+    hf = hf_state_dict(model)
+    out = {"token_embd.weight": hf["model.embed_tokens.weight"],
+           "output_norm.weight": hf["model.norm.weight"]}
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(c.n_layer):
+        for hf_name, name in names.items():
+            w = hf[f"model.layers.{i}.{hf_name}.weight"]
+            if name in ("attn_q", "attn_k"):
+                w = _permute(w, c.n_head)
+            out[f"blk.{i}.{name}.weight"] = w
+    return out
+
+
+def _merges(tokenizer_json: dict) -> list[str]:
+    """BPE merges as "a b" strings (tokenizer.json holds either strings or [a, b] pairs)."""
+    merges = tokenizer_json["model"]["merges"]
+    return [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+def export_gguf(model, tokenizer_file: str | os.PathLike, out_file: str | os.PathLike, *,
+                dtype: str, name: str, chat_template: str | None, eos_id: int,
+                pad_id: int | None, bos_id: int | None) -> Path:
+    """Write `model` (a minigpt GPT) with its tokenizer as one GGUF file; returns its path."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    if dtype not in TYPES:
+        raise ValueError(f"dtype must be one of {', '.join(TYPES)} (got {dtype!r})")
+    c = model.config
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    raw = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))
+    if raw.get("model", {}).get("type") != "BPE":
+        raise ValueError(f"{tokenizer_file}: not a BPE tokenizer")
+    n = tok.get_vocab_size()
+    if n > c.vocab_size:
+        raise ValueError(f"tokenizer has {n} tokens, model only {c.vocab_size}")
+    vocab = tok.get_vocab()
+    tokens = [f"[PAD{i}]" for i in range(c.vocab_size)]  # the embedding's unused rows, if any
+    types = [gguf.TokenType.UNUSED] * c.vocab_size
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    for text, i in vocab.items():
+        tokens[i] = text
+        types[i] = gguf.TokenType.CONTROL if text in special else gguf.TokenType.NORMAL
+
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")  # renamed into place when complete
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(name)
+    w.add_context_length(c.block_size)
+    w.add_embedding_length(c.n_embd)
+    w.add_block_count(c.n_layer)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.n_head)
+    w.add_head_count_kv(c.n_head)
+    w.add_rope_dimension_count(c.n_embd // c.n_head)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(file_type)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(_merges(raw))
+    w.add_eos_token_id(eos_id)
+    w.add_bos_token_id(eos_id if bos_id is None else bos_id)
+    if pad_id is not None:
+        w.add_pad_token_id(pad_id)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+
+    for tname, t in gguf_tensors(model).items():
+        data = t.numpy()
+        if data.ndim == 1 or dtype == "f32":
+            w.add_tensor(tname, data.astype(np.float32))
+        elif dtype == "q8_0" and data.shape[-1] % 32 == 0:
+            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(tname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(tname, data.astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,367 @@
+"""`minigpt serve`: an OpenAI-compatible HTTP server for one model directory, plus a chat page.
+
+    POST /v1/chat/completions   chat models (the minigpt-v1 template), stream: true as SSE
+    POST /v1/completions        raw text continued after <|endoftext|> (base models; `generate --raw`)
+    GET  /v1/models, /health    the model's name and size
+    GET  /                      a static chat page (serve_page.html: no CDN, no build step)
+
+Design choices
+- FastAPI + uvicorn: request bodies are parsed as JSON whatever the content type, then validated
+  by pydantic models, so malformed JSON and wrong fields are rejected before any work; every error (ours, pydantic's, 404/405) is answered in OpenAI's shape
+  `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
+- The same code path as the CLI: prompts are built by `minigpt.chat.encode_conversation` (chat)
+  or as `<|endoftext|>` + text (completions, the ids of `generate --raw`), tokens come from `cli.sample_ids` (the KV-cache sampler, stopped at
+  <|endoftext|>), text from `cli.TextStream`. So a request with `seed` (or temperature 0) answers
+  exactly what `minigpt generate` prints with the same settings. OpenAI has no top_k: it is off.
+- One model, one worker thread: every generation runs on a single-thread executor, so requests are
+  served one at a time in arrival order, never sharing the KV cache or the seeded generator, while
+  the event loop keeps accepting connections (and /health answers during a long generation).
+- Streaming: the worker pushes text pieces into an asyncio queue (call_soon_threadsafe). When the
+  client goes away the response generator is closed; it sets the job's cancel flag and the sampler
+  stops at the next token (the on_token callback raises), so a dropped client frees the model.
+- `stop` strings: generation ends at the first occurrence (not included); while the text ends with
+  a prefix of a stop string that piece is held back, so streamed pieces add up to the final text.
+- Limits: `max_tokens` above `--max_tokens` (the cap) and prompts longer than the context are 400s
+  (code `context_length_exceeded`); an answer that runs past the context slides the sampler's window,
+  as in `generate`, with the notice logged on its own line on stderr, never inside an answer.
+- Binds 127.0.0.1 by default: exposing a model to the network is an explicit `--host 0.0.0.0`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from minigpt.cli import Loaded, TextStream, make_generator, sample_ids
+
+log = logging.getLogger("minigpt.serve")
+PAGE = Path(__file__).with_name("serve_page.html")
+
+
+class APIError(Exception):
+    """A client error, answered as OpenAI's error JSON with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# --- request bodies -----------------------------------------------------------------------------
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class _Sampling(BaseModel):
+    """Fields shared by both endpoints (OpenAI's names and ranges; unknown fields are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None  # any name is accepted: there is one model
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: Union[str, list[str], None] = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)  # one choice per request
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str]] = ""
+
+
+async def parse(request: Request, kind: type[BaseModel]) -> tuple[BaseModel, dict]:
+    """The request body as `kind` (and the raw dict), whatever its content type; else a 400."""
+    try:
+        raw = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        return kind.model_validate(raw), raw
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(x) for x in first["loc"]) or None
+        raise APIError(400, f"{param}: {first['msg']}", param) from None
+
+
+def include_usage(raw: dict) -> bool:
+    opts = raw.get("stream_options")
+    return bool(opts.get("include_usage")) if isinstance(opts, dict) else False
+
+
+# --- generation (runs on the worker thread) -----------------------------------------------------
+
+class Cancelled(Exception):
+    """Raised from the sampler's on_token callback: the client left or a stop string appeared."""
+
+
+class Job:
+    """One generation: its ids and settings, and how its text gets out (a callback per piece)."""
+
+    def __init__(self, ids: list[int], req: _Sampling, max_tokens: int):
+        self.ids, self.req, self.max_tokens = ids, req, max_tokens
+        stop = req.stop if isinstance(req.stop, list) else [req.stop] if req.stop else []
+        self.stops = [s for s in stop if s]
+        self.cancel = threading.Event()
+        self.text = ""
+        self.completion_tokens = 0
+        self.finish_reason = "length"
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def run_job(m: Loaded, job: Job, emit) -> None:
+    """Generate for `job` on the model, calling emit(piece) with text that is final."""
+    stream = TextStream(m.tok)
+    sent = 0  # characters of the decoded text already emitted
+
+    def flush(final: bool) -> bool:
+        """Emit what is final; True when a stop string appeared (the text is cut before it)."""
+        nonlocal sent
+        text = stream.text() if final else stream.text().rstrip("\ufffd")
+        cut = min((i for i in (text.find(s) for s in job.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            text, job.finish_reason = text[:cut], "stop"
+        upto = len(text) if final or cut >= 0 else len(text) - _held_back(text, job.stops)
+        if upto > sent:
+            emit(text[sent:upto])
+            sent = upto
+        job.text = text[:sent]
+        return cut >= 0
+
+    def on_token(token_id: int) -> None:
+        if job.cancel.is_set():
+            raise Cancelled
+        job.completion_tokens += 1
+        if int(token_id) == m.eot:
+            job.finish_reason = "stop"
+        else:
+            stream.ids.append(int(token_id))
+            if flush(final=False):
+                raise Cancelled
+
+    args = type("Args", (), dict(max_new_tokens=job.max_tokens, temperature=job.req.temperature,
+                                 top_k=0, top_p=job.req.top_p, repetition_penalty=1.0))
+    try:
+        sample_ids(m, job.ids, args, make_generator(job.req.seed, m.device), on_token)
+        flush(final=True)
+    except Cancelled:  # a stop string (already flushed), or the client left
+        if job.cancel.is_set():
+            log.info("client disconnected: stopped after %d tokens", job.completion_tokens)
+
+
+# --- the app ------------------------------------------------------------------------------------
+
+def create_app(m: Loaded, name: str, max_tokens_cap: int) -> FastAPI:
+    app = FastAPI(title="minigpt", docs_url=None, redoc_url=None, openapi_url=None)
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minigpt-model")
+    block = m.model.config.block_size
+    created = int(time.time())
+    info = {"model": name, "chat": m.is_chat, "block_size": block, "max_tokens": max_tokens_cap,
+            "parameters": m.model.num_params(), "vocab_size": m.model.config.vocab_size,
+            "n_layer": m.model.config.n_layer, "n_embd": m.model.config.n_embd}
+
+    def slide_notice(message: str) -> None:  # the sampler's context-overflow notice: a log line
+        log.warning("%s", message)
+
+    m.warn_slide = slide_notice  # type: ignore[method-assign]
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        code = "not_found" if e.status_code == 404 else None
+        return JSONResponse(error_body(str(e.detail), param=None, code=code),
+                            status_code=e.status_code)
+
+    def check_max_tokens(value: int | None, param: str) -> int:
+        if value is None:
+            return min(max_tokens_cap, block)
+        if value > max_tokens_cap:
+            raise APIError(400, f"{param}={value} is over this server's cap of {max_tokens_cap} "
+                           f"(minigpt serve --max_tokens)", param, "max_tokens_exceeded")
+        return value
+
+    def check_prompt(ids: list[int], param: str) -> None:
+        if len(ids) > block:
+            raise APIError(400, f"the prompt is {len(ids)} tokens, longer than the model's "
+                           f"context of {block} tokens", param, "context_length_exceeded")
+
+    async def answer(job: Job, kind: str, prompt_tokens: int, with_usage: bool):
+        """A JSON response, or an SSE stream of OpenAI chunks, for `job` run on the worker."""
+        loop = asyncio.get_running_loop()
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        now = int(time.time())
+
+        def usage() -> dict:
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": job.completion_tokens,
+                    "total_tokens": prompt_tokens + job.completion_tokens}
+
+        def choice(text: str | None, finish: str | None, first: bool = False) -> dict:
+            if kind == "chat":
+                delta = {} if text is None else {"content": text}
+                if first:
+                    delta = {"role": "assistant", "content": ""}
+                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(c: dict | None, with_usage: bool = False) -> str:
+            body = {"id": rid, "object": obj, "created": now, "model": name,
+                    "system_fingerprint": None, "choices": [c] if c else []}
+            if with_usage:
+                body["usage"] = usage()
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        if not job.req.stream:
+            await loop.run_in_executor(worker, run_job, m, job, lambda piece: None)
+            if kind == "chat":
+                c = {"index": 0, "message": {"role": "assistant", "content": job.text},
+                     "logprobs": None, "finish_reason": job.finish_reason}
+            else:
+                c = {"index": 0, "text": job.text, "logprobs": None,
+                     "finish_reason": job.finish_reason}
+            return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+                    "created": now, "model": name, "system_fingerprint": None,
+                    "choices": [c], "usage": usage()}
+
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        def emit(piece: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, piece)
+
+        def run() -> None:
+            try:
+                run_job(m, job, emit)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        future = loop.run_in_executor(worker, run)
+
+        async def events():
+            try:
+                if kind == "chat":
+                    yield chunk(choice(None, None, first=True))
+                while (piece := await queue.get()) is not done:
+                    yield chunk(choice(piece, None))
+                await future  # re-raises a genuine bug from the worker
+                yield chunk(choice(None, job.finish_reason))
+                if with_usage:
+                    yield chunk(None, with_usage=True)
+                yield "data: [DONE]\n\n"
+            finally:  # the client left (or we are done): stop the sampler at its next token
+                job.cancel.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        from minigpt.chat import encode_conversation
+
+        req, raw = await parse(request, ChatRequest)
+        if not m.is_chat:
+            raise APIError(400, f"{name} is not instruction-tuned (config.json has no "
+                           "chat_template): use /v1/completions", "model", "model_not_chat")
+        messages = [{"role": x.role, "content": x.text()} for x in req.messages]
+        if any(x["role"] == "system" for x in messages[1:]):
+            raise APIError(400, "messages: a system message may only come first", "messages")
+        if messages[-1]["role"] == "assistant":
+            raise APIError(400, "messages: the last message must be from the user (or system)",
+                           "messages")
+        max_tokens = check_max_tokens(req.max_completion_tokens or req.max_tokens,
+                                      "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+        ids = encode_conversation(m.tok, messages, add_generation_prompt=True)
+        check_prompt(ids, "messages")
+        return await answer(Job(ids, req, max_tokens), "chat", len(ids), include_usage(raw))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        from minigpt.tokenizer import encode_text
+
+        req, raw = await parse(request, CompletionRequest)
+        prompt = req.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt: one prompt per request", "prompt")
+            prompt = prompt[0]
+        max_tokens = check_max_tokens(req.max_tokens, "max_tokens")
+        ids = [m.eot] + encode_text(m.tok, prompt)  # what `generate --raw` feeds the model
+        check_prompt(ids, "prompt")
+        return await answer(Job(ids, req, max_tokens), "text", len(ids), include_usage(raw))
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "minigpt"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **info}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    return app
+
+
+def serve(m: Loaded, name: str, host: str, port: int, max_tokens_cap: int) -> None:
+    """Run the server until Ctrl-C (logs go to stderr, one line each)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s:     %(message)s")
+    app = create_app(m, name, max_tokens_cap)
+    log.info("serving %s (%s, %d parameters, context %d) on http://%s:%d", name,
+             "chat" if m.is_chat else "base", m.model.num_params(), m.model.config.block_size,
+             host, port)
+    uvicorn.run(app, host=host, port=port, log_level="info")

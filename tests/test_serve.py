@@ -1,0 +1,378 @@
+"""`minigpt serve`: the real server in a subprocess, talked to by the `openai` client, httpx and Chromium.
+
+Two servers (an instruction-tuned and a base tiny model, built here) run on free localhost ports for
+the whole module. Expected answers come from `minigpt generate` run as a subprocess with the same
+seed/greedy settings, so the tests pin that the server and the CLI give the same text.
+The base model's <|endoftext|> embedding row is zeroed: greedy decoding then never stops early,
+which gives the disconnect test a long generation to interrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from minigpt.checkpoint import load_model, save_model  # noqa: E402
+from minigpt.tokenizer import EOT, save_tokenizer, train_tokenizer  # noqa: E402
+from test_cli import CORPUS, _model_dir, run_module  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CAP = 4000  # the servers' --max_tokens
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(model_dir: Path, log: Path) -> SimpleNamespace:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = open(log, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt.cli", "serve", "--checkpoint_path",
+                             str(model_dir), "--port", str(port), "--device", "cpu",
+                             "--max_tokens", str(CAP)], env=env, stdout=out, stderr=out, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}: {log.read_text()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return SimpleNamespace(url=url, proc=proc, log=log, dir=model_dir, out=out)
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not start: {log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    tok = train_tokenizer(CORPUS, vocab_size=320)
+    tok_file = root / "tokenizer.json"
+    save_tokenizer(tok, tok_file)
+    chat = _model_dir(root / "chat", tok_file, tok.get_vocab_size(), chat=True, seed=0)
+    base = _model_dir(root / "base", tok_file, tok.get_vocab_size(), chat=False, seed=1)
+    model, _, config = load_model(base, "cpu")
+    with torch.no_grad():
+        model.tok_emb.weight[tok.token_to_id(EOT)] = 0.0  # logit 0: never the greedy choice
+    save_model(model, base, tokenizer_file=tok_file,
+               meta={k: config[k] for k in ("tokenizer_hash", "stage", "chat_template")})
+    s = SimpleNamespace(chat=_start(chat, root / "chat.log"), base=_start(base, root / "base.log"))
+    yield s
+    for srv in (s.chat, s.base):
+        srv.proc.terminate()
+        srv.proc.wait(timeout=30)
+        srv.out.close()
+
+
+def generate_cli(model_dir: Path, prompt: str, *flags: str) -> str:
+    """What `minigpt generate` prints (one sample), without the closing newline."""
+    r = run_module("minigpt.cli", "generate", "--checkpoint_path", model_dir, "--prompt", prompt,
+                   "--device", "cpu", *flags)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith("\n")
+    return r.stdout[:-1]
+
+
+def sse(response) -> list[dict | str]:
+    """The `data:` payloads of an SSE response: JSON objects, then the final "[DONE]"."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[6:]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def chat(url: str, content: str, **kw) -> httpx.Response:
+    body = {"model": "chat", "messages": [{"role": "user", "content": content}], **kw}
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+
+
+# --- answers equal `minigpt generate` -----------------------------------------------------------
+
+@pytest.mark.parametrize("cli_flags,api", [
+    (["--temperature", "0"], {"temperature": 0}),
+    (["--temperature", "0.9", "--top_k", "0", "--top_p", "0.9", "--seed", "7"],
+     {"temperature": 0.9, "top_p": 0.9, "seed": 7}),
+])
+def test_openai_client_chat_and_stream_equal_generate(servers, cli_flags, api):
+    openai = pytest.importorskip("openai")
+    prompt = "What is the capital of France?"
+    want = generate_cli(servers.chat.dir, prompt, "--max_new_tokens", "24", *cli_flags)
+    client = openai.OpenAI(base_url=servers.chat.url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": prompt}]
+    r = client.chat.completions.create(model="chat", messages=messages, max_tokens=24, **api)
+    assert r.choices[0].message.content == want
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens <= 24 and r.usage.prompt_tokens > 0
+    chunks = list(client.chat.completions.create(model="chat", messages=messages, max_tokens=24,
+                                                 stream=True, **api))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_httpx_completions_base_model_equal_generate(servers):
+    prompt = "The river runs"
+    want = generate_cli(servers.base.dir, prompt, "--max_new_tokens", "30", "--temperature", "0")
+    assert want.startswith(prompt)  # a raw prompt is echoed by generate, not by the API
+    body = {"model": "base", "prompt": prompt, "max_tokens": 30, "temperature": 0}
+    r = httpx.post(servers.base.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200
+    got = r.json()
+    assert got["object"] == "text_completion"
+    assert prompt + got["choices"][0]["text"] == want
+    assert got["choices"][0]["finish_reason"] == "length"
+    assert got["usage"]["completion_tokens"] == 30
+    with httpx.stream("POST", servers.base.url + "/v1/completions", json={**body, "stream": True},
+                      timeout=60) as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        events = sse(s)
+    assert events[-1] == "[DONE]"
+    assert prompt + "".join(e["choices"][0]["text"] for e in events[:-1]) == want
+
+
+def test_chat_on_base_model_is_a_400(servers):
+    r = chat(servers.base.url, "hi")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_chat"
+
+
+def test_stop_string_cuts_the_answer(servers):
+    full = chat(servers.chat.url, "Write a short poem", temperature=0, max_tokens=30).json()
+    text = full["choices"][0]["message"]["content"]
+    stop = text[6:9]
+    cut = text.index(stop)
+    r = chat(servers.chat.url, "Write a short poem", temperature=0, max_tokens=30, stop=[stop, "zzzz"])
+    assert r.json()["choices"][0]["message"]["content"] == text[:cut]
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
+    body = {"messages": [{"role": "user", "content": "Write a short poem"}], "temperature": 0,
+            "max_tokens": 30, "stop": stop, "stream": True}
+    with httpx.stream("POST", servers.chat.url + "/v1/chat/completions", json=body, timeout=60) as s:
+        events = sse(s)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == text[:cut]
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_multi_turn_and_system_message_use_the_chat_template(servers):
+    """The server encodes conversations with minigpt.chat, like `minigpt chat`: check against the
+    sampler on the same ids."""
+    from minigpt.chat import encode_conversation
+    from minigpt.cli import load, sample_ids
+    from minigpt.tokenizer import decode
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Sea?"}]
+    m = load(str(servers.chat.dir), "cpu")
+    ids = encode_conversation(m.tok, messages)
+    args = SimpleNamespace(max_new_tokens=20, temperature=0.0, top_k=0, top_p=1.0,
+                           repetition_penalty=1.0)
+    want = decode(m.tok, sample_ids(m, ids, args, None))
+    r = httpx.post(servers.chat.url + "/v1/chat/completions", timeout=60,
+                   json={"messages": messages, "temperature": 0, "max_tokens": 20})
+    assert r.json()["choices"][0]["message"]["content"] == want
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
+
+
+# --- concurrency --------------------------------------------------------------------------------
+
+def test_20_concurrent_requests_match_sequential_answers(servers):
+    def request(i: int) -> str:
+        kw = {"temperature": 1.0, "top_p": 0.95, "seed": i, "max_tokens": 40}
+        if i % 2:
+            return chat(servers.chat.url, f"Question {i}?", **kw).json()["choices"][0]["message"]["content"]
+        body = {"messages": [{"role": "user", "content": f"Question {i}?"}], "stream": True, **kw}
+        with httpx.stream("POST", servers.chat.url + "/v1/chat/completions", json=body,
+                          timeout=120) as s:
+            return "".join(e["choices"][0]["delta"].get("content", "") for e in sse(s)[:-1])
+
+    sequential = [request(i) for i in range(20)]
+    assert len(set(sequential)) > 10  # different seeds and prompts: different answers
+    with ThreadPoolExecutor(20) as pool:
+        concurrent = list(pool.map(request, range(20)))
+    assert concurrent == sequential
+
+
+# --- bad input: OpenAI's error shape, a 4xx, and the server keeps serving -----------------------
+
+BAD = {
+    "malformed JSON": (b'{"messages": [', None),
+    "not an object": (b"[1, 2]", None),
+    "missing messages": ({"model": "chat"}, "messages"),
+    "empty messages": ({"messages": []}, "messages"),
+    "wrong role": ({"messages": [{"role": "bot", "content": "hi"}]}, "messages.0.role"),
+    "content not text": ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content.str"),
+    "system not first": ({"messages": [{"role": "user", "content": "a"},
+                                       {"role": "system", "content": "b"}]}, "messages"),
+    "ends with assistant": ({"messages": [{"role": "user", "content": "a"},
+                                          {"role": "assistant", "content": "b"}]}, "messages"),
+    "max_tokens over cap": ({"messages": [{"role": "user", "content": "a"}],
+                             "max_tokens": CAP + 1}, "max_tokens"),
+    "prompt over context": ({"messages": [{"role": "user", "content": "the river " * 60}]},
+                            "messages"),
+    "negative temperature": ({"messages": [{"role": "user", "content": "a"}],
+                              "temperature": -1}, "temperature"),
+    "n > 1": ({"messages": [{"role": "user", "content": "a"}], "n": 2}, "n"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_input_is_openai_error_4xx(servers, case):
+    body, param = BAD[case]
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(servers.chat.url + "/v1/chat/completions", timeout=30, **kw)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert err["param"] == param
+    if case == "prompt over context":
+        assert err["code"] == "context_length_exceeded" and "64" in err["message"]
+    assert httpx.get(servers.chat.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_unknown_path_and_method_are_openai_errors(servers):
+    r = httpx.get(servers.chat.url + "/v1/nothing", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(servers.chat.url + "/v1/chat/completions", timeout=10)
+    assert r.status_code == 405 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_client_disconnect_mid_stream_stops_generation(servers):
+    """A client that leaves after the first piece frees the model: the sampler stops (logged),
+    and the next request is answered."""
+    body = {"prompt": "The river", "max_tokens": CAP, "temperature": 0, "stream": True}
+    start = time.time()
+    with httpx.stream("POST", servers.base.url + "/v1/completions", json=body, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                break  # leave after the first chunk
+    r = httpx.post(servers.base.url + "/v1/completions", timeout=60,
+                   json={"prompt": "The river", "max_tokens": 5, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    deadline = time.time() + 30
+    while "client disconnected" not in servers.base.log.read_text() and time.time() < deadline:
+        time.sleep(0.1)
+    line = next(x for x in servers.base.log.read_text().splitlines() if "client disconnected" in x)
+    stopped_after = int(line.split("stopped after ")[1].split()[0])
+    assert stopped_after < CAP, line
+    assert time.time() - start < 60
+
+
+def test_window_slide_notice_is_a_log_line_not_in_the_answer(servers):
+    """An answer past the context slides the window; the notice is one stderr log line."""
+    r = httpx.post(servers.base.url + "/v1/completions", timeout=60,
+                   json={"prompt": "The river", "max_tokens": 100, "temperature": 0})
+    text = r.json()["choices"][0]["text"]
+    assert "context of" not in text and "warning" not in text.lower()
+    lines = [x for x in servers.base.log.read_text().splitlines() if "exceeds block_size" in x]
+    assert lines and all(x.startswith("WARNING:") for x in lines)
+
+
+def test_models_and_health(servers):
+    models = httpx.get(servers.chat.url + "/v1/models", timeout=10).json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["chat"]
+    health = httpx.get(servers.chat.url + "/health", timeout=10).json()
+    assert health["status"] == "ok" and health["chat"] is True and health["block_size"] == 64
+    assert health["parameters"] > 0 and health["max_tokens"] == CAP
+
+
+def test_binds_localhost_by_default():
+    from minigpt.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
+
+
+# --- the chat page in a real headless Chromium ---------------------------------------------------
+
+def test_chat_page_in_headless_chromium(servers, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium)")
+    url = servers.chat.url
+    outside: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+
+            def route(r):  # the network is off: only the server itself answers
+                if r.request.url.startswith(url + "/"):
+                    r.continue_()
+                else:
+                    outside.append(r.request.url)
+                    r.abort()
+
+            page.route("**/*", route)
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('model').textContent === 'chat'")
+            assert "context 64 tokens" in page.text_content("#info")
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "30")
+            # Record every text the answer bubble shows: a streamed reply grows in several steps.
+            page.evaluate("""() => { window.seen = [];
+                new MutationObserver(() => { const a = document.querySelector('.assistant');
+                  if (a) window.seen.push(a.textContent); })
+                .observe(document.getElementById('log'), {subtree: true, childList: true,
+                                                          characterData: true}); }""")
+            page.fill("#input", "What is the capital of France?")
+            page.press("#input", "Enter")
+            page.wait_for_function("!document.getElementById('send').disabled && "
+                                   "document.querySelectorAll('.assistant').length === 1")
+            want = chat(url, "What is the capital of France?", temperature=0, max_tokens=30)
+            want = want.json()["choices"][0]["message"]["content"]
+            assert page.text_content(".assistant") == want
+            seen = [s for s in page.evaluate("window.seen") if s]
+            assert len(set(seen)) > 2 and all(want.startswith(s) for s in seen)  # streamed in
+            page.fill("#input", "And the sea?")  # second turn: the history goes with it
+            page.press("#input", "Enter")
+            page.wait_for_function("!document.getElementById('send').disabled && "
+                                   "document.querySelectorAll('.assistant').length === 2")
+            assert page.locator(".error").count() == 0
+            # The page sends the history; when it no longer fits, it drops the oldest turn (like
+            # `minigpt chat`) and says so in a notice of its own.
+            history = [{"role": "user", "content": "What is the capital of France?"},
+                       {"role": "assistant", "content": want},
+                       {"role": "user", "content": "And the sea?"}]
+            body = {"messages": history, "temperature": 0, "max_tokens": 30}
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+            if r.status_code == 400:
+                assert r.json()["error"]["code"] == "context_length_exceeded"
+                assert "dropped the oldest turn" in page.text_content(".notice")
+                r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                               json={**body, "messages": history[2:]})
+            else:
+                assert page.locator(".notice").count() == 0
+            second = page.locator(".assistant").nth(1).text_content()
+            assert second == r.json()["choices"][0]["message"]["content"]
+            shot = tmp_path / "chat_page.png"
+            page.screenshot(path=str(shot), full_page=True)
+            if os.environ.get("MINIGPT_SCREENSHOT"):
+                shutil.copy(shot, os.environ["MINIGPT_SCREENSHOT"])
+            page.click("#reset")
+            assert page.locator(".msg").count() == 0
+        finally:
+            browser.close()
+    assert outside == []
