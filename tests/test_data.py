@@ -445,6 +445,31 @@ def test_sft_split_is_stable_when_rows_are_added(tmp_path):
     assert all(after[r] == s for r, s in before.items())
 
 
+def test_sft_named_splits_are_kept_and_only_missing_ones_carved(tmp_path):
+    """A local SFT directory with train.jsonl + test.jsonl keeps the user's test set as it is;
+    only validation is carved, from train; stats say which splits were official and which carved."""
+    train, test = _dolly_rows(200), _dolly_rows(30, seed=5)
+    src = tmp_path / "sft"
+    src.mkdir()
+    _write_jsonl(src / "train.jsonl", train)
+    _write_jsonl(src / "test.jsonl", test)
+    stats = process_sft(SFTDataConfig(source=str(src), validation_fraction=0.1,
+                                      test_fraction=0.1), tmp_path / "out")
+    assert stats["official_splits"] == ["train", "test"] and stats["carved_splits"] == ["validation"]
+    split = _split_of_each(tmp_path / "out", "response")
+    assert all(split[r["response"]] == "test" for r in test)  # every user test row, in test
+    assert stats["test"]["examples"] == len(test)
+    carved = {r["response"] for r in train if split[r["response"]] == "validation"}
+    assert 5 <= len(carved) <= 40 and stats["validation"]["examples"] == len(carved)
+    assert {split[r["response"]] for r in train} == {"train", "validation"}  # none carved to test
+    # all three given: nothing carved; a single file: everything carved (Dolly)
+    _write_jsonl(src / "validation.jsonl", _dolly_rows(20, seed=9))
+    stats = process_sft(SFTDataConfig(source=str(src)), tmp_path / "out3")
+    assert stats["carved_splits"] == [] and stats["validation"]["examples"] == 20
+    stats = process_sft(SFTDataConfig(source=str(src / "train.jsonl")), tmp_path / "one")
+    assert stats["official_splits"] == ["train"] and stats["carved_splits"] == ["validation", "test"]
+
+
 def test_sft_context_optional_in_columns(tmp_path):
     path = _write_jsonl(tmp_path / "qa.jsonl",
                         [{"q": f"Question {i}?", "a": f"Answer {i}."} for i in range(50)])
