@@ -1,4 +1,4 @@
-"""The `minigpt` command: `generate`, `chat` and `export` subcommands over a model directory.
+"""The `minigpt` command: `generate`, `chat` and `export` over a model directory; `plots` of runs.
 
 Design choices
 - Plain argparse subcommands, one small function per command; `main(argv) -> int` so tests call it
@@ -158,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hf: transformers LlamaForCausalLM + tokenizer with chat template")
     _add_model_args(exp)
     exp.set_defaults(func=cmd_export)
+
+    plots = sub.add_parser("plots", help="render the DVC curves of the workspace and experiments",
+                           description="Render the curves declared in dvc.yaml (workspace and "
+                                       "--exp experiments) to PNG files and one self-contained "
+                                       "HTML page that needs no network (minigpt.plots).")
+    plots.add_argument("--exp", action="append", default=[], metavar="NAME",
+                       help="an experiment (or any git revision) to overlay; repeat for more")
+    plots.add_argument("--out", default="plots", metavar="DIR",
+                       help="directory to write (default: plots)")
+    plots.set_defaults(func=cmd_plots)
     return parser
 
 
@@ -485,6 +495,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:  # an unwritable OUT_DIR, a tokenizer that does not fit
         raise CLIError(f"export to {args.out_dir}: {e}") from None
     print(f"exported {args.checkpoint_path} to {out} (Hugging Face LlamaForCausalLM)", file=sys.stderr)
+    return 0
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+def cmd_plots(args: argparse.Namespace) -> int:
+    from minigpt.plots import PlotsError, make_plots
+
+    try:
+        files = make_plots(args.exp, args.out)
+    except (PlotsError, OSError) as e:
+        raise CLIError(str(e)) from None
+    print(f"wrote {len(files) - 1} PNG file(s) and {files[-1]} (self-contained, works offline)",
+          file=sys.stderr)
     return 0
 
 
