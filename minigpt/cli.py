@@ -128,7 +128,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="minigpt", description="Talk to and export minigpt models.")
+    parser = _Parser(prog="minigpt", description="Talk to and export minigpt models; plot their training runs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="generate text from a prompt",

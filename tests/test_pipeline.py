@@ -211,6 +211,7 @@ def _queued_logs(repo: Path, timeout: float = 240) -> dict[str, str]:
             _dvc(repo, "queue", "stop", "--kill", check=False)
             raise AssertionError(f"queue still busy after {timeout}s:\n{status}")
         time.sleep(2)
+    _dvc(repo, "queue", "stop", check=False)  # no worker left behind
     rows = [line.split() for line in status.splitlines()]
     done = [r for r in rows if "Success" in r]
     assert len(done) == 2 and not any("Failed" in r for r in rows), status
