@@ -188,7 +188,7 @@ _OFFLINE_WHY = ""  # why `hub_offline` went offline (empty when the user asked f
 def hub_offline(timeout: float = 2.0) -> bool:
     """True when hub loads must use the local cache only: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is
     set, or a TCP connection to the endpoint (HF_ENDPOINT, default huggingface.co) fails within
-    `timeout` seconds. Offline, `datasets` loads a cached dataset or fails at once, instead of
+    `timeout` seconds (not probed behind an HTTP(S) proxy). Offline, `datasets` loads a cached dataset or fails at once, instead of
     retrying HTTP requests for ~30 s; a user who downloaded once can work without a network."""
     global _OFFLINE_WHY
     from urllib.parse import urlsplit
@@ -197,6 +197,9 @@ def hub_offline(timeout: float = 2.0) -> bool:
     if any(v.strip().upper() in ("1", "ON", "YES", "TRUE") for v in flags):
         _OFFLINE_WHY = ""
         return True
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                       "ALL_PROXY", "all_proxy")):
+        return False  # behind a proxy a direct connection proves nothing: let `datasets` try
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     url = urlsplit(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)

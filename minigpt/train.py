@@ -587,8 +587,8 @@ def fit(model: torch.nn.Module, cfg: Any, rt: Runtime, train_source: BatchSource
     + `meta` + {"training": summary}; metrics_file (the summary) and curves_dir/{train,val}.tsv.
     `meta` identifies the run beyond the config (tokenizer_hash, stage, data identity, the starting
     weights for fine-tuning) and `inputs` ({file: SHA-256} of the data and starting weights, see
-    `file_digests`) are part of the fingerprint: any change forbids resuming. patience > 0 stops after that many
-    evaluations without a better validation loss. Returns the summary. Raises TrainingError when
+    `file_digests`) are part of the fingerprint: any change forbids resuming. patience > 0 stops
+    after that many evaluations without a better validation loss. Returns the summary. Raises TrainingError when
     the loss diverges (nothing is saved for the bad step)."""
     ckpt_dir, curves_dir, model_dir = Path(ckpt_dir), Path(curves_dir), Path(model_dir)
     log = (lambda msg: tqdm.write(msg)) if rt.is_main else (lambda msg: None)

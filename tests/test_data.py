@@ -605,8 +605,8 @@ def _closed_port() -> int:
 def test_offline_hub_load_fails_fast_in_one_line(tmp_path, how):
     """The real `datasets` with no reachable hub: the stage prints one line within seconds
     (a closed endpoint used to cost ~36 s of retries). A hub id nobody has cached."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+           "HF_ENDPOINT") and not k.lower().endswith("_proxy")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"),
                PYTHONPATH=str(ROOT))
     if how == "HF_HUB_OFFLINE":
