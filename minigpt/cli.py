@@ -1,4 +1,4 @@
-"""The `minigpt` command: `generate`, `chat`, `serve` and `export` subcommands over a model directory.
+"""The `minigpt` command: `generate`, `chat`, `serve` and `export` over a model directory; `plots` of runs.
 
 Design choices
 - Plain argparse subcommands, one small function per command; `main(argv) -> int` so tests call it
@@ -128,7 +128,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="minigpt", description="Talk to and export minigpt models.")
+    parser = _Parser(prog="minigpt", description="Talk to and export minigpt models; plot their training runs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="generate text from a prompt",
@@ -182,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
     _add_model_args(exp)
     exp.set_defaults(func=cmd_export)
+
+    plots = sub.add_parser("plots", help="render the DVC curves of the workspace and experiments",
+                           description="Render the curves declared in dvc.yaml (workspace and "
+                                       "--exp experiments) to PNG files and one self-contained "
+                                       "HTML page that needs no network (minigpt.plots).")
+    plots.add_argument("--exp", action="append", default=[], metavar="NAME",
+                       help="an experiment (or any git revision) to overlay; repeat for more")
+    plots.add_argument("--out", default="plots", metavar="DIR",
+                       help="directory to write (default: plots)")
+    plots.set_defaults(func=cmd_plots)
     return parser
 
 
@@ -565,6 +575,20 @@ def cmd_export(args: argparse.Namespace) -> int:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CLIError(f"--push-to-hub {args.push_to_hub}: {first}") from None
         print(f"uploaded {out} to {url}", file=sys.stderr)
+    return 0
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+def cmd_plots(args: argparse.Namespace) -> int:
+    from minigpt.plots import PlotsError, make_plots
+
+    try:
+        files = make_plots(args.exp, args.out)
+    except (PlotsError, OSError) as e:
+        raise CLIError(str(e)) from None
+    print(f"wrote {len(files) - 1} PNG file(s) and {files[-1]} (self-contained, works offline)",
+          file=sys.stderr)
     return 0
 
 

@@ -6,7 +6,10 @@ Design choices
   extension) but does not exist is an error ("source not found: PATH"); anything else is a
   Hugging Face hub id.
   A failed hub load becomes one line saying the hub could not be reached and that `source` may be a
-  local path, because offline is by far the most common cause.
+  local path, because offline is by far the most common cause. Offline fails fast: before a hub
+  load, a 2 s TCP probe of the endpoint (skipped under HF_HUB_OFFLINE=1) decides; unreachable ->
+  `datasets` runs in offline mode, so a cached dataset still loads and a missing one fails at once
+  (measured: 36 s of retries before against an unreachable HF_ENDPOINT).
 - Local files use the hub's own formats, so a downloaded dataset works unchanged: `.txt`/`.raw` are
   read like the HF `text` builder (each line a row, newline removed, `text_column` not needed),
   `.jsonl`/`.json` (JSON lines, or one JSON array) and `.parquet` need the configured column(s).
@@ -48,8 +51,12 @@ Design choices
   `detokenize: false` for plain corpora.
 - SFT: fields are stripped of surrounding whitespace; rows with an empty instruction or response,
   and exact duplicates (same instruction, context and response; the first is kept), are dropped and
-  counted by reason. The split is a stable hash of (instruction, context): adding rows never moves
-  existing ones, and two answers to the same prompt always land in the same split (no leakage).
+  counted by reason. A local directory's named split files (`train.jsonl`, `test.jsonl`,
+  `validation.jsonl`, named as above) are kept as official splits, as for pre-training; only the
+  missing ones are carved out of train, by a stable hash of (instruction, context): adding rows
+  never moves existing ones, and two answers to the same prompt always land in the same split (no
+  leakage). A single file (Dolly) or the hub's `train` split is carved into all three. A duplicate
+  is dropped wherever it recurs (the first copy, in train < validation < test order, is kept).
 - stats.json: per split `documents` (`examples` for SFT), `characters`, `bytes` (UTF-8), `words`
   (whitespace split) and `dropped` counts by reason, plus totals and where the data came from. For
   SFT the text measures count the response only: it is what the loss and the reference metrics
@@ -68,6 +75,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import shutil
 import tempfile
 from collections import Counter
@@ -153,10 +161,56 @@ def sft_split_key(instruction: str, context: str) -> str:
 
 def load_dataset(*args: Any, **kwargs: Any) -> Any:
     """`datasets.load_dataset`, imported lazily: `datasets` takes seconds to import and local
-    sources never need it. (Tests monkeypatch this name.)"""
+    sources never need it. (Tests monkeypatch this name.) Offline first: see `hub_offline`."""
+    offline = hub_offline()
     import datasets
 
-    return datasets.load_dataset(*args, **kwargs)
+    if offline:  # the hub libraries read the flag at import time: set it where they keep it
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+        datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as e:
+        if offline and _OFFLINE_WHY:
+            raise HubUnreachable(_OFFLINE_WHY) from e
+        raise
+
+
+class HubUnreachable(ConnectionError):
+    """The hub could not be reached and the dataset is not in the local cache."""
+
+
+_OFFLINE_WHY = ""  # why `hub_offline` went offline (empty when the user asked for it)
+
+
+def hub_offline(timeout: float = 2.0) -> bool:
+    """True when hub loads must use the local cache only: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is
+    set, or a TCP connection to the endpoint (HF_ENDPOINT, default huggingface.co) fails within
+    `timeout` seconds (not probed behind an HTTP(S) proxy). Offline, `datasets` loads a cached dataset or fails at once, instead of
+    retrying HTTP requests for ~30 s; a user who downloaded once can work without a network."""
+    global _OFFLINE_WHY
+    from urllib.parse import urlsplit
+
+    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if any(v.strip().upper() in ("1", "ON", "YES", "TRUE") for v in flags):
+        _OFFLINE_WHY = ""
+        return True
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                       "ALL_PROXY", "all_proxy")):
+        return False  # behind a proxy a direct connection proves nothing: let `datasets` try
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError as e:
+        _OFFLINE_WHY = (f"the hub ({endpoint}) is unreachable ({_one_line(e)}) and the dataset "
+                        f"is not in the local cache")
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for any hub library imported later in this process
+        return True
+    return False
 
 
 def _looks_like_path(source: str) -> bool:
@@ -184,6 +238,9 @@ def resolve_source(source: str) -> Optional[Path]:
 
 
 def _hub_error(source: str, exc: BaseException, example: str) -> DataError:
+    if isinstance(exc, HubUnreachable):
+        return DataError(f"could not load {source!r}: {exc}; `source` can also be a local path "
+                         f"such as {example} (see README)")
     return DataError(
         f"could not load {source!r} from the Hugging Face hub ({_one_line(exc)}); the hub may be "
         f"unreachable: `source` can also be a local path such as {example} (see README)")
@@ -720,20 +777,22 @@ def _total_dropped(writers: dict[str, SplitWriter], reasons: Sequence[str]) -> d
 # Instruction-tuning corpus
 # --------------------------------------------------------------------------------------------
 
-def sft_rows(cfg: SFTDataConfig) -> Iterator[dict[str, str]]:
+def sft_rows(cfg: SFTDataConfig) -> dict[str, Iterator[dict[str, str]]]:
     """Rows as {instruction, context, response} strings (context "" when not mapped or null),
-    before any cleaning, from the hub (`train` split) or local files."""
+    before any cleaning, per split the source provides: the hub's `train` split, or a local
+    source's named split files (`train.jsonl`, `test.jsonl`, ...; one file or unnamed ones: train)."""
     columns = {f: cfg.columns[f] for f in SFT_FIELDS if f in cfg.columns}
     # Resolved and opened now, not on first iteration, so source errors surface immediately.
     path = resolve_source(cfg.source)
     if path is None:
-        records = _hub_sft_records(cfg, list(columns.values()))
+        splits = {"train": _hub_sft_records(cfg, list(columns.values()))}
     else:
         hint = " (map it with process.sft.columns)"
-        files = data_files(path, SFT_SUFFIXES)
-        records = (r for f in files for r in read_records(f, list(columns.values()), hint))
-    return ({f: record[columns[f]] if f in columns else "" for f in SFT_FIELDS}
-            for record in _progress(records, desc="sft"))
+        splits = {split: (r for f in files for r in read_records(f, list(columns.values()), hint))
+                  for split, files in local_splits(path, SFT_SUFFIXES).items()}
+    return {split: ({f: record[columns[f]] if f in columns else "" for f in SFT_FIELDS}
+                    for record in _progress(records, desc=f"sft {split}"))
+            for split, records in splits.items()}
 
 
 def _hub_sft_records(cfg: SFTDataConfig, columns: list[str]) -> Iterator[dict[str, str]]:
@@ -768,23 +827,27 @@ def clean_example(row: dict[str, str]) -> tuple[dict[str, str], Optional[str]]:
 def process_sft(cfg: SFTDataConfig, out_dir: str | Path) -> dict:
     """Build `out_dir/{train,validation,test}.jsonl` and `stats.json` from the SFT source;
     returns the statistics. Raises DataError on bad input (and leaves `out_dir` as it was)."""
-    rows = sft_rows(cfg)
+    splits = sft_rows(cfg)
+    carved = [s for s in ("validation", "test") if s not in splits]
     with atomic_directory(out_dir) as tmp:
         writers = {s: SplitWriter(tmp / f"{s}.jsonl") for s in SPLITS}
         seen: set[bytes] = set()  # digests, not texts: 32 bytes per example
         try:
-            for row in rows:
-                ex, reason = clean_example(row)
-                split = assign_split(sft_split_key(ex["instruction"], ex["context"]),
-                                     cfg.validation_fraction, cfg.test_fraction)
-                digest = hashlib.sha256(json.dumps([ex[f] for f in SFT_FIELDS]).encode()).digest()
-                if reason is None and digest in seen:
-                    reason = "duplicate"
-                if reason is not None:
-                    writers[split].drop(reason)
-                    continue
-                seen.add(digest)
-                writers[split].write(ex, ex["response"])
+            for source_split in (s for s in SPLITS if s in splits):
+                for row in splits[source_split]:
+                    ex, reason = clean_example(row)
+                    split = source_split
+                    if split == "train" and carved:  # official splits stay; missing ones are carved
+                        split = assign_split(sft_split_key(ex["instruction"], ex["context"]),
+                                             cfg.validation_fraction, cfg.test_fraction, carved)
+                    digest = hashlib.sha256(json.dumps([ex[f] for f in SFT_FIELDS]).encode()).digest()
+                    if reason is None and digest in seen:
+                        reason = "duplicate"
+                    if reason is not None:
+                        writers[split].drop(reason)
+                        continue
+                    seen.add(digest)
+                    writers[split].write(ex, ex["response"])
         finally:
             for w in writers.values():
                 w.close()
@@ -792,11 +855,13 @@ def process_sft(cfg: SFTDataConfig, out_dir: str | Path) -> dict:
             dropped = _total_dropped(writers, SFT_DROP_REASONS)
             detail = ", ".join(f"{k}: {v}" for k, v in dropped.items() if v) or "no rows"
             raise DataError(f"{cfg.source}: no examples left after cleaning ({detail})")
-        _require_nonempty(writers, cfg.source, "examples", ("validation", "test"), cfg)
+        _require_nonempty(writers, cfg.source, "examples", carved, cfg)
         stats = {
             "source": cfg.source,
             "revision": cfg.revision,
             "columns": dict(cfg.columns),
+            "official_splits": [s for s in SPLITS if s in splits],
+            "carved_splits": carved,
             "measured": "response",  # characters/bytes/words count the response text
             **{s: w.stats.to_dict("examples", SFT_DROP_REASONS) for s, w in writers.items()},
             "dropped": _total_dropped(writers, SFT_DROP_REASONS),

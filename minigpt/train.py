@@ -22,16 +22,16 @@ Design choices
   shows it both faster and fp32-exact (< 1e-4) on the machine at hand (AVX-512 CPUs only).
 - DDP from torchrun's env (RANK/WORLD_SIZE/LOCAL_RANK) only when WORLD_SIZE > 1; nccl on CUDA,
   gloo on CPU. CPU ranks split the cores (`cores // local_world_size` threads each).
-- LR: linear warm-up then cosine to lr * min_lr_ratio, a pure function of (step, cfg). When a
-  resumed run's max_steps grew, the schedule is computed from the NEW max_steps: the cosine is
-  re-stretched, so LR jumps up to where the longer schedule is at that step. This keeps "resume
-  with budget M" identical to "train with budget M from scratch" whenever the earlier part also
-  ran with M, and needs no stored schedule state.
-- Resume: `ckpt_dir/meta.json` holds the run's identity (architecture, training config without
-  the knobs that do not change the trajectory, resolved device/dtype/world size, and the caller's
-  `meta`: tokenizer hash, data identity, stage). Equal apart from a larger or equal max_steps ->
-  restore weights, optimizer, step, per-rank RNG, per-rank data-source state and the metric
-  history (so the TSV curves survive DVC deleting them); anything else -> say why, start fresh.
+- LR: linear warm-up then cosine to lr * min_lr_ratio, a pure function of (step, cfg).
+- Resume: the state in ckpt_dir is undeclared scratch (not a DVC out), used only to finish an
+  interrupted run of exactly the same inputs. `ckpt_dir/meta.json` holds the run's fingerprint:
+  the WHOLE training config (max_steps, log/save intervals included: they change the weights or the
+  curves), the architecture, resolved device/dtype/world size, the caller's `meta` (tokenizer hash,
+  data identity, stage) and `inputs` (SHA-256 of the data / starting-weight files). Equal -> restore
+  weights, optimizer, step, per-rank RNG, per-rank data-source state and the metric history (so the
+  TSV curves survive DVC deleting them); anything else -> one line saying what differs, start
+  fresh. So a stage's output is a function of its deps and params only (DVC can run-cache it):
+  a finished 20-step run is never continued by a 40-step one, which trains from scratch.
 - The training loss of a step is the mean over every target of the global batch: micro-batches
   and ranks are weighted by their target counts (one extra all-reduce of a scalar), so masked SFT
   batches train exactly like one big batch under grad accumulation and DDP.
@@ -43,8 +43,10 @@ Design choices
   eval_interval steps and at the end. keep_best/patience are part of the run's identity; the best
   weights live in ckpt_dir/best.safetensors so a resumed run still ships the best.
 - tokens/s and MFU leave out each session's first step (torch.compile and allocator warm-up).
-- Only rank 0 writes files. The TSV curves and metrics are rewritten at every checkpoint and at
-  the end (atomically), so they always agree with the checkpoint on disk.
+- Only rank 0 writes files. The TSV curves are rewritten (atomically) at every log row and
+  evaluation, so `dvc plots` / `minigpt plots` of a running experiment are current; a resume
+  rewrites them from the checkpoint's history, dropping rows logged after it. Metrics are written
+  at the end.
 - MFU = flops_per_token * tokens/s / peak. Peaks used (dense): H100/H200 989e12 bf16, 494e12 tf32;
   A100 312e12 bf16, 156e12 tf32; CPU per core (PERF-NOTES, Zen 5 AVX-512) 245e9 fp32 (oneDNN),
   480e9 bf16; AVX2-only CPU per core 60e9 (measured 120e9 on 2 cores through MKL). CPU peak is
@@ -74,8 +76,6 @@ from minigpt.encode import read_tokens
 
 IGNORE = -100
 BEST_FILE = "best.safetensors"  # extra file in ckpt_dir when keep_best: the best weights so far
-# Knobs that change neither the weights nor the data order: a resume ignores them.
-VOLATILE_KEYS = ("max_steps", "log_interval", "save_interval", "compile", "device", "dtype")
 TRAIN_COLUMNS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 VAL_COLUMNS = ("step", "tokens", "val_loss")
 
@@ -337,13 +337,19 @@ def evaluate(model: torch.nn.Module, batches: Iterable, rt: Runtime) -> float:
 
 
 def run_identity(model: torch.nn.Module, cfg: Any, rt: Runtime, meta: dict,
-                 keep_best: bool = False, patience: int = 0) -> dict:
-    """What must match for a checkpoint to be resumed (stored as meta.json's "meta")."""
-    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in VOLATILE_KEYS}
-    train.update(keep_best=keep_best, patience=patience)
+                 keep_best: bool = False, patience: int = 0, inputs: dict | None = None) -> dict:
+    """The run's fingerprint: what must match for a checkpoint to be resumed (meta.json's "meta")."""
+    train = {**dataclasses.asdict(cfg), "keep_best": keep_best, "patience": patience}
     return {"model": dataclasses.asdict(unwrap(model).config), "train": train,
             "runtime": {"device": rt.device.type, "dtype": rt.dtype, "world_size": rt.world_size},
-            "caller": meta}
+            "caller": meta, "inputs": inputs or {}}
+
+
+def file_digests(paths: Iterable[str | Path]) -> dict[str, str]:
+    """{path: SHA-256} of a stage's input files, for the run fingerprint (`fit(inputs=...)`)."""
+    from minigpt.checkpoint import sha256_file
+
+    return {str(p): sha256_file(p) for p in paths}
 
 
 def _flatten(d: Any, prefix: str = "") -> dict:
@@ -441,8 +447,13 @@ def _save(run: _Run, ckpt_dir: Path, curves_dir: Path) -> None:
     state = {"step": run.h.step, "history": dataclasses.asdict(run.h), "rng": rngs, "data": data}
     extra = {BEST_FILE: run.best} if run.best is not None else None
     save_state(ckpt_dir, run.raw, run.optimizer, state, run.identity, extra)
-    _write_tsv(curves_dir / "train.tsv", TRAIN_COLUMNS, run.h.train_rows)
-    _write_tsv(curves_dir / "val.tsv", VAL_COLUMNS, run.h.val_rows)
+    _write_curves(run, curves_dir)
+
+
+def _write_curves(run: _Run, curves_dir: Path) -> None:
+    if run.rt.is_main:
+        _write_tsv(curves_dir / "train.tsv", TRAIN_COLUMNS, run.h.train_rows)
+        _write_tsv(curves_dir / "val.tsv", VAL_COLUMNS, run.h.val_rows)
 
 
 def _try_resume(run: _Run, ckpt_dir: Path, log) -> bool:
@@ -455,10 +466,9 @@ def _try_resume(run: _Run, ckpt_dir: Path, log) -> bool:
     if record is None:
         return False
     reason = identity_mismatch(record.get("meta", {}), run.identity)
-    if reason is None and record["step"] > run.cfg.max_steps:
-        reason = f"max_steps shrank: checkpoint is at step {record['step']} > {run.cfg.max_steps}"
     if reason is not None:
-        log(f"not resuming from {ckpt_dir} (config changed: {reason}); starting fresh")
+        log(f"not resuming from {ckpt_dir}: it is from a run with other inputs ({reason}); "
+            f"starting fresh")
         return False
     initial = {k: v.detach().clone() for k, v in run.raw.state_dict().items()}
     try:
@@ -568,22 +578,24 @@ def _summary(run: _Run, resumed_from: int | None) -> dict:
 def fit(model: torch.nn.Module, cfg: Any, rt: Runtime, train_source: BatchSource,
         val_batches: Iterable, *, model_dir: str | Path, ckpt_dir: str | Path,
         metrics_file: str | Path, curves_dir: str | Path, meta: dict,
-        tokenizer_file: str | Path, keep_best: bool = False, patience: int = 0) -> dict:
+        tokenizer_file: str | Path, keep_best: bool = False, patience: int = 0,
+        inputs: dict | None = None) -> dict:
     """Train `model` (a plain, unwrapped GPT) to cfg.max_steps, resuming from ckpt_dir if it matches.
 
     Writes (rank 0 only): resumable state in ckpt_dir every cfg.save_interval steps and at the end;
     the model directory (best-by-validation weights when keep_best) with config.json = architecture
     + `meta` + {"training": summary}; metrics_file (the summary) and curves_dir/{train,val}.tsv.
     `meta` identifies the run beyond the config (tokenizer_hash, stage, data identity, the starting
-    weights for fine-tuning): a change in it forbids resuming. patience > 0 stops after that many
-    evaluations without a better validation loss. Returns the summary. Raises TrainingError when
+    weights for fine-tuning) and `inputs` ({file: SHA-256} of the data and starting weights, see
+    `file_digests`) are part of the fingerprint: any change forbids resuming. patience > 0 stops
+    after that many evaluations without a better validation loss. Returns the summary. Raises TrainingError when
     the loss diverges (nothing is saved for the bad step)."""
     ckpt_dir, curves_dir, model_dir = Path(ckpt_dir), Path(curves_dir), Path(model_dir)
     log = (lambda msg: tqdm.write(msg)) if rt.is_main else (lambda msg: None)
     raw = model.to(rt.device)
     raw.train()
     optimizer = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), rt.device.type)
-    identity = run_identity(raw, cfg, rt, meta, keep_best, patience)
+    identity = run_identity(raw, cfg, rt, meta, keep_best, patience, inputs)
     run = _Run(raw=raw, model=raw, optimizer=optimizer, cfg=cfg, rt=rt, source=train_source,
                val=val_batches, identity=identity, h=History(),
                flops_per_token=float(raw.flops_per_token()))
@@ -614,6 +626,7 @@ def _loop(run: _Run, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience
     cfg, rt, h = run.cfg, run.rt, run.h
     if h.step == 0 and not h.val_rows:  # the untrained (or pre-trained, for SFT) baseline
         _eval_and_track(run, patience, keep_best, log)
+    _write_curves(run, curves_dir)  # a fresh run's empty curves, or a resumed run's history
     bar = tqdm(total=cfg.max_steps, initial=h.step, disable=not rt.is_main, dynamic_ncols=True,
                mininterval=1.0, desc=curves_dir.name or "train", unit="step")
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "norm": 0.0}
@@ -642,14 +655,18 @@ def _loop(run: _Run, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         last = h.step == cfg.max_steps
-        if h.step % cfg.log_interval == 0 or last:
+        logged = h.step % cfg.log_interval == 0 or last
+        if logged:
             _log_row(run, window, log)
         if h.step % cfg.eval_interval == 0 or last:
+            logged = True
             _eval_and_track(run, patience, keep_best, log)
             if h.stopped_early:
                 log(f"early stop at step {h.step}: {patience} evaluations without improvement")
                 if window["steps"]:
                     _log_row(run, window, log)
+        if logged:
+            _write_curves(run, curves_dir)  # current curves for plots of a running experiment
         if h.step % cfg.save_interval == 0 or last or h.stopped_early:
             h.wall_time += time.perf_counter() - start
             start = time.perf_counter()
@@ -659,9 +676,6 @@ def _loop(run: _Run, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience
     h.wall_time += time.perf_counter() - start
     if last_saved != h.step:  # cannot happen today (the last step always saves); kept as a guard
         _save(run, ckpt_dir, curves_dir)
-    elif rt.is_main:  # a resumed run that was already complete: its curves, rewritten
-        _write_tsv(curves_dir / "train.tsv", TRAIN_COLUMNS, h.train_rows)
-        _write_tsv(curves_dir / "val.tsv", VAL_COLUMNS, h.val_rows)
 
 
 def _log_row(run: _Run, window: dict, log) -> None:

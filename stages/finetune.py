@@ -4,8 +4,9 @@
 
 Reads `finetune` from params.yaml, the model directory out/pretrain/ and data/tokens/sft/{train,
 validation}, and writes out/finetune/ (a model directory whose config.json says `stage: finetune`,
-`chat_template: minigpt-v1`), out/ckpt/finetune/ (resumable state), metrics/finetune.json and
-metrics/finetune/{train,val}.tsv (docs/FORMATS.md).
+`chat_template: minigpt-v1`), metrics/finetune.json and metrics/finetune/{train,val}.tsv
+(docs/FORMATS.md). out/ckpt/finetune/ is undeclared scratch (resumable state), resumed only by a
+run with the same fingerprint (params, base weights and SFT token-file hashes).
 
 Design choices
 - Thin: the data logic is `minigpt.sft`, the loop is `minigpt.train.fit` (the pretrain stage's own
@@ -15,8 +16,8 @@ Design choices
   re-set, from `finetune.dropout`, by rebuilding the GPT with that config and loading the weights.
 - The SFT tokens must have been encoded with the pre-trained model's tokenizer (same hash);
   anything else would train on ids that mean other strings, so the stage refuses.
-- The resume identity (`meta`) names the base weights (SHA-256 prefix) and the SFT sidecars, so a
-  re-trained base model or re-encoded data starts fine-tuning afresh instead of resuming.
+- The resume fingerprint holds the SHA-256 of the base weights and of every SFT token file used,
+  so a re-trained base model or re-encoded data starts fine-tuning afresh instead of resuming.
 - metrics/finetune.json is fit's summary plus what the data side did: examples used / dropped /
   truncated per split, and the padding fraction of both batching strategies on the train split.
 - Any error is one line `error: ...` on stderr and exit status 2; MINIGPT_DEBUG=1 shows the
@@ -40,7 +41,7 @@ from minigpt.encode import read_meta  # noqa: E402
 from minigpt.stage import run_stage  # noqa: E402
 from minigpt.model import GPT  # noqa: E402
 from minigpt.tokenizer import PAD  # noqa: E402
-from minigpt.train import fit, setup_runtime, teardown  # noqa: E402
+from minigpt.train import file_digests, fit, setup_runtime, teardown  # noqa: E402
 
 PRETRAINED = Path("out/pretrain")
 TOKENS = Path("data/tokens/sft")
@@ -113,7 +114,9 @@ def run() -> dict:
         summary = fit(model, cfg, rt, source, val, model_dir=MODEL_DIR, ckpt_dir=CKPT_DIR,
                       metrics_file=METRICS, curves_dir=CURVES, meta=meta,
                       tokenizer_file=PRETRAINED / "tokenizer.json", keep_best=True,
-                      patience=cfg.patience)
+                      patience=cfg.patience,
+                      inputs=file_digests([PRETRAINED / "model.safetensors", *sorted(
+                          p for split in SPLITS for p in TOKENS.glob(f"{split}.*"))]))
         summary = {**summary, "data": data}
         if rt.is_main:
             atomic_write_json(METRICS, summary)  # fit wrote its summary; add the data side

@@ -3,9 +3,11 @@
     torchrun --standalone --nproc_per_node N stages/pretrain.py     (or: python stages/pretrain.py)
 
 Reads `model` and `pretrain` from params.yaml, the tokenizer and data/tokens/pretrain/{train,
-validation}.bin, and writes out/pretrain/ (model directory), out/ckpt/pretrain/ (resumable state),
-metrics/pretrain.json and metrics/pretrain/{train,val}.tsv (docs/FORMATS.md). A matching checkpoint
-in out/ckpt/pretrain is resumed. Any error is one line `error: ...` on stderr and exit status 2
+validation}.bin, and writes out/pretrain/ (model directory), metrics/pretrain.json and
+metrics/pretrain/{train,val}.tsv (docs/FORMATS.md). out/ckpt/pretrain/ is undeclared scratch
+(resumable state): it is resumed only when its fingerprint (params, tokenizer and token-file
+hashes) equals this run's, i.e. to finish an interrupted run of the same command. Any error
+is one line `error: ...` on stderr and exit status 2
 (a diverged loss included); MINIGPT_DEBUG=1 shows the traceback instead.
 
 The model's vocabulary is exactly the tokenizer's (no rounding up to a multiple of 64): padded ids
@@ -26,8 +28,8 @@ from minigpt.encode import check_tokenizer_hash, read_meta  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.stage import run_stage  # noqa: E402
 from minigpt.tokenizer import load_tokenizer, tokenizer_hash  # noqa: E402
-from minigpt.train import (TokenWindows, fit, setup_runtime, teardown,  # noqa: E402
-                           val_batches)
+from minigpt.train import (TokenWindows, file_digests, fit, setup_runtime,  # noqa: E402
+                           teardown, val_batches)
 
 TOKENIZER = Path("data/tokenizer/tokenizer.json")
 TOKENS = Path("data/tokens/pretrain")
@@ -64,7 +66,8 @@ def run() -> dict:
                   f"{model.flops_per_token() / 1e6:.1f} MFLOP/token; {rt.device} {rt.dtype}, "
                   f"{rt.world_size} process(es), {sidecars['train']['count']:,} train tokens")
         summary = fit(model, cfg, rt, source, val, model_dir=MODEL_DIR, ckpt_dir=CKPT_DIR,
-                      metrics_file=METRICS, curves_dir=CURVES, meta=meta, tokenizer_file=TOKENIZER)
+                      metrics_file=METRICS, curves_dir=CURVES, meta=meta, tokenizer_file=TOKENIZER,
+                      inputs=file_digests([TOKENIZER, TOKENS / "train.bin", TOKENS / "validation.bin"]))
         summary["is_main"] = rt.is_main
         return summary
     finally:

@@ -445,6 +445,31 @@ def test_sft_split_is_stable_when_rows_are_added(tmp_path):
     assert all(after[r] == s for r, s in before.items())
 
 
+def test_sft_named_splits_are_kept_and_only_missing_ones_carved(tmp_path):
+    """A local SFT directory with train.jsonl + test.jsonl keeps the user's test set as it is;
+    only validation is carved, from train; stats say which splits were official and which carved."""
+    train, test = _dolly_rows(200), _dolly_rows(30, seed=5)
+    src = tmp_path / "sft"
+    src.mkdir()
+    _write_jsonl(src / "train.jsonl", train)
+    _write_jsonl(src / "test.jsonl", test)
+    stats = process_sft(SFTDataConfig(source=str(src), validation_fraction=0.1,
+                                      test_fraction=0.1), tmp_path / "out")
+    assert stats["official_splits"] == ["train", "test"] and stats["carved_splits"] == ["validation"]
+    split = _split_of_each(tmp_path / "out", "response")
+    assert all(split[r["response"]] == "test" for r in test)  # every user test row, in test
+    assert stats["test"]["examples"] == len(test)
+    carved = {r["response"] for r in train if split[r["response"]] == "validation"}
+    assert 5 <= len(carved) <= 40 and stats["validation"]["examples"] == len(carved)
+    assert {split[r["response"]] for r in train} == {"train", "validation"}  # none carved to test
+    # all three given: nothing carved; a single file: everything carved (Dolly)
+    _write_jsonl(src / "validation.jsonl", _dolly_rows(20, seed=9))
+    stats = process_sft(SFTDataConfig(source=str(src)), tmp_path / "out3")
+    assert stats["carved_splits"] == [] and stats["validation"]["examples"] == 20
+    stats = process_sft(SFTDataConfig(source=str(src / "train.jsonl")), tmp_path / "one")
+    assert stats["official_splits"] == ["train"] and stats["carved_splits"] == ["validation", "test"]
+
+
 def test_sft_context_optional_in_columns(tmp_path):
     path = _write_jsonl(tmp_path / "qa.jsonl",
                         [{"q": f"Question {i}?", "a": f"Answer {i}."} for i in range(50)])
@@ -566,6 +591,44 @@ def test_hub_unreachable_is_one_helpful_line(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="hub may be unreachable.*local path such as raw/sft"):
         process_sft(SFTDataConfig(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "closed HF_ENDPOINT"])
+def test_offline_hub_load_fails_fast_in_one_line(tmp_path, how):
+    """The real `datasets` with no reachable hub: the stage prints one line within seconds
+    (a closed endpoint used to cost ~36 s of retries). A hub id nobody has cached."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+           "HF_ENDPOINT") and not k.lower().endswith("_proxy")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"),
+               PYTHONPATH=str(ROOT))
+    if how == "HF_HUB_OFFLINE":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{_closed_port()}"
+    params = {"process": {"pretrain": {"source": "minigpt-tests/not-cached", "name": None}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    timer = (f"import sys, time; sys.path.insert(0, {str(ROOT / 'stages')!r}); "
+             "import datasets, process; t = time.perf_counter(); rc = process.main(['pretrain']); "
+             "print(f'{time.perf_counter() - t:.2f}'); sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", timer], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: could not load 'minigpt-tests/not-cached'")
+    assert "local path such as raw/pretrain" in err[0]
+    if how != "HF_HUB_OFFLINE":
+        assert "unreachable" in err[0] and "127.0.0.1" in err[0]
+    seconds = float(result.stdout.split()[-1])  # the stage itself, without Python's start-up
+    print(f"{how}: {seconds} s: {err[0]}")
+    assert seconds < 5, f"{how}: {seconds} s"
 
 
 # --------------------------------------------------------------------------------------------

@@ -142,7 +142,8 @@ def test_split_without_usable_examples_is_a_clear_error(workspace, capsys):
 
 
 def test_dropout_and_resume(workspace):
-    """finetune.dropout reaches the model; a second run with a longer budget resumes."""
+    """finetune.dropout reaches the model; a longer budget starts fresh (never continues a
+    finished run), the same command again only rewrites the outputs from the scratch state."""
     stage = _stage()
     params = {**FINETUNE, "max_steps": 10, "dropout": 0.2, "eval_interval": 5}
     (workspace / "params.yaml").write_text(yaml.safe_dump({"finetune": params}))
@@ -151,4 +152,7 @@ def test_dropout_and_resume(workspace):
     (workspace / "params.yaml").write_text(yaml.safe_dump({"finetune": {**params, "max_steps": 15}}))
     assert stage.main() == 0
     metrics = json.loads((workspace / "metrics/finetune.json").read_text())
-    assert metrics["resumed_from_step"] == 10 and metrics["steps"] == 15
+    assert metrics["resumed_from_step"] is None and metrics["steps"] == 15
+    assert stage.main() == 0
+    metrics = json.loads((workspace / "metrics/finetune.json").read_text())
+    assert metrics["resumed_from_step"] == 15 and metrics["steps"] == 15

@@ -1,8 +1,11 @@
 """The DVC pipeline end to end, in a temporary git repo, on tiny local fixtures.
 
-One module-scoped repo is built and reproduced once; the tests then check what users rely on:
-every stage's outputs exist, a second `dvc repro` is a no-op, a parameter change re-runs exactly
-the stages that read it, and `dvc exp run -S` / `dvc exp show` / `dvc metrics diff` compare runs.
+One module-scoped repo is built and reproduced once (its local sources tracked with
+`dvc add raw/pretrain raw/sft`, as the README says); the tests then check what users rely on, in
+order: every stage's outputs exist, a second `dvc repro` is a no-op, a parameter change re-runs
+exactly the stages that read it, `dvc exp run -S` / `dvc exp show` / `dvc metrics diff` compare
+runs, going back to a trained params set is restored from DVC's run-cache without training, a
+queued grid trains only finetune/eval, and a longer pretrain budget gives a fresh run's weights.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 import shutil
 import subprocess
 import sys
@@ -115,6 +119,9 @@ def repo(tmp_path_factory) -> Path:
     _set_params(repo, TINY_PARAMS)
     _run(repo, "git", "init", "-q", "-b", "main")
     _dvc(repo, "init", "-q")
+    for name in ("README.md", ".gitignore"):
+        shutil.copy(ROOT / "raw" / name, repo / "raw" / name)
+    _dvc(repo, "add", "-q", "raw/pretrain", "raw/sft")  # what the README tells users to do
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-qm", "fixture")
     _dvc(repo, "repro")
@@ -178,3 +185,65 @@ def test_experiment_reruns_only_finetune_and_eval_and_is_comparable(repo):
     diff = json.loads(_dvc(repo, "metrics", "diff", "--json").stdout or "{}")
     assert "metrics/finetune.json" in diff and "metrics/eval.json" in diff
     assert "metrics/pretrain.json" not in diff  # pretrain did not run again
+
+
+def test_going_back_to_trained_params_restores_from_run_cache(repo):
+    scratch = repo / "out/ckpt/finetune/meta.json"
+    before = scratch.stat().st_mtime_ns
+    proc = _dvc(repo, "exp", "run", "-S", "finetune.lr=0.0003")  # the baseline's value
+    out = proc.stdout + proc.stderr
+    assert "Stage 'finetune' is cached - skipping run" in out, out
+    assert "Stage 'eval' is cached - skipping run" in out, out
+    assert "Running stage" not in out and "finetune: masked val loss" not in out, out
+    assert scratch.stat().st_mtime_ns == before  # no training touched the scratch state
+    assert _stale(repo) == set()
+
+
+def _queued_logs(repo: Path, timeout: float = 240) -> dict[str, str]:
+    """Start the queue, wait (bounded) until it is empty, return {experiment: its log}."""
+    _dvc(repo, "queue", "start")
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _dvc(repo, "queue", "status").stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        if time.monotonic() > deadline:
+            _dvc(repo, "queue", "stop", "--kill", check=False)
+            raise AssertionError(f"queue still busy after {timeout}s:\n{status}")
+        time.sleep(2)
+    _dvc(repo, "queue", "stop", check=False)  # no worker left behind
+    rows = [line.split() for line in status.splitlines()]
+    done = [r for r in rows if "Success" in r]
+    assert len(done) == 2 and not any("Failed" in r for r in rows), status
+    return {r[1]: _dvc(repo, "queue", "logs", r[1]).stdout for r in done}
+
+
+def test_queued_grid_trains_only_finetune_and_eval(repo):
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "before the grid")
+    out = _dvc(repo, "exp", "run", "--queue", "-S", "finetune.lr=0.001,0.002").stdout
+    assert out.count("Queued experiment") == 2, out
+    logs = _queued_logs(repo)
+    for name, log in logs.items():
+        ran = {s for s in STAGES if f"Running stage '{s}'" in log}
+        assert ran == {"finetune", "eval"}, f"{name}:\n{log}"
+    shown = json.dumps(json.loads(_dvc(repo, "exp", "show", "--json").stdout))
+    assert '"lr": 0.001' in shown and '"lr": 0.002' in shown
+
+
+def _weights(path: Path) -> bytes:
+    return (path / "model.safetensors").read_bytes()
+
+
+def test_longer_pretrain_budget_equals_a_fresh_run(repo):
+    _set_params(repo, {"pretrain": {"max_steps": 8}})
+    _dvc(repo, "repro", "pretrain")
+    _set_params(repo, {"pretrain": {"max_steps": 12}})
+    proc = _dvc(repo, "repro", "pretrain")
+    assert "not resuming from out/ckpt/pretrain" in proc.stdout + proc.stderr
+    assert "max_steps: 8 -> 12" in proc.stdout + proc.stderr
+    continued = _weights(repo / "out/pretrain")
+    shutil.rmtree(repo / "out/ckpt/pretrain")
+    proc = _dvc(repo, "repro", "--force", "--no-run-cache", "pretrain")
+    assert "Running stage 'pretrain'" in proc.stdout
+    assert _weights(repo / "out/pretrain") == continued

@@ -239,10 +239,18 @@ def test_resume_after_kill_is_exact(data, capsys):
     assert [r.split("\t")[:5] for r in ta] == [r.split("\t")[:5] for r in tb]
 
 
-def test_longer_budget_continues_and_other_change_starts_fresh(data, capsys):
+def test_resume_only_the_same_run_any_other_config_starts_fresh(data, capsys):
+    """The scratch state finishes an interrupted run of the same config only: a finished 4-step
+    run is not continued by an 8-step one, which gives exactly a fresh 8-step run's weights."""
     run_fit(data, cfg(max_steps=4))
+    capsys.readouterr()
     longer = run_fit(data, cfg(max_steps=8))
-    assert longer["resumed_from_step"] == 4 and longer["steps"] == 8
+    out = capsys.readouterr()
+    assert "not resuming" in out.out + out.err and "train.max_steps: 4 -> 8" in out.out + out.err
+    assert longer["resumed_from_step"] is None and longer["steps"] == 8
+    fresh = run_fit(data, cfg(max_steps=8), out="fresh")
+    a, b = weights(data["root"] / "run"), weights(data["root"] / "fresh")
+    assert all(torch.equal(a[k], b[k]) for k in a) and longer["val_loss"] == fresh["val_loss"]
     rows = (data["root"] / "run" / "curves" / "train.tsv").read_text().splitlines()[1:]
     assert [int(r.split("\t")[0]) for r in rows] == [2, 4, 6, 8]
 
@@ -250,19 +258,27 @@ def test_longer_budget_continues_and_other_change_starts_fresh(data, capsys):
         def next(self):
             raise AssertionError("a finished run must not train again")
 
-    done = run_fit(data, cfg(max_steps=8, log_interval=1, save_interval=2),  # volatile knobs only
-                   source=Untouched(data["train"], BLOCK, 4, 7))
-    assert done["steps"] == 8 and done["resumed_from_step"] == 8
+    done = run_fit(data, cfg(max_steps=8), source=Untouched(data["train"], BLOCK, 4, 7))
+    assert done["steps"] == 8 and done["resumed_from_step"] == 8  # the same run: nothing to do
     capsys.readouterr()
 
-    fresh = run_fit(data, cfg(max_steps=8, lr=1e-3))
-    out = capsys.readouterr()
-    assert "not resuming" in out.err + out.out and "train.lr" in out.err + out.out
-    assert fresh["resumed_from_step"] is None and fresh["steps"] == 8
+    for change in ({"lr": 1e-3}, {"log_interval": 1}, {"max_steps": 4}):
+        again = run_fit(data, cfg(**change))
+        out = capsys.readouterr()
+        assert "not resuming" in out.out + out.err, change
+        assert f"train.{next(iter(change))}" in out.out + out.err, change
+        assert again["resumed_from_step"] is None
 
-    shrunk = run_fit(data, cfg(max_steps=4, lr=1e-3))
-    out = capsys.readouterr()
-    assert "max_steps shrank" in out.err + out.out and shrunk["resumed_from_step"] is None
+
+def test_curves_are_written_at_each_log_row_before_any_checkpoint(data):
+    """Plots of a running experiment are current: the TSVs do not wait for a checkpoint."""
+    c = cfg(max_steps=8, save_interval=8, log_interval=2, eval_interval=2)
+    with pytest.raises(KeyboardInterrupt):  # killed during step 6, before the first checkpoint
+        run_fit(data, c, out="live", source=CrashAfter(TokenWindows(data["train"], BLOCK, 4, 7), 5))
+    curves = data["root"] / "live" / "curves"
+    steps = lambda name: [int(r.split("\t")[0]) for r in (curves / name).read_text().splitlines()[1:]]
+    assert steps("train.tsv") == [2, 4] and steps("val.tsv") == [0, 2, 4]
+    assert not (data["root"] / "live" / "ckpt" / "meta.json").exists()
 
 
 def test_early_stopping_keeps_best_weights(data, monkeypatch):
