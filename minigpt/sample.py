@@ -4,7 +4,14 @@ Design choices
 - One prefill of the prompt, then one token per step through the model's preallocated `KVCache`:
   at this model size a decode step is bound by per-step Python/dispatch overhead, not by FLOPs or
   bandwidth, so the loop does as little as possible per token: no re-allocation, no sort when
-  greedy, the sampled token fed back as a tensor, one host sync (`.item()`) per token.
+  greedy, the sampled token fed back as a tensor, one host sync (`.tolist()`) per token.
+- On CPU the matrices are stored column-major while decoding (`decode_layout`): a batch-1 step is
+  a chain of matrix-vector products that read every weight once, and MKL reads the transposed
+  layout at memory bandwidth but the row-major (out, in) one at about half of it.
+- `generate_batch` draws N samples of one prompt as one batch: the prompt is prefilled once and
+  its keys/values copied to every row; a step for N rows reads the weights once, like a step for
+  one, so N samples cost far less than N calls. All rows have the same length, so the window
+  slides for all of them at once and no padding or masks are needed. `generate` is the N = 1 case.
 - Positions never exceed block_size (RoPE tables stop there). When the context fills up, the
   sampler keeps the most recent 3/4 of the window and re-prefills it, then continues token by
   token: one batched prefill every block_size/4 tokens instead of a full forward per token.
