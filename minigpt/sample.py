@@ -5,9 +5,6 @@ Design choices
   at this model size a decode step is bound by per-step Python/dispatch overhead, not by FLOPs or
   bandwidth, so the loop does as little as possible per token: no re-allocation, no sort when
   greedy, the sampled token fed back as a tensor, one host sync (`.tolist()`) per token.
-- On CPU the matrices are stored column-major while decoding (`decode_layout`): a batch-1 step is
-  a chain of matrix-vector products that read every weight once, and MKL reads the transposed
-  layout at memory bandwidth but the row-major (out, in) one at about half of it.
 - `generate_batch` draws N samples of one prompt as one batch: the prompt is prefilled once and
   its keys/values copied to every row; a step for N rows reads the weights once, like a step for
   one, so N samples cost far less than N calls. All rows have the same length, so the window
@@ -24,8 +21,7 @@ Design choices
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -69,30 +65,6 @@ def filter_top_p(logits: Tensor, p: float) -> Tensor:
     drop = cum - sorted_logits.softmax(-1) >= p  # mass before this token already reaches p
     drop[..., 0] = False
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-
-
-@contextmanager
-def decode_layout(model) -> Iterator[None]:
-    """Store the model's matrices column-major (as W.t().contiguous().t()) while decoding on CPU.
-
-    Same values, other strides: F.linear(x, W) then runs as x @ (contiguous W.T), which MKL serves
-    at memory bandwidth, while the row-major (out, in) layout goes through a slower dot-product
-    path: measured on the 2-core AVX2 EPYC, (1, 384) x (30000, 384)^T took 3.1-3.7 ms column-major
-    against 6.5-8.3 ms row-major. Decoding reads every weight once per token, so this is ~2x on
-    the whole step. The originals are put back afterwards (training keeps its layout); the copy
-    costs one pass over the weights per call."""
-    swapped = []
-    if model.tok_emb.weight.device.type == "cpu":
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2 and p.is_contiguous():
-                    swapped.append((p, p.data))
-                    p.data = p.data.t().contiguous().t()
-    try:
-        yield
-    finally:
-        for p, data in swapped:
-            p.data = data
 
 
 @torch.inference_mode()
@@ -163,46 +135,45 @@ def generate_batch(model, ids: list[int], max_new_tokens: int, num_samples: int,
     was_training = model.training
     model.eval()
     try:
-        with decode_layout(model):
-            prompt = history[0] if len(history[0]) <= block else slide(history[0])
-            cache = model.new_cache(B, device=device)
-            one = cache if B == 1 else model.new_cache(1, device=device)
-            logits, _ = model(torch.tensor([prompt], device=device), cache=one)
-            if B > 1:  # the prompt's keys/values, once, for every row
-                cache.kv[:, :, :, : one.pos] = one.kv[:, :, :, : one.pos]
-                cache.pos = one.pos
-                logits = logits.expand(B, -1, -1)
-            out: list[list[int]] = [[] for _ in range(B)]
-            done = [False] * B
-            while True:
-                x = logits[:, -1].float()
-                if penalize:
-                    x = apply_repetition_penalty(x, seen, repetition_penalty)
-                if greedy:
-                    nxt = x.argmax(-1, keepdim=True)
-                else:
-                    x = x / temperature
-                    if top_k is not None:
-                        x = filter_top_k(x, top_k)
-                    if top_p is not None:
-                        x = filter_top_p(x, top_p)
-                    nxt = torch.multinomial(x.softmax(-1), 1, generator=generator)
-                tokens = nxt.view(-1).tolist()  # the one host sync per step
-                for r, token in enumerate(tokens):
-                    history[r].append(token)  # stopped rows too: every row keeps the same length
-                    if not done[r]:
-                        out[r].append(token)
-                        done[r] = token in stop or len(out[r]) == max_new_tokens
-                if on_token is not None:
-                    on_token(tokens[0])
-                if all(done):
-                    return out
-                if penalize:
-                    seen.scatter_(1, nxt, True)
-                if cache.pos < block:
-                    logits, _ = model(nxt, cache=cache)
-                else:  # window full: re-prefill the most recent tokens (rows have equal lengths)
-                    cache.reset()
-                    logits, _ = model(torch.tensor([slide(h) for h in history], device=device), cache=cache)
+        prompt = history[0] if len(history[0]) <= block else slide(history[0])
+        cache = model.new_cache(B, device=device)
+        one = cache if B == 1 else model.new_cache(1, device=device)
+        logits, _ = model(torch.tensor([prompt], device=device), cache=one)
+        if B > 1:  # the prompt's keys/values, once, for every row
+            cache.kv[:, :, :, : one.pos] = one.kv[:, :, :, : one.pos]
+            cache.pos = one.pos
+            logits = logits.expand(B, -1, -1)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        while True:
+            x = logits[:, -1].float()
+            if penalize:
+                x = apply_repetition_penalty(x, seen, repetition_penalty)
+            if greedy:
+                nxt = x.argmax(-1, keepdim=True)
+            else:
+                x = x / temperature
+                if top_k is not None:
+                    x = filter_top_k(x, top_k)
+                if top_p is not None:
+                    x = filter_top_p(x, top_p)
+                nxt = torch.multinomial(x.softmax(-1), 1, generator=generator)
+            tokens = nxt.view(-1).tolist()  # the one host sync per step
+            for r, token in enumerate(tokens):
+                history[r].append(token)  # stopped rows too: every row keeps the same length
+                if not done[r]:
+                    out[r].append(token)
+                    done[r] = token in stop or len(out[r]) == max_new_tokens
+            if on_token is not None:
+                on_token(tokens[0])
+            if all(done):
+                return out
+            if penalize:
+                seen.scatter_(1, nxt, True)
+            if cache.pos < block:
+                logits, _ = model(nxt, cache=cache)
+            else:  # window full: re-prefill the most recent tokens (rows have equal lengths)
+                cache.reset()
+                logits, _ = model(torch.tensor([slide(h) for h in history], device=device), cache=cache)
     finally:
         model.train(was_training)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from minigpt.model import GPT, GPTConfig
-from minigpt.sample import (KEEP_FRACTION, apply_repetition_penalty, decode_layout, filter_top_k, filter_top_p,
-                            generate, generate_batch)
+from minigpt.sample import (KEEP_FRACTION, apply_repetition_penalty, filter_top_k, filter_top_p, generate,
+                            generate_batch)
 
 V, BLOCK = 97, 16
 
@@ -126,7 +126,7 @@ def test_restores_training_mode(model):
         model.eval()
 
 
-# --- batched sampling and the decode weight layout ----------------------------------------------
+# --- batched sampling -------------------------------------------------------------
 
 
 def test_batch_greedy_rows_equal_reference(model):
@@ -171,18 +171,3 @@ def test_batch_rows_stop_independently(model):
         generate_batch(model, PROMPT, 3, 2, on_token=print)
     with pytest.raises(ValueError, match="num_samples"):
         generate_batch(model, PROMPT, 3, 0)
-
-
-def test_decode_layout_same_logits_and_restores_weights(model):
-    x = torch.tensor([PROMPT + [7, 8, 9]])
-    before = {n: p.data_ptr() for n, p in model.named_parameters()}
-    with torch.no_grad():
-        full = model(x)[0]
-        with decode_layout(model):
-            assert not model.tok_emb.weight.is_contiguous()  # column-major while decoding
-            torch.testing.assert_close(model(x)[0], full, rtol=1e-5, atol=1e-5)
-            cache = model.new_cache(1)  # cached decoding in the decode layout vs the plain forward
-            steps = [model(x[:, :4], cache=cache)[0][:, -1]]
-            steps += [model(x[:, t : t + 1], cache=cache)[0][:, -1] for t in range(4, x.shape[1])]
-            torch.testing.assert_close(torch.cat(steps), full[0, 3:], rtol=1e-5, atol=1e-5)
-    assert all(p.data_ptr() == before[n] and p.is_contiguous() for n, p in model.named_parameters())
