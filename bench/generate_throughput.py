@@ -1,12 +1,16 @@
 """Decoding throughput: minigpt.sample.generate vs transformers generate() on the same weights.
 
-    python bench/generate_throughput.py [--new 200] [--prompt 20] [--repeats 3] [--tiny] [--threads N]
+    python bench/generate_throughput.py [--new 200] [--prompt 20] [--repeats 5] [--tiny] [--threads N]
+                                        [--num_samples 8]
 
 Seed config by default (6 layers, 6 heads, 384 wide, block 256, vocab 30000), random init. The
 model is exported with minigpt.export to a temporary directory and reloaded as LlamaForCausalLM,
 so both sides run identical weights in one process. Batch 1, greedy, KV cache on both sides
-(`use_cache=True`); prints new tokens/s, the ratio, and whether the tokens agree. bf16 runs the
-same comparison with weights cast to bfloat16. Needs transformers.
+(`use_cache=True`); prints new tokens/s, `ratio N.NNx` and whether the tokens agree. The two sides
+alternate within each repeat and the medians are compared, so load from other jobs on a shared
+machine hits both alike. bf16 runs the same comparison with weights cast to bfloat16.
+`--num_samples N` (> 1) also times one batched `generate_batch` of N sampled continuations
+against N separate `generate` calls (`batch ratio`). Needs transformers.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from minigpt.export import export_hf  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
-from minigpt.sample import generate  # noqa: E402
+from minigpt.sample import generate, generate_batch  # noqa: E402
 
 
 def tiny_tokenizer(path: Path) -> None:
@@ -50,24 +54,32 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def timed(fn, repeats: int) -> tuple[float, list[int]]:
-    fn()  # warm-up
-    times, out = [], None
+def alternate(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
+    """Median wall seconds, median CPU seconds of this process, and the last output of each
+    function, run in turn `repeats` times after a warm-up. On a crowded machine the CPU seconds
+    show the work done, the wall seconds mostly the queue."""
+    wall, cpu, outs = {k: [] for k in fns}, {k: [] for k in fns}, {}
+    for k, fn in fns.items():
+        fn()  # warm-up
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for k, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            outs[k] = fn()
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    med = statistics.median
+    return {k: med(v) for k, v in wall.items()}, {k: med(v) for k, v in cpu.items()}, outs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=200, help="new tokens")
     ap.add_argument("--prompt", type=int, default=20, help="prompt tokens")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="4 layers, 4 heads, 256 wide, vocab 8192")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--dtypes", default="auto", help="comma list of fp32,bf16; auto: bf16 only if fast here")
+    ap.add_argument("--num_samples", type=int, default=0, help="also time batched sampling of N")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -104,12 +116,21 @@ def main() -> None:
                                   use_cache=True, pad_token_id=1, eos_token_id=None)
             return out[0, len(prompt):].tolist()
 
-        t_ours, tok_ours = timed(run_ours, args.repeats)
-        t_hf, tok_hf = timed(run_hf, args.repeats)
+        t, c, out = alternate({"ours": run_ours, "hf": run_hf}, args.repeats)
+        t_ours, t_hf, tok_ours, tok_hf = t["ours"], t["hf"], out["ours"], out["hf"]
         same = sum(a == b for a, b in zip(tok_ours, tok_hf))
         print(f"{name}: minigpt {args.new / t_ours:7.1f} tok/s ({1000 * t_ours / args.new:.2f} ms/token)  "
               f"transformers {args.new / t_hf:7.1f} tok/s ({1000 * t_hf / args.new:.2f} ms/token)  "
-              f"ratio {t_hf / t_ours:.2f}x  same tokens {same}/{args.new}")
+              f"ratio {t_hf / t_ours:.2f}x  (cpu seconds ratio {c['hf'] / c['ours']:.2f}x)  "
+              f"same tokens {same}/{args.new}")
+        if args.num_samples > 1:
+            n, kw = args.num_samples, dict(temperature=1.0, top_k=50, top_p=0.95)
+            t, c, _ = alternate({"batch": lambda: generate_batch(ours, prompt, args.new, n, **kw),
+                              "loop": lambda: [generate(ours, prompt, args.new, **kw) for _ in range(n)]},
+                             args.repeats)
+            print(f"{name}: {n} samples batched {t['batch']:.2f} s, {n} separate calls {t['loop']:.2f} s "
+                  f"({t['batch'] / t['loop'] * n:.2f} single-sample runs)  batch ratio {t['loop'] / t['batch']:.2f}x  "
+                  f"(cpu seconds {c['loop'] / c['batch']:.2f}x)")
 
 
 if __name__ == "__main__":

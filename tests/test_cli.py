@@ -161,12 +161,17 @@ def test_num_samples(env, capsys):
     assert len(set(samples)) == 3  # one generator for the run: samples differ
     _, again, _ = run_main(capsys, *args, "--seed", 3, "--num_samples", 3)
     assert again == out
+    _, streamed, _ = run_main(capsys, *args, "--seed", 3, "--num_samples", 3, "--stream")
+    assert len(set(streamed.split("\n---\n"))) == 3  # one sample at a time: also independent
 
 
-@pytest.mark.parametrize("flags", [GREEDY, [*SAMPLED, "--seed", "7"]], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("flags", [[*GREEDY, "--num_samples", "2"], [*SAMPLED, "--seed", "7"]],
+                         ids=["greedy", "sampled"])
 def test_stream_equals_non_stream(env, capsys, flags):
+    """Streaming prints what a plain run prints. (Several sampled samples are one batched decode
+    without --stream, which draws its random numbers in another order than one sample at a time.)"""
     args = ["generate", "--checkpoint_path", env.chat, "--prompt", "Write a poem", "--max_new_tokens", 32,
-            "--num_samples", 2, *flags]
+            *flags]
     code, plain, _ = run_main(capsys, *args)
     assert code == 0
     code, streamed, _ = run_main(capsys, *args, "--stream")

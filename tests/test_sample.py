@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from minigpt.model import GPT, GPTConfig
-from minigpt.sample import KEEP_FRACTION, apply_repetition_penalty, filter_top_k, filter_top_p, generate
+from minigpt.sample import (KEEP_FRACTION, apply_repetition_penalty, filter_top_k, filter_top_p, generate,
+                            generate_batch)
 
 V, BLOCK = 97, 16
 
@@ -123,3 +124,50 @@ def test_restores_training_mode(model):
         assert model.training
     finally:
         model.eval()
+
+
+# --- batched sampling -------------------------------------------------------------
+
+
+def test_batch_greedy_rows_equal_reference(model):
+    for n, penalty in [(10, 1.0), (2 * BLOCK, 1.0), (12, 1.5)]:  # 2 * BLOCK slides the window
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = generate_batch(model, PROMPT, n, 3, temperature=0, repetition_penalty=penalty)
+        assert got == [reference_greedy(model, PROMPT, n, penalty=penalty)] * 3
+
+
+def test_batch_rows_sample_from_their_own_context(model):
+    """Each row's every token lies in the top-k of a full forward over that row's own history."""
+    k, n = 3, BLOCK + 8  # past block_size: each row re-prefills its own recent tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = generate_batch(model, PROMPT, n, 4, temperature=1.5, top_k=k,
+                              generator=torch.Generator().manual_seed(0))
+    assert len({tuple(r) for r in rows}) > 1  # independent samples
+    keep = int(BLOCK * KEEP_FRACTION)
+    for row in rows:
+        assert len(row) == n
+        hist, win = list(PROMPT), list(PROMPT)
+        for token in row:
+            with torch.no_grad():
+                logits = model(torch.tensor([win]))[0][0, -1]
+            assert token in logits.topk(k).indices.tolist()
+            hist.append(token)
+            win = win + [token] if len(win) < BLOCK else hist[-keep:]
+
+
+def test_batch_rows_stop_independently(model):
+    rows = generate_batch(model, PROMPT, 12, 6, temperature=2.0, generator=torch.Generator().manual_seed(1))
+    stop = rows[0][3]  # a token one row emits; others may or may not
+    got = generate_batch(model, PROMPT, 12, 6, temperature=2.0, stop_ids=[stop],
+                         generator=torch.Generator().manual_seed(1))
+    for full, cut in zip(rows, got):
+        expected = full[: full.index(stop) + 1] if stop in full else full
+        assert cut == expected
+    assert len({len(r) for r in got}) > 1
+    assert generate_batch(model, PROMPT, 0, 2) == [[], []]
+    with pytest.raises(ValueError, match="num_samples"):
+        generate_batch(model, PROMPT, 3, 2, on_token=print)
+    with pytest.raises(ValueError, match="num_samples"):
+        generate_batch(model, PROMPT, 3, 0)
