@@ -205,17 +205,17 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     max_steps: int = 200
     """Optimizer steps to train for (the budget)."""
-    lr: float = 1e-3
+    lr: float = 3e-3
     """Peak learning rate (AdamW's; with optimizer muon, that of the embedding/head and norms)."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.0
     """The schedule decays to lr * min_lr_ratio."""
-    warmup_steps: int = 20
+    warmup_steps: int = 5
     """Linear warm-up steps."""
-    schedule: str = "cosine"
+    schedule: str = "wsd"
     """cosine (warm-up, cosine decay) or wsd (warm-up, flat, linear decay over decay_fraction)."""
-    decay_fraction: float = 0.2
+    decay_fraction: float = 0.4
     """wsd only: the share of max_steps spent decaying at the end."""
-    optimizer: str = "adamw"
+    optimizer: str = "muon"
     """adamw, or muon (Muon for the blocks' matrices, AdamW for embedding/head and norms)."""
     muon_lr: float = 0.02
     """Muon's peak learning rate (follows the same schedule as lr)."""
@@ -275,6 +275,9 @@ class FinetuneConfig(TrainConfig):
     lr: float = 3e-4
     max_steps: int = 100
     warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"  # fine-tuning keeps the pre-issue-14 recipe (not benchmarked)
+    optimizer: str = "adamw"
     eval_interval: int = 25
     dropout: float = 0.1
     """Dropout during fine-tuning (overrides the pre-trained model's)."""

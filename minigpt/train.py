@@ -22,11 +22,15 @@ Design choices
   shows it both faster and fp32-exact (< 1e-4) on the machine at hand (AVX-512 CPUs only).
 - DDP from torchrun's env (RANK/WORLD_SIZE/LOCAL_RANK) only when WORLD_SIZE > 1; nccl on CUDA,
   gloo on CPU. CPU ranks split the cores (`cores // local_world_size` threads each).
-- LR: linear warm-up then cosine to lr * min_lr_ratio, a pure function of (step, cfg). When a
+- LR: linear warm-up then cosine (or, schedule `wsd`, flat then a linear decay over the last
+  decay_fraction) to lr * min_lr_ratio, a pure function of (step, cfg). When a
   resumed run's max_steps grew, the schedule is computed from the NEW max_steps: the cosine is
   re-stretched, so LR jumps up to where the longer schedule is at that step. This keeps "resume
   with budget M" identical to "train with budget M from scratch" whenever the earlier part also
   ran with M, and needs no stored schedule state.
+- Optimizer `muon`: our `Muon` (torch.optim.Muon's update, Newton-Schulz in fp32 on CPU) for the
+  blocks' matrices, AdamW for embedding/head and norm gains; each param group's `lr_ratio` maps
+  the one schedule onto both peaks (muon_lr / lr). Numbers: docs/EXPERIMENTS.md.
 - Resume: `ckpt_dir/meta.json` holds the run's identity (architecture, training config without
   the knobs that do not change the trajectory, resolved device/dtype/world size, and the caller's
   `meta`: tokenizer hash, data identity, stage). Equal apart from a larger or equal max_steps ->

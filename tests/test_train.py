@@ -59,7 +59,8 @@ def data(tmp_path) -> dict:
 
 def cfg(**kw) -> TrainConfig:
     base = dict(device="cpu", dtype="fp32", batch_size=4, max_steps=8, lr=3e-3, warmup_steps=2,
-                eval_interval=4, eval_batches=2, save_interval=4, log_interval=2, seed=7)
+                eval_interval=4, eval_batches=2, save_interval=4, log_interval=2, seed=7,
+                optimizer="adamw", schedule="cosine", min_lr_ratio=0.1)  # the recipes' own tests: below
     return TrainConfig(**{**base, **kw})
 
 
