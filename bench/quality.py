@@ -283,7 +283,7 @@ def main() -> None:
           f"at {base['used']:.1f} s):")
     for r in results:
         reach = first_reach(r["curve"], target)
-        at = f"{reach:.1f} s ({100 * reach / base['used']:.0f}% of its time)" if reach is not None else "never"
+        at = f"{reach:.1f} s ({100 * reach / base['used']:.0f}% of {base['spec']}'s)" if reach is not None else "never"
         print(f"  {r['spec']}: test {r['test_bpb']:.4f} bits/byte, ratio {r['test_bpb'] / base['test_bpb']:.3f}x "
               f"(val {r['val_bpb']:.4f}, ratio {r['val_bpb'] / base['val_bpb']:.3f}x); "
               f"reaches {base['spec']}'s final val loss at {at}")
