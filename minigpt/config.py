@@ -164,8 +164,19 @@ class ModelConfig:
     """Context length in tokens."""
     dropout: float = 0.0
     """Dropout probability used in pre-training."""
+    mlp: str = "swiglu"
+    """MLP activation: swiglu (Llama) or relu2 (relu(x)^2; not exportable to Llama)."""
+    qk_norm: bool = False
+    """RMS-normalise queries and keys per head before attention (not exportable to Llama)."""
+    zero_init: bool = False
+    """Start the residual output projections (attn.proj, mlp.down) at zero (exportable)."""
+    logit_softcap: float = 0.0
+    """cap * tanh(logits / cap) on the output logits when > 0 (not exportable to Llama)."""
 
     def validate(self, prefix: str) -> None:
+        _check(self.mlp in ("swiglu", "relu2"), f"{prefix}.mlp", self.mlp, "must be swiglu or relu2")
+        _check(self.logit_softcap >= 0, f"{prefix}.logit_softcap", self.logit_softcap,
+               "must be >= 0 (0 = off)")
         for name in ("n_layer", "n_head", "n_embd"):
             _check(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "must be >= 1")
         _check(self.n_embd % self.n_head == 0, f"{prefix}.n_embd", self.n_embd,
@@ -194,12 +205,22 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     max_steps: int = 200
     """Optimizer steps to train for (the budget)."""
-    lr: float = 1e-3
-    """Peak learning rate."""
-    min_lr_ratio: float = 0.1
-    """Cosine decays to lr * min_lr_ratio."""
-    warmup_steps: int = 20
+    lr: float = 3e-3
+    """Peak learning rate (AdamW's; with optimizer muon, that of the embedding/head and norms)."""
+    min_lr_ratio: float = 0.0
+    """The schedule decays to lr * min_lr_ratio."""
+    warmup_steps: int = 5
     """Linear warm-up steps."""
+    schedule: str = "wsd"
+    """cosine (warm-up, cosine decay) or wsd (warm-up, flat, linear decay over decay_fraction)."""
+    decay_fraction: float = 0.4
+    """wsd only: the share of max_steps spent decaying at the end."""
+    optimizer: str = "muon"
+    """adamw, or muon (Muon for the blocks' matrices, AdamW for embedding/head and norms)."""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate (follows the same schedule as lr)."""
+    muon_momentum: float = 0.95
+    """Muon's (Nesterov) momentum."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices only."""
     beta1: float = 0.9
@@ -229,6 +250,15 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "must be >= 1")
         _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
+        _check(self.schedule in ("cosine", "wsd"), f"{prefix}.schedule", self.schedule,
+               "must be cosine or wsd")
+        _check(0.0 < self.decay_fraction <= 1.0, f"{prefix}.decay_fraction", self.decay_fraction,
+               "must be in (0, 1]")
+        _check(self.optimizer in ("adamw", "muon"), f"{prefix}.optimizer", self.optimizer,
+               "must be adamw or muon")
+        _check(self.muon_lr > 0, f"{prefix}.muon_lr", self.muon_lr, "must be > 0")
+        _check(0.0 <= self.muon_momentum < 1.0, f"{prefix}.muon_momentum", self.muon_momentum,
+               "must be in [0, 1)")
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"{prefix}.min_lr_ratio", self.min_lr_ratio,
                "must be in [0, 1]")
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
@@ -245,6 +275,9 @@ class FinetuneConfig(TrainConfig):
     lr: float = 3e-4
     max_steps: int = 100
     warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"  # fine-tuning keeps the pre-issue-14 recipe (not benchmarked)
+    optimizer: str = "adamw"
     eval_interval: int = 25
     dropout: float = 0.1
     """Dropout during fine-tuning (overrides the pre-trained model's)."""

@@ -21,6 +21,24 @@ import torch
 from safetensors.torch import save_file
 
 
+# Architecture knobs (GPTConfig field: Llama's value) that LlamaForCausalLM cannot express.
+# zero_init only changes the starting weights, so it exports.
+NOT_LLAMA = {"mlp": "swiglu", "qk_norm": False, "logit_softcap": 0.0}
+
+
+class ExportError(ValueError):
+    """The model cannot be written as a LlamaForCausalLM; the message is one line."""
+
+
+def check_exportable(model) -> None:
+    """Raise ExportError naming the first knob that makes `model` differ from Llama."""
+    for knob, llama in NOT_LLAMA.items():
+        value = getattr(model.config, knob, llama)
+        if value != llama:
+            raise ExportError(f"model.{knob}={value!r} has no LlamaForCausalLM equivalent "
+                              f"(export needs {knob}={llama!r})")
+
+
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
     """Our weights under LlamaForCausalLM's names (fp32, CPU, contiguous; lm_head tied, not stored)."""
     c = model.config
@@ -89,6 +107,7 @@ def export_hf(model, tokenizer_file: str | os.PathLike, out_dir: str | os.PathLi
     """
     from tokenizers import Tokenizer
 
+    check_exportable(model)  # before anything is written
     out = Path(out_dir)
     tok = Tokenizer.from_file(str(tokenizer_file))
     if tok.get_vocab_size() > model.config.vocab_size:

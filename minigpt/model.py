@@ -60,13 +60,27 @@ class GPTConfig:
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     intermediate_size: int = 0
-    """SwiGLU hidden width; 0 derives ~8/3 * n_embd rounded up to a multiple of 64."""
+    """MLP hidden width; 0 derives ~8/3 * n_embd (swiglu) or 4 * n_embd (relu2), rounded up to a
+    multiple of 64: both give ~8 n_embd^2 MLP weights."""
+    mlp: str = "swiglu"
+    """MLP activation: swiglu (Llama: silu(gate) * up) or relu2 (relu(up)^2, modded-nanogpt)."""
+    qk_norm: bool = False
+    """RMS-normalise queries and keys per head (no gain) before attention."""
+    zero_init: bool = False
+    """Initialise the residual output projections (attn.proj, mlp.down) to zero."""
+    logit_softcap: float = 0.0
+    """Logits = cap * tanh(logits / cap) when > 0 (Gemma 2 / modded-nanogpt); 0 = off."""
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError(f"n_embd={self.n_embd} must split into n_head={self.n_head} even-sized heads")
+        if self.mlp not in ("swiglu", "relu2"):
+            raise ValueError(f"mlp={self.mlp!r} must be swiglu or relu2")
+        if not self.logit_softcap >= 0:
+            raise ValueError(f"logit_softcap={self.logit_softcap} must be >= 0")
         if self.intermediate_size <= 0:
-            self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+            wide = 8 / 3 if self.mlp == "swiglu" else 4
+            self.intermediate_size = 64 * math.ceil(wide * self.n_embd / 64)
 
 
 class KVCache:
@@ -113,11 +127,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # rows: q | k | v
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
         H = self.n_head
         qkv = apply_rope(self.qkv(x).view(B, T, 3, H, self.head_dim), cos, sin)
+        if self.qk_norm:  # RoPE is a rotation, so norming after it equals norming before
+            qkv = torch.cat((F.rms_norm(qkv[:, :, :2], (self.head_dim,)), qkv[:, :, 2:]), dim=2)
         qkv = qkv.view(B, T, 3 * H, self.head_dim).transpose(1, 2)  # (B, 3H, T, hd)
         q, kv = qkv[:, :H], qkv[:, H:]
         mask, causal, dtype = None, T > 1, q.dtype
@@ -143,13 +160,20 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.gate_up = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)  # gate | up
+        self.relu2 = config.mlp == "relu2"
+        if self.relu2:
+            self.up = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        else:
+            self.gate_up = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)  # gate | up
         self.down = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
         self.dropout = config.dropout
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        y = self.down(F.silu(gate) * up)
+        if self.relu2:
+            y = self.down(F.relu(self.up(x)).square())
+        else:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            y = self.down(F.silu(gate) * up)
         return F.dropout(y, self.dropout, True) if self.training and self.dropout > 0 else y
 
 
@@ -245,7 +269,10 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init:  # each block starts as the identity (modded-nanogpt)
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -274,9 +301,13 @@ class GPT(nn.Module):
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, cache, i)
         x = self.norm(x)
+        cap = self.config.logit_softcap
         if cache is not None:
             cache.pos += T
-            return F.linear(x[:, -1:], self.tok_emb.weight), None
+            return self._cap(F.linear(x[:, -1:], self.tok_emb.weight)), None
+        if targets is not None and cap > 0:  # the chunked loss has no tanh: plain logits
+            logits = self._cap(F.linear(x, self.tok_emb.weight).float())
+            return None, F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=-100)
         if targets is not None:
             if x.device.type != "cpu":
                 # On a GPU the step is launch-bound, and the chunked loop's many small kernels (and
@@ -285,7 +316,11 @@ class GPT(nn.Module):
                 logits = F.linear(x, self.tok_emb.weight).float()
                 return None, F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=-100)
             return None, linear_cross_entropy(x.view(B * T, -1), self.tok_emb.weight, targets.reshape(-1))
-        return F.linear(x, self.tok_emb.weight), None
+        return self._cap(F.linear(x, self.tok_emb.weight)), None
+
+    def _cap(self, logits: Tensor) -> Tensor:
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count; non_embedding drops the (tied) token embedding / LM head matrix."""

@@ -52,7 +52,8 @@ def run() -> dict:
     try:
         config = GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=shape.n_layer,
                            n_head=shape.n_head, n_embd=shape.n_embd, block_size=shape.block_size,
-                           dropout=shape.dropout)
+                           dropout=shape.dropout, mlp=shape.mlp, qk_norm=shape.qk_norm,
+                           zero_init=shape.zero_init, logit_softcap=shape.logit_softcap)
         model = GPT(config)
         source = TokenWindows(TOKENS / "train.bin", shape.block_size, cfg.batch_size, cfg.seed,
                               rt.rank, rt.world_size)

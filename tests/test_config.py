@@ -70,3 +70,18 @@ def test_partial_file_uses_defaults_and_ints_are_floats():
     assert p.pretrain.lr == 1.0 and isinstance(p.pretrain.lr, float)
     assert p.model.n_layer == 2 and p.model.n_embd == Params().model.n_embd
     assert to_dict(p.model)["n_layer"] == 2
+
+
+@pytest.mark.parametrize("section,key,value,needle", [
+    ("pretrain", "optimizer", "sgd", "pretrain.optimizer: must be adamw or muon"),
+    ("pretrain", "schedule", "linear", "pretrain.schedule: must be cosine or wsd"),
+    ("pretrain", "decay_fraction", 0.0, "pretrain.decay_fraction"),
+    ("pretrain", "muon_lr", -1, "pretrain.muon_lr"),
+    ("pretrain", "muon_momentum", 1.0, "pretrain.muon_momentum"),
+    ("model", "mlp", "gelu", "model.mlp: must be swiglu or relu2"),
+    ("model", "qk_norm", "yes", "model.qk_norm: expected bool"),
+    ("model", "logit_softcap", -1.0, "model.logit_softcap"),
+])
+def test_recipe_knobs_are_validated(section, key, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        parse_params(_with(section, key, value))

@@ -97,3 +97,30 @@ def test_export_rejects_unknown_special_id(exported, tmp_path):
     with pytest.raises(ValueError, match="not in"):
         export_hf(model, out / "tokenizer.json", tmp_path / "x", chat_template=None, eos_id=310, pad_id=1)
     assert not (tmp_path / "x").exists()  # nothing written
+
+
+@pytest.mark.parametrize("knob,value", [("qk_norm", True), ("mlp", "relu2"), ("logit_softcap", 30.0)])
+def test_export_refuses_non_llama_knobs(exported, tmp_path, knob, value):
+    from minigpt.export import ExportError
+
+    _, out = exported
+    model = GPT(GPTConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=16, block_size=16, **{knob: value}))
+    with pytest.raises(ExportError, match=rf"^model\.{knob}=.*no LlamaForCausalLM equivalent") as e:
+        export_hf(model, out / "tokenizer.json", tmp_path / "hf", chat_template=None, eos_id=0, pad_id=1)
+    assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
+
+
+def test_export_zero_init_model_still_matches_llama(exported, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    _, out = exported
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, n_layer=2, n_head=4, n_embd=32, block_size=32, zero_init=True)).eval()
+    assert torch.all(model.layers[0].mlp.down.weight == 0)
+    with torch.no_grad():  # trained-looking weights, so the blocks matter
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    hf_dir = export_hf(model, out / "tokenizer.json", tmp_path / "hf", chat_template=None, eos_id=0, pad_id=1)
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    x = torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x)[0], rtol=1e-4, atol=1e-4)

@@ -197,3 +197,38 @@ def test_dropout_only_in_training():
         assert not torch.equal(model(x)[0], model(x)[0])
         model.eval()
         torch.testing.assert_close(model(x)[0], model(x)[0])
+
+
+KNOBS = [dict(qk_norm=True), dict(mlp="relu2"), dict(logit_softcap=5.0), dict(zero_init=True)]
+
+
+@pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: "-".join(map(str, k.items())))
+def test_recipe_knobs_loss_cache_and_gradients(knobs):
+    model = tiny(**knobs)
+    with torch.no_grad():  # zero-init blocks would hide a broken path; soft-capping needs big logits
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5)
+    x, y = batch()
+    _, loss = model(x, y)
+    torch.testing.assert_close(loss, reference_loss(model, x, y), rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    full, _ = model(x)
+    if knobs.get("logit_softcap"):
+        assert full.abs().max() <= 5.0
+    cache = model.new_cache(3)
+    with torch.no_grad():
+        model(x[:, :10], cache=cache)
+        step, _ = model(x[:, 10:11], cache=cache)
+    torch.testing.assert_close(step[:, 0], full[:, 10].detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_knob_shapes_and_init():
+    assert GPTConfig(vocab_size=10, n_layer=1, n_head=4, n_embd=128, block_size=8, mlp="relu2").intermediate_size == 512
+    model = tiny(zero_init=True)
+    assert torch.all(model.layers[1].attn.proj.weight == 0) and torch.all(model.layers[0].mlp.down.weight == 0)
+    assert model.layers[0].attn.qkv.weight.std() > 0.01
+    assert not hasattr(tiny(mlp="relu2").layers[0].mlp, "gate_up")
+    with pytest.raises(ValueError, match="mlp"):
+        GPTConfig(vocab_size=10, n_layer=1, n_head=4, n_embd=32, block_size=8, mlp="gelu")

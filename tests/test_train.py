@@ -59,7 +59,8 @@ def data(tmp_path) -> dict:
 
 def cfg(**kw) -> TrainConfig:
     base = dict(device="cpu", dtype="fp32", batch_size=4, max_steps=8, lr=3e-3, warmup_steps=2,
-                eval_interval=4, eval_batches=2, save_interval=4, log_interval=2, seed=7)
+                eval_interval=4, eval_batches=2, save_interval=4, log_interval=2, seed=7,
+                optimizer="adamw", schedule="cosine", min_lr_ratio=0.1)  # the recipes' own tests: below
     return TrainConfig(**{**base, **kw})
 
 
@@ -451,3 +452,105 @@ def test_grad_accum_weights_micro_batches_by_their_targets():
     assert l1 == pytest.approx(l2, rel=1e-5) and n1 == pytest.approx(n2, rel=1e-4) and t1 == t2
     for a, b in zip(w1, w2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # Adam: tiny grads move by ~lr
+
+
+# --- the recipe knobs: Muon + WSD keep resume and DDP exact ----------------------------------
+
+NEW_RECIPE = dict(optimizer="muon", muon_lr=0.02, schedule="wsd", decay_fraction=0.5)
+
+
+def test_wsd_schedule():
+    c = cfg(lr=1.0, min_lr_ratio=0.0, warmup_steps=2, max_steps=10, schedule="wsd", decay_fraction=0.4)
+    lrs = [lr_at(s, c) for s in range(10)]
+    assert lrs[:2] == [0.5, 1.0] and lrs[2:6] == [1.0] * 4  # warm-up, then flat
+    assert lrs[6:] == pytest.approx([0.75, 0.5, 0.25, 0.0])  # linear decay over the last 40%
+    floor = cfg(lr=1.0, min_lr_ratio=0.1, warmup_steps=0, max_steps=10, schedule="wsd", decay_fraction=0.4)
+    assert lr_at(9, floor) == pytest.approx(0.1) and lr_at(5, floor) == 1.0
+
+
+def test_muon_optimizer_groups_and_lr():
+    model = tiny_model()
+    c = cfg(**NEW_RECIPE)
+    opt = train.build_optimizer(model, c, "cpu")
+    muon_ids = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in muon_ids}
+    assert names == {n for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2}
+    assert "tok_emb.weight" not in names
+    n_all = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_all == len(list(model.parameters()))
+    run = train._Run(raw=model, model=model, optimizer=opt, cfg=c, rt=rt(),
+                     source=TokenWindows(_tokens_for_step(), BLOCK, 4, 0), val=[], identity={},
+                     h=train.History())
+    train._train_step(run)
+    assert opt.muon.param_groups[0]["lr"] == pytest.approx(lr_at(0, c) * c.muon_lr / c.lr)
+    assert opt.adamw.param_groups[0]["lr"] == pytest.approx(lr_at(0, c))
+
+
+def _tokens_for_step() -> Path:
+    import tempfile
+
+    return write_tokens(Path(tempfile.mkdtemp()) / "t.bin", 500)
+
+
+def test_resume_after_kill_is_exact_with_muon_and_wsd(data, capsys):
+    c = cfg(**NEW_RECIPE)
+    straight = run_fit(data, c, out="straight")
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(data, c, out="resumed", source=CrashAfter(TokenWindows(data["train"], BLOCK, 4, 7), 5))
+    capsys.readouterr()
+    resumed = run_fit(data, c, out="resumed", model=tiny_model(99))
+    assert resumed["resumed_from_step"] == 4
+    a, b = weights(data["root"] / "straight"), weights(data["root"] / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["train_loss"] == straight["train_loss"] and resumed["val_loss"] == straight["val_loss"]
+    adamw = run_fit(data, cfg(), out="adamw")  # and Muon really is a different trajectory
+    assert not torch.equal(weights(data["root"] / "adamw")["layers.0.attn.qkv.weight"],
+                           a["layers.0.attn.qkv.weight"])
+    assert adamw["val_loss"] != straight["val_loss"]
+
+
+def test_changing_the_optimizer_starts_fresh(data, capsys):
+    run_fit(data, cfg(max_steps=4))
+    capsys.readouterr()
+    fresh = run_fit(data, cfg(max_steps=8, optimizer="muon"))
+    out = capsys.readouterr()
+    assert "not resuming" in out.out + out.err and "train.optimizer" in out.out + out.err
+    assert fresh["resumed_from_step"] is None
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="needs torchrun")
+def test_ddp_two_ranks_match_one_process_with_muon_and_wsd(data):
+    single = run_fit(data, cfg(batch_size=4, **DDP_CFG, **NEW_RECIPE), out="single")
+    script = data["root"] / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    c = dataclasses.asdict(cfg(batch_size=2, nproc=2, **DDP_CFG, **NEW_RECIPE))
+    ddp = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", str(script), str(ROOT),
+                          str(data["root"]), repr(c)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = weights(data["root"] / "single"), weights(data["root"] / "ddp")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    m = json.loads((data["root"] / "ddp" / "metrics.json").read_text())
+    assert m["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
+    assert m["train_loss"] == pytest.approx(single["train_loss"], abs=1e-5)
+
+
+def test_muon_matches_torch_muon():
+    """Our Muon (fp32 Newton-Schulz) against torch.optim.Muon (bf16) on the same gradients."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(48, 16)), torch.nn.Parameter(torch.randn(16, 40))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+    a = train.Muon([{"params": ours}], lr=0.02, momentum=0.95, weight_decay=0.01)
+    b = torch.optim.Muon(ref, lr=0.02, momentum=0.95, weight_decay=0.01)
+    for _ in range(3):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q, s in zip(ours, ref, start):
+        moved = (q - s).abs().max().item()
+        assert moved > 0.01 and (p - q).abs().max().item() < 0.05 * moved  # bf16 rounding only

@@ -1,0 +1,296 @@
+"""Quality at a fixed compute budget: bits/byte reached by training recipes, back to back.
+
+    python bench/quality.py [--minutes 3] [--clock cpu|wall] [--threads N]
+                            [--recipe old --recipe new --recipe new,model.qk_norm=true ...]
+                            [--set pretrain.batch_size=32 ...]
+
+Each recipe trains the quick-start model (params.yaml `model` + `pretrain`, with the recipe's
+overrides) through the real `minigpt.train.fit` loop on the same token files, for the same budget:
+`old` is the recipe params.yaml shipped before issue 14 (AdamW lr 1e-3, cosine, SwiGLU, 4x4x128),
+`new` is params.yaml as it is now; `NAME,key=value,...` adds overrides to a recipe and `--set` adds
+them to every recipe. The budget is turned into max_steps by timing a few real steps of each
+recipe first, so the schedule ends where the budget does.
+
+Data (read from ../shared/data, see its README.md): train = WikiText-2 raw train (its first 1,000
+lines: all that is local) + the first 50 articles of wiki.valid.raw + extra/wiki_demo.txt;
+validation = the last 10 articles of wiki.valid.raw; test = wiki.test.raw, untouched. WikiText
+articles are regrouped and detokenized like `process` does. The BPE is trained on the train text
+with minigpt.tokenizer (tokenizer.vocab_size); tokenizer and token files are cached under
+bench/results/quality/ (git-ignored), keyed by the inputs' hash.
+
+Clock: `cpu` (default) is this process's CPU time (time.process_time), which other users of a
+shared machine barely disturb; `wall` is time.perf_counter. Evaluations are not counted. Output:
+per recipe the validation curve against tokens and seconds, final validation and test bits/byte
+(every token of the split, non-overlapping windows), and for each recipe after the first the
+ratio of its test bits/byte to the first's and the time at which its validation loss first reached
+the first recipe's final one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout
+from minigpt import train  # noqa: E402
+from minigpt.config import ConfigError, parse_params  # noqa: E402
+from minigpt.data import article_text, wikitext_articles  # noqa: E402
+from minigpt.encode import flatten_with_eot, token_dtype  # noqa: E402
+from minigpt.evaluate import sliding_window_nll  # noqa: E402
+from minigpt.model import GPT, GPTConfig  # noqa: E402
+from minigpt.tokenizer import EOT, load_tokenizer, save_tokenizer, special_id, train_tokenizer  # noqa: E402
+
+# ../shared/data next to the checkout, or next to any folder above it (git worktrees)
+DATA = next((d / "shared" / "data" for d in ROOT.parents if (d / "shared" / "data").is_dir()),
+            ROOT.parent / "shared" / "data")
+CACHE = ROOT / "bench" / "results" / "quality"
+HELD_OUT = 10  # last articles of wiki.valid.raw kept for validation
+# The quick-start recipe before issue 14 (params.yaml at 0241e81), frozen here for comparisons.
+OLD = {"model.n_layer": 4, "model.n_head": 4, "model.n_embd": 128, "model.block_size": 256,
+       "model.mlp": "swiglu", "model.qk_norm": False, "model.zero_init": False,
+       "model.logit_softcap": 0.0, "pretrain.batch_size": 16, "pretrain.grad_accum": 1,
+       "pretrain.lr": 1e-3, "pretrain.min_lr_ratio": 0.1, "pretrain.warmup_steps": 20,
+       "pretrain.weight_decay": 0.1, "pretrain.beta1": 0.9, "pretrain.beta2": 0.95,
+       "pretrain.grad_clip": 1.0, "pretrain.schedule": "cosine", "pretrain.optimizer": "adamw"}
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def wikitext_docs(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [t for t in (article_text(a, detokenized=True) for a in wikitext_articles(lines)) if t]
+
+
+def corpus(data: Path) -> dict[str, list[str]]:
+    raw = data / "wikitext-2-raw"
+    valid = wikitext_docs(raw / "wiki.valid.raw")
+    extra = [ln.strip() for ln in (data / "extra" / "wiki_demo.txt").read_text(encoding="utf-8").splitlines()]
+    return {"train": wikitext_docs(raw / "wiki.train.first1000lines.raw") + valid[:-HELD_OUT]
+            + [t for t in extra if t],
+            "validation": valid[-HELD_OUT:], "test": wikitext_docs(raw / "wiki.test.raw")}
+
+
+def prepare(data: Path, vocab_size: int) -> dict:
+    """Tokenizer + token files (cached) -> {"tokenizer", split: (path, n_bytes)}."""
+    docs = corpus(data)
+    key = hashlib.sha256(json.dumps([docs, vocab_size]).encode()).hexdigest()[:12]
+    out = CACHE / key
+    info = {"tokenizer": out / "tokenizer.json"}
+    for split in docs:
+        info[split] = (out / f"{split}.bin", sum(len(d.encode()) for d in docs[split]))
+    if (out / "done").exists():
+        return info
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(docs["train"], vocab_size)
+    save_tokenizer(tok, info["tokenizer"])
+    dtype = token_dtype(tok.get_vocab_size())
+    for split, texts in docs.items():
+        ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+        arr = flatten_with_eot(ids, special_id(tok, EOT), dtype)
+        arr.tofile(out / f"{split}.bin")
+        (out / f"{split}.json").write_text(json.dumps(
+            {"dtype": dtype.name, "count": int(arr.size), "documents": len(texts), "bytes": info[split][1]}))
+    (out / "done").write_text(key + "\n")
+    return info
+
+
+# --- recipes ----------------------------------------------------------------------------------
+
+
+def parse_value(text: str):
+    return yaml.safe_load(text)  # true -> True, 0.02 -> 0.02, muon -> "muon"
+
+
+def recipe_params(spec: str, common: list[str]):
+    """params.yaml with recipe `spec` (NAME[,key=value...]) and the --set overrides applied."""
+    name, *pairs = spec.split(",")
+    if name not in ("old", "new"):
+        raise SystemExit(f"error: --recipe {spec}: name must be old or new")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    overrides = dict(OLD) if name == "old" else {}
+    for pair in pairs + common:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"error: override {pair!r}: expected section.key=value")
+        overrides[key] = parse_value(value)
+    for key, value in overrides.items():
+        section, field = key.split(".", 1)
+        params.setdefault(section, {})[field] = value
+    try:
+        return parse_params(params)
+    except ConfigError as e:
+        raise SystemExit(f"error: --recipe {spec}: {e}") from None
+
+
+def build(p, vocab: int) -> GPT:
+    m = p.model
+    torch.manual_seed(p.pretrain.seed)
+    return GPT(GPTConfig(vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
+                         block_size=m.block_size, dropout=m.dropout, mlp=m.mlp, qk_norm=m.qk_norm,
+                         zero_init=m.zero_init, logit_softcap=m.logit_softcap))
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+class Clock:
+    """Training time on the chosen clock, with evaluations left out."""
+
+    def __init__(self, kind: str):
+        self.now = time.process_time if kind == "cpu" else time.perf_counter
+        self.start, self.paused = self.now(), 0.0
+
+    def elapsed(self) -> float:
+        return self.now() - self.start - self.paused
+
+
+class TimedVal:
+    """Validation batches for `fit` that note the training clock at each evaluation."""
+
+    def __init__(self, batches: list, clock: Clock):
+        self.batches, self.clock, self.times = batches, clock, []
+
+    def __iter__(self):
+        self.times.append(self.clock.elapsed())
+        t = self.clock.now()
+        yield from self.batches
+        self.clock.paused += self.clock.now() - t
+
+
+def seconds_per_step(p, info: dict, vocab: int, clock: str, steps: int = 3) -> float:
+    """Median time of a few real `_train_step`s of this recipe (after one warm-up step)."""
+    cfg = dataclasses.replace(p.pretrain, max_steps=10**6, device="cpu", dtype="fp32")
+    model = build(p, vocab)
+    src = train.TokenWindows(info["train"][0], p.model.block_size, cfg.batch_size, cfg.seed)
+    run = train._Run(raw=model, model=model, optimizer=train.build_optimizer(model, cfg, "cpu"),
+                     cfg=cfg, rt=train.Runtime(torch.device("cpu"), "fp32"), source=src, val=[],
+                     identity={}, h=train.History())
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    times = []
+    for i in range(steps + 1):
+        t = now()
+        train._train_step(run)
+        if i:
+            times.append(now() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def bits_per_byte(model: GPT, path: Path, n_bytes: int, block: int, max_tokens: int = 0) -> float:
+    """Bits per UTF-8 byte over the split (non-overlapping windows); with max_tokens, over its
+    first max_tokens tokens, the bytes prorated by the token count."""
+    tokens = train.read_tokens(path)
+    nll, n = sliding_window_nll(model, tokens, block, block, 16, max_tokens=max_tokens)
+    return nll / math.log(2) / (n_bytes * n / (len(tokens) - 1))
+
+
+def run_recipe(spec: str, p, info: dict, vocab: int, args) -> dict:
+    per_step = seconds_per_step(p, info, vocab, args.clock)
+    steps = max(10, int(args.minutes * 60 / per_step))
+    cfg = dataclasses.replace(p.pretrain, device="cpu", dtype="fp32", max_steps=steps,
+                              eval_interval=max(1, steps // args.evals), save_interval=steps,
+                              log_interval=max(1, steps // args.evals), compile=False)
+    cfg.validate("pretrain")
+    model = build(p, vocab)
+    block = p.model.block_size
+    src = train.TokenWindows(info["train"][0], block, cfg.batch_size, cfg.seed)
+    clock = Clock(args.clock)
+    val = TimedVal(train.val_batches(info["validation"][0], block, cfg.batch_size, cfg.eval_batches), clock)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        summary = train.fit(model, cfg, train.Runtime(torch.device("cpu"), "fp32"), src, val,
+                            model_dir=tmp / "model", ckpt_dir=tmp / "ckpt", metrics_file=tmp / "m.json",
+                            curves_dir=tmp / "curves", meta={"bench": "quality"},
+                            tokenizer_file=info["tokenizer"])
+        used = clock.elapsed()
+        rows = _val_rows(tmp / "curves" / "val.tsv")
+    curve = [(step, tokens, val.times[i], loss) for i, (step, tokens, loss) in enumerate(rows)]
+    model.eval()
+    result = {"spec": spec, "steps": steps, "per_step": per_step, "used": used, "curve": curve,
+              "params": model.num_params(), "tokens": summary["tokens"],
+              "val_bpb": bits_per_byte(model, *info["validation"], block),
+              "test_bpb": bits_per_byte(model, *info["test"], block, args.test_tokens)}
+    return result
+
+
+def _val_rows(path: Path) -> list[tuple[int, int, float]]:
+    lines = path.read_text().splitlines()[1:]
+    return [(int(a), int(b), float(c)) for a, b, c in (ln.split("\t") for ln in lines)]
+
+
+def first_reach(curve: list, target: float) -> float | None:
+    """Time at which the curve first reaches `target`, interpolated between evaluations."""
+    for (_, _, t0, l0), (_, _, t1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1) if l0 > target else t0
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=3.0, help="budget per recipe on --clock")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    ap.add_argument("--recipe", action="append", help="old | new, plus ,section.key=value overrides")
+    ap.add_argument("--set", action="append", default=[], help="section.key=value for every recipe")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--evals", type=int, default=12, help="validation points on the curve")
+    ap.add_argument("--test-tokens", type=int, default=0,
+                    help="score only the first N test tokens (0 = all; a full pass costs ~1/3 of "
+                         "training on that many tokens)")
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    recipes = args.recipe or ["old", "new"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (args.data / "wikitext-2-raw" / "wiki.valid.raw").is_file():
+        raise SystemExit(f"error: {args.data}: no WikiText-2 raw files (see ../shared/data/README.md)")
+    params = [recipe_params(spec, args.set) for spec in recipes]
+    vocab_sizes = {p.tokenizer.vocab_size for p in params}
+    if len(vocab_sizes) != 1:
+        raise SystemExit("error: recipes must share tokenizer.vocab_size (same tokens)")
+    info = prepare(args.data, vocab_sizes.pop())
+    vocab = load_tokenizer(info["tokenizer"]).get_vocab_size()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, clock {args.clock}, "
+          f"budget {args.minutes:g} min per recipe; tokens: " + ", ".join(
+              f"{s} {train.read_tokens(info[s][0]).size:,} ({info[s][1]:,} B)"
+              for s in ("train", "validation", "test")), flush=True)
+    results = []
+    for spec, p in zip(recipes, params):
+        r = run_recipe(spec, p, info, vocab, args)
+        results.append(r)
+        print(f"\n== {spec}: {r['params'] / 1e6:.2f}M params, {r['steps']} steps "
+              f"({r['per_step']:.3f} s/step), {r['tokens']:,} tokens, {r['used']:.1f} s {args.clock}")
+        print("   step     tokens   seconds  val_loss")
+        for step, tokens, t, loss in r["curve"]:
+            print(f"  {step:5d} {tokens:10,d} {t:9.1f}  {loss:.4f}")
+        print(f"  validation {r['val_bpb']:.4f} bits/byte | test {r['test_bpb']:.4f} bits/byte", flush=True)
+    base = results[0]
+    target = base["curve"][-1][3]
+    print(f"\nsummary (clock {args.clock}; vs {base['spec']}, final val loss {target:.4f} "
+          f"at {base['used']:.1f} s):")
+    for r in results:
+        reach = first_reach(r["curve"], target)
+        at = f"{reach:.1f} s ({100 * reach / base['used']:.0f}% of {base['spec']}'s)" if reach is not None else "never"
+        print(f"  {r['spec']}: test {r['test_bpb']:.4f} bits/byte, ratio {r['test_bpb'] / base['test_bpb']:.3f}x "
+              f"(val {r['val_bpb']:.4f}, ratio {r['val_bpb'] / base['val_bpb']:.3f}x); "
+              f"reaches {base['spec']}'s final val loss at {at}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
