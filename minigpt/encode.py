@@ -165,9 +165,11 @@ def _last_boundary(text: str, lo: int, hi: int) -> int | None:
 
 
 def encode_documents(tok: Tokenizer, texts: list[str], dtype: np.dtype,
-                     max_chars: int = PIECE_CHARS, batch_chars: int = BATCH_BYTES) -> list[np.ndarray]:
-    """Ids of each text (as `dtype` arrays), encoding long texts in pieces and at most about
-    `batch_chars` characters per `encode_batch` call, so memory follows bytes, not documents."""
+                     max_chars: int | None = None, batch_chars: int | None = None) -> list[np.ndarray]:
+    """Ids of each text (as `dtype` arrays), encoding long texts in pieces of `max_chars`
+    (PIECE_CHARS) and at most about `batch_chars` (BATCH_BYTES) characters per `encode_batch`
+    call, so memory follows bytes, not documents."""
+    max_chars, batch_chars = max_chars or PIECE_CHARS, batch_chars or BATCH_BYTES
     out: list[list[np.ndarray]] = [[] for _ in texts]
     group: list[tuple[int, str]] = []
     size = 0
