@@ -444,7 +444,7 @@ MEM_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     from pathlib import Path
     import minigpt.encode as enc
-    enc.BATCH_BYTES, enc.PIECE_CHARS = 2**20, 2**18  # small caps, so a small test shows the bound
+    enc.BATCH_BYTES, enc.PIECE_CHARS = 2**18, 2**16  # small caps, so a small test shows the bound
     src, tok, out = map(Path, sys.argv[1:4])
     base = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])  # kB
     enc.encode_corpus("pretrain", src, tok, out, 1000, splits=("train",))
