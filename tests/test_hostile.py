@@ -387,6 +387,33 @@ def test_trainer_dies_with_its_parent_and_a_second_writer_is_refused(project):
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and prctl")
+def test_torchrun_worker_dies_when_the_command_above_torchrun_is_killed(project):
+    """`dvc repro` -> torchrun -> trainer: killing the top leaves torchrun orphaned; the trainer
+    sees its agent's parent change and stops (torchrun then exits too)."""
+    _set_params(project, pretrain=LONG_RUN)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    parent = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import subprocess, sys
+            subprocess.Popen([{torchrun!r}, "--standalone", "--nproc_per_node", "1",
+                              {str(ROOT / 'stages/pretrain.py')!r}],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait()
+        """)], cwd=project, env=_env())
+    trainer = _wait_for_lock(project, timeout=180)
+    try:
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 30
+        while not _gone(trainer) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _gone(trainer), "the torchrun worker outlived the command that started torchrun"
+    finally:
+        if not _gone(trainer):
+            os.kill(trainer, signal.SIGKILL)
+
+
 # --- 9. encode sweeps stale temporary directories -------------------------------------------------
 
 def test_encode_sweeps_temp_dirs_of_killed_runs(project):
