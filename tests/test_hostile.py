@@ -397,12 +397,23 @@ def test_torchrun_worker_dies_when_the_command_above_torchrun_is_killed(project)
     parent = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import subprocess, sys
-            subprocess.Popen([{torchrun!r}, "--standalone", "--nproc_per_node", "1",
-                              {str(ROOT / 'stages/pretrain.py')!r}],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait()
-        """)], cwd=project, env=_env())
-    trainer = _wait_for_lock(project, timeout=180)
+            agent = subprocess.Popen([{torchrun!r}, "--standalone", "--nproc_per_node", "1",
+                                      {str(ROOT / 'stages/pretrain.py')!r}],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            print(agent.pid, flush=True)
+            agent.wait()
+        """)], cwd=project, env=_env(), stdout=subprocess.PIPE)
+    agent = int(parent.stdout.readline())
+    trainer = None
     try:
+        deadline = time.time() + 180
+        while trainer is None and time.time() < deadline:  # the worker: the agent's child
+            kids = [int(k) for t in Path(f"/proc/{agent}/task").glob("*")
+                    for k in (t / "children").read_text().split()] if not _gone(agent) else []
+            trainer = kids[0] if kids else None
+            time.sleep(0.5)
+        assert trainer is not None, "torchrun never started its worker"
+        time.sleep(15)  # well into training (imports, model, first steps)
         parent.kill()
         parent.wait()
         deadline = time.time() + 30
@@ -410,8 +421,11 @@ def test_torchrun_worker_dies_when_the_command_above_torchrun_is_killed(project)
             time.sleep(0.2)
         assert _gone(trainer), "the torchrun worker outlived the command that started torchrun"
     finally:
-        if not _gone(trainer):
-            os.kill(trainer, signal.SIGKILL)
+        for pid in (trainer, agent):
+            if pid is not None and not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
 
 
 # --- 9. encode sweeps stale temporary directories -------------------------------------------------
