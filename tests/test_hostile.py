@@ -506,9 +506,11 @@ def test_one_huge_document_encodes_in_bounded_memory(tmp_path, tok_file):
     print(f"peak RSS growth {growth:.0f} MB")  # measured ~340 MB here; ~2 GB encoded whole
     assert growth < 600, f"peak RSS grew {growth:.0f} MB for one 8 MB document"
     from minigpt.encode import read_tokens
+    from minigpt.tokenizer import EOT, load_tokenizer, special_id
 
+    eot = special_id(load_tokenizer(tok_file), EOT)
     ids = read_tokens(tmp_path / "out" / "train")
-    assert int(ids[-1]) == 1 and (ids == 1).sum() == 1  # one document, one <|endoftext|>
+    assert int(ids[-1]) == eot and int((ids == eot).sum()) == 1  # one document, one <|endoftext|>
 
 
 # --- 11. silent wrong results ----------------------------------------------------------------------
