@@ -20,18 +20,33 @@ Design choices
   new one (crash after it), never a mix. The next `save_state` first finishes a pending commit.
 - Tied weights: `safetensors.torch.save_model`/`load_model` store a shared tensor once and
   re-tie on load, so the model file never duplicates the embedding.
+- Untrusted input: a model directory or checkpoint may come from someone else. `meta.json` may
+  only name plain files of the expected shapes (`model.safetensors`, `state.pt`, `*.safetensors`
+  and their `.NAME.PID-HEX.tmp` temporaries), so nothing outside the directory is ever opened,
+  renamed or deleted. `config.json` is validated field by field (type, range, upper bounds) and
+  the weights' names, shapes and dtypes are read from the safetensors header (bounded) and
+  compared with the config *before* the model is allocated, so a hostile config can neither
+  exhaust memory nor fail deep inside torch.
+- Files are written with the usual permissions (0666 minus the umask): safetensors alone
+  creates them 0600.
+- `lock_scratch` holds an exclusive `flock` on a training scratch directory for the life of a run,
+  so two trainers can never interleave writes there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import secrets
 import shutil
+import struct
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -44,6 +59,13 @@ TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 STATE_FORMAT = "minigpt-ckpt-v1"
+LOCK_FILE = ".lock"
+# config.json bounds: generous for any model this code trains, small enough that nothing in
+# the config alone can ask for more than a few GB before the weights are checked against it
+CONFIG_BOUNDS = {"vocab_size": (1, 2**20), "n_layer": (1, 1024), "n_head": (1, 1024),
+                 "n_embd": (2, 2**16), "block_size": (1, 2**20), "intermediate_size": (0, 2**18)}
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # float weights this loader accepts
 
 
 class CheckpointError(RuntimeError):
@@ -67,6 +89,17 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _public(path: Path) -> None:
+    """Give a file the permissions an ordinary write would (safetensors creates them 0600)."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _tmp_name(path: Path) -> Path:
@@ -131,6 +164,7 @@ def save_model(model: torch.nn.Module, directory: str | Path, *, tokenizer_file:
     tmp.mkdir()
     try:
         st_save_model(model, str(tmp / MODEL_FILE))
+        _public(tmp / MODEL_FILE)
         config = {**dataclasses.asdict(model.config), **meta}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
@@ -173,31 +207,143 @@ def read_config(directory: str | Path) -> dict:
     return config
 
 
+def check_gpt_config(config: dict, path: str | Path):
+    """A GPTConfig from config.json's fields, each checked for type and range first.
+
+    Bounds keep a hostile config from asking for absurd memory before its weights are checked:
+    the weights' shapes then pin vocab_size, n_layer and n_embd to what the file holds, and
+    block_size is bounded by what its RoPE tables and KV cache would cost."""
+    from minigpt.model import GPTConfig
+
+    def bad(field: str, why: str, value: Any) -> CheckpointError:
+        return CheckpointError(f"{path}: not a GPT config ({field} {why}, got {value!r:.60})")
+
+    floats = {"dropout": (0.0, 1.0), "rope_theta": (0.0, 1e12), "norm_eps": (0.0, 1.0)}
+    kwargs = {}
+    for f in dataclasses.fields(GPTConfig):
+        if f.name not in config:
+            if f.default is dataclasses.MISSING:
+                raise CheckpointError(f"{path}: not a GPT config (missing field {f.name!r})")
+            continue
+        value = config[f.name]
+        if f.name in CONFIG_BOUNDS:
+            lo, hi = CONFIG_BOUNDS[f.name]
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise bad(f.name, "must be an integer", value)
+            if not lo <= value <= hi:
+                raise bad(f.name, f"must be in [{lo}, {hi}]", value)
+        elif f.name in floats:
+            lo, hi = floats[f.name]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not math.isfinite(value):
+                raise bad(f.name, "must be a finite number", value)
+            if not (lo <= value < hi if f.name == "dropout" else lo < value < hi):
+                raise bad(f.name, f"must be in {'[' if f.name == 'dropout' else '('}{lo}, {hi})", value)
+        kwargs[f.name] = value
+    n_embd, n_head = kwargs["n_embd"], kwargs["n_head"]
+    if n_embd % n_head or (n_embd // n_head) % 2:
+        raise bad("n_head", f"must split n_embd={n_embd} into even-sized heads", n_head)
+    cache = 8 * kwargs["n_layer"] * kwargs["block_size"] * n_embd  # fp32 k+v of one sequence
+    rope = 24 * kwargs["block_size"] * (n_embd // n_head)  # cos+sin tables, q|k|v slots, fp32
+    if cache > 2**32 or rope > 2**30:
+        raise bad("block_size", f"too large for n_layer={kwargs['n_layer']}, n_embd={n_embd} "
+                  f"(a KV cache of {cache / 2**30:.1f} GiB, limit 4)", kwargs["block_size"])
+    return GPTConfig(**kwargs)
+
+
+def safetensors_header(path: str | Path) -> dict[str, tuple[str, list[int]]]:
+    """{tensor name: (dtype, shape)} from a safetensors file's header, read and checked without
+    loading any tensor (bounded header size; every tensor's byte range must fit the file)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= min(MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path}: weights do not load (not safetensors: header length {n})")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise CheckpointError(f"{path}: weights do not load ({e.strerror})") from None
+    except ValueError as e:  # UnicodeDecodeError included
+        raise CheckpointError(f"{path}: weights do not load (bad safetensors header: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: weights do not load (header is not an object)")
+    data_size = size - 8 - n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(info, dict) and isinstance(info.get("shape"), list) \
+            and all(isinstance(d, int) and d >= 0 for d in info["shape"]) \
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2 \
+            and all(isinstance(o, int) for o in info["data_offsets"])
+        if not ok:
+            raise CheckpointError(f"{path}: weights do not load (tensor {name!r:.80}: malformed header entry)")
+        dtype, shape, (begin, end) = info.get("dtype"), info["shape"], info["data_offsets"]
+        if dtype not in ST_DTYPES:
+            raise CheckpointError(f"{path}: weights do not load (tensor {name!r:.80} has dtype "
+                                  f"{dtype!r:.20}, expected one of {', '.join(ST_DTYPES)})")
+        if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * ST_DTYPES[dtype]:
+            raise CheckpointError(f"{path}: weights do not load (tensor {name!r:.80} does not fit "
+                                  f"the file: offsets {begin}..{end}, shape {shape})")
+        out[name] = (dtype, shape)
+    return out
+
+
+def check_weights(path: str | Path, gpt_config) -> None:
+    """The weights' names and shapes (from the header) must be exactly the ones gpt_config
+    implies; the expected shapes come from a GPT built on the meta device (no memory)."""
+    import torch
+
+    from minigpt.model import GPT
+
+    got = safetensors_header(path)
+    with torch.device("meta"):  # one block, repeated: building 1000 blocks even on meta is slow
+        one = GPT(dataclasses.replace(gpt_config, n_layer=1)).state_dict()
+    expected = {}
+    for k, v in one.items():
+        for i in range(gpt_config.n_layer) if k.startswith("layers.0.") else [None]:
+            expected[k if i is None else f"layers.{i}.{k[9:]}"] = list(v.shape)
+    for name, shape in expected.items():
+        if name not in got:
+            raise CheckpointError(f"{path}: weights do not load (tensor {name!r} missing; "
+                                  "config.json implies it)")
+        if got[name][1] != shape:
+            raise CheckpointError(f"{path}: weights do not load (tensor {name!r} has shape "
+                                  f"{got[name][1]}, config.json implies {shape})")
+    for name in got:
+        if name not in expected:
+            raise CheckpointError(f"{path}: weights do not load (unexpected tensor {name!r:.80})")
+
+
+def check_vocab(tok, config: dict, vocab_size: int, where: str | Path) -> None:
+    """A tokenizer must fit the model: no more tokens than its embedding has rows, and exactly
+    the recorded `tokenizer_vocab_size` when config.json has one."""
+    n = tok.get_vocab_size()
+    recorded = config.get("tokenizer_vocab_size")
+    if n > vocab_size:
+        raise CheckpointError(f"{where}: {n} tokens, more than the model's vocab_size {vocab_size}")
+    if isinstance(recorded, int) and n != recorded:
+        raise CheckpointError(f"{where}: {n} tokens, but the model was trained with a "
+                              f"{recorded}-token tokenizer (config.json tokenizer_vocab_size)")
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu"):
     """Load a model directory -> (GPT, tokenizers.Tokenizer, config dict). Never unpickles.
 
     Raises CheckpointError (one line, naming the path) for a missing directory or file, a config
     that does not describe a GPT, weights that do not fit it, or a tokenizer whose hash differs
-    from the one recorded in config.json."""
+    from the one recorded in config.json. Everything is checked before the model is allocated."""
     from tokenizers import Tokenizer
 
-    from minigpt.model import GPT, GPTConfig
+    from minigpt.model import GPT
     from minigpt.tokenizer import tokenizer_hash
 
     directory = Path(directory)
     config = read_config(directory)
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    try:
-        gpt_config = GPTConfig(**{k: v for k, v in config.items() if k in fields})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory / CONFIG_FILE}: not a GPT config ({e})") from None
-    model = GPT(gpt_config).to(device)  # plain init (~0.1 s at seed size): buffers stay right
-    try:
-        st_load_model(model, str(directory / MODEL_FILE), strict=True, device=str(device))
-    except (SafetensorError, RuntimeError, OSError) as e:
-        first = (str(e).splitlines() or ["unreadable"])[0]
-        raise CheckpointError(f"{directory / MODEL_FILE}: weights do not load ({first})") from None
-    model.eval()
+    gpt_config = check_gpt_config(config, directory / CONFIG_FILE)
+    check_weights(directory / MODEL_FILE, gpt_config)
     tok_path = directory / TOKENIZER_FILE
     try:
         tok = Tokenizer.from_file(str(tok_path))
@@ -207,6 +353,14 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu"):
     got = tokenizer_hash(tok_path)
     if want is not None and want != got:
         raise CheckpointError(f"{tok_path}: tokenizer hash {got} differs from config.json's {want}")
+    check_vocab(tok, config, gpt_config.vocab_size, tok_path)
+    model = GPT(gpt_config).to(device)  # plain init (~0.1 s at seed size): buffers stay right
+    try:
+        st_load_model(model, str(directory / MODEL_FILE), strict=True, device=str(device))
+    except (SafetensorError, RuntimeError, OSError) as e:
+        first = (str(e).splitlines() or ["unreadable"])[0]
+        raise CheckpointError(f"{directory / MODEL_FILE}: weights do not load ({first})") from None
+    model.eval()
     return model, tok, config
 
 
@@ -240,6 +394,7 @@ def save_state(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: torch.op
         for name, write in writers.items():
             tmp = ckpt_dir / f".{name}.{tag}.tmp"
             write(tmp)
+            _public(tmp)
             _fsync_file(tmp)
             payload[name] = {"sha256": sha256_file(tmp), "tmp": tmp.name}
         record = {"format": STATE_FORMAT, "step": int(state.get("step", 0)), "files": payload,
@@ -286,7 +441,29 @@ def _read_record(ckpt_dir: Path) -> dict | None:
         raise CheckpointError(f"{path}: unreadable ({e})") from None
     if not isinstance(record, dict) or record.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: not a {STATE_FORMAT} checkpoint")
+    files = record.get("files")
+    if not isinstance(files, dict) or not isinstance(record.get("step"), int) \
+            or not isinstance(record.get("meta", {}), dict):
+        raise CheckpointError(f"{path}: not a {STATE_FORMAT} checkpoint (bad files/step/meta)")
+    for name, entry in files.items():
+        _check_entry(path, name, entry)
     return record
+
+
+# The only names meta.json may mention: plain files of this directory, never a path.
+_PAYLOAD_NAME = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_-]*\.safetensors|state\.pt)\Z")
+_TMP_NAME = re.compile(r"\.(?P<name>[A-Za-z0-9_.-]+)\.[0-9]+-[0-9a-f]{8}\.tmp\Z")
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def _check_entry(path: Path, name: Any, entry: Any) -> None:
+    """A meta.json `files` entry must name a payload file and its own temporary, nothing else."""
+    tmp = entry.get("tmp") if isinstance(entry, dict) else None
+    m = _TMP_NAME.match(tmp) if isinstance(tmp, str) else None
+    if not (isinstance(name, str) and _PAYLOAD_NAME.match(name) and m and m["name"] == name
+            and isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"])):
+        raise CheckpointError(f"{path}: refusing unsafe or malformed file entry "
+                              f"{name!r:.80}: {entry!r:.120}")
 
 
 def read_state_meta(ckpt_dir: str | Path) -> dict | None:
@@ -334,3 +511,36 @@ def load_state(ckpt_dir: str | Path, model: torch.nn.Module,
     state["extra"] = {name: load_file(str(p)) for name, p in paths.items()
                       if name not in (MODEL_FILE, STATE_FILE)}
     return state, record["meta"]
+
+
+# --- one writer per scratch directory ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def lock_scratch(directory: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on a training scratch directory (its `.lock` file) while inside.
+
+    A second process gets CheckpointError naming the holder's pid at once (no waiting: a stuck
+    run must be seen, not queued behind). The kernel drops the lock when the holder dies, however
+    it dies, so a stale `.lock` file never blocks anything. No-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; single-writer is then the user's business
+        yield
+        return
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise CheckpointError(f"{directory}: another training run (pid {holder}) is writing "
+                                  f"here; wait for it or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -19,6 +19,12 @@ Design choices
   back while the text ends in U+FFFD: a byte-level token can end in the middle of a multi-byte
   character. Replies are at most a few hundred tokens, so re-decoding costs nothing noticeable,
   and streamed output is byte-for-byte the non-streamed output.
+- Untrusted text: a `--prompt` or chat line that is not valid UTF-8 (e.g. `$'\xff'`) is refused
+  with one line, exit 2 (rather than guessed at with U+FFFD), naming the flag or stdin line.
+  `--max_new_tokens` is capped at MAX_NEW_TOKENS (65536, 256 windows of the largest context
+  trained here): a typo must not mean a run that never ends.
+- `export` refuses an OUT_DIR that is, or is inside, the model directory (or contains it), and
+  writes atomically (`minigpt.export`).
 - `--seed` seeds one generator used for all samples of the run: samples differ from each other
   and the whole run is reproducible.
 - `chat` keeps the conversation within the context: before each answer, while the encoded
@@ -49,6 +55,7 @@ if TYPE_CHECKING:  # imported for real inside the commands (see the module docst
 DEFAULT_CHECKPOINT = "out/finetune"
 HISTORY_FILE = Path("~/.minigpt_history")
 QUIT_COMMANDS = ("/quit", "/exit")
+MAX_NEW_TOKENS = 65536
 CHAT_HELP = "commands: /reset (start over), /quit or Ctrl-D (leave), Ctrl-C (stop the answer)"
 
 
@@ -82,7 +89,7 @@ def _float_in(name: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
     return parse
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -90,6 +97,8 @@ def _int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
         return value
 
     return parse
@@ -112,8 +121,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--tokenizer_path", default=None,
                    help="tokenizer.json (default: the one in the model directory; must match its hash)")
-    p.add_argument("--max_new_tokens", type=_int_at_least(1), default=200,
-                   help="tokens to generate at most (default: %(default)s)")
+    p.add_argument("--max_new_tokens", type=_int_at_least(1, MAX_NEW_TOKENS), default=200,
+                   help=f"tokens to generate at most, 1..{MAX_NEW_TOKENS} (default: %(default)s)")
     p.add_argument("--temperature", type=_float_in(">= 0", lambda t: t >= 0), default=0.8,
                    help="sampling temperature; 0 = greedy (default: 0.8)")
     p.add_argument("--top_k", type=_int_at_least(0), default=50,
@@ -264,10 +273,22 @@ def _check_tokenizer(path: str, config: dict) -> Tokenizer:
     return tok
 
 
+def utf8_text(text: str, where: str) -> str:
+    """`text` (argv or a stdin line), refused with one line if it held bytes that are not UTF-8
+    (Python keeps them as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(text[e.start])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        raise CLIError(f"{where} is not valid UTF-8 ({what} at character {e.start + 1})") from None
+    return text
+
+
 def load(checkpoint_path: str, device_name: str = "cpu", tokenizer_path: str | None = None) -> Loaded:
     """The model directory (and optional separate tokenizer), with usage errors as CLIError."""
     from minigpt.chat import TEMPLATE_NAME
-    from minigpt.checkpoint import CheckpointError, load_model
+    from minigpt.checkpoint import CheckpointError, check_vocab, load_model
     from minigpt.tokenizer import EOT, TokenizerError, check_special_tokens, special_id
 
     device = resolve_device(device_name)
@@ -278,9 +299,10 @@ def load(checkpoint_path: str, device_name: str = "cpu", tokenizer_path: str | N
         raise CLIError(f"--checkpoint_path: {e}") from None  # e names the path
     if tokenizer_path is not None:
         tok = _check_tokenizer(tokenizer_path, config)
-        if tok.get_vocab_size() > model.config.vocab_size:  # ids past the embedding would crash
-            raise CLIError(f"--tokenizer_path {tokenizer_path}: {tok.get_vocab_size()} tokens, "
-                           f"more than the model's vocab_size {model.config.vocab_size}")
+        try:  # ids past the embedding would crash
+            check_vocab(tok, config, model.config.vocab_size, tokenizer_path)
+        except CheckpointError as e:
+            raise CLIError(f"--tokenizer_path {e}") from None
     template = config.get("chat_template")
     if template not in (None, TEMPLATE_NAME):
         raise CLIError(f"--checkpoint_path {checkpoint_path}: unknown chat_template {template!r} "
@@ -402,6 +424,7 @@ def prompt_ids(m: Loaded, prompt: str, raw: bool) -> list[int]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from minigpt.tokenizer import decode
 
+    utf8_text(args.prompt, "--prompt")  # before the (slow) model load
     m = load(args.checkpoint_path, args.device, args.tokenizer_path)
     ids = prompt_ids(m, args.prompt, args.raw)
     echo = "" if (m.is_chat and not args.raw) else args.prompt  # raw text is continued, not answered
@@ -430,10 +453,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _line_reader(interactive: bool) -> Callable[[], str]:
     """input() with readline editing and history on a terminal; plain line reads otherwise."""
     if not interactive:
+        number = 0
+
         def read() -> str:
-            line = sys.stdin.readline()
-            if not line:
+            nonlocal number
+            stream = getattr(sys.stdin, "buffer", sys.stdin)  # bytes: a bad line is reported
+            raw = stream.readline()
+            number += 1
+            if not raw:
                 raise EOFError
+            try:
+                line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            except UnicodeDecodeError as e:
+                raise CLIError(f"stdin line {number} is not valid UTF-8 (byte 0x{raw[e.start]:02x} "
+                               f"at byte {e.start + 1})") from None
             return line.rstrip("\r\n")
 
         return read
@@ -450,7 +483,7 @@ def _line_reader(interactive: bool) -> Callable[[], str]:
         atexit.register(_save_history, readline, history)
     except ImportError:
         pass  # Windows without pyreadline: plain input() still works
-    return lambda: input(">>> ")
+    return lambda: utf8_text(input(">>> "), "input")
 
 
 def _save_history(readline, path: Path) -> None:
@@ -558,6 +591,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from minigpt.export import export_hf
     from minigpt.tokenizer import PAD, special_id
 
+    src, dst = Path(args.checkpoint_path).resolve(), Path(args.out_dir).resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise CLIError(f"export to {args.out_dir}: OUT_DIR must be outside the model directory "
+                       f"{args.checkpoint_path} (and not contain it)")
     m = load(args.checkpoint_path, "cpu")
     tokenizer_file = Path(args.checkpoint_path) / "tokenizer.json"  # the directory is self-contained
     if args.format == "gguf":

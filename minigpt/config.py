@@ -32,6 +32,11 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}: {why} (got {value!r})")
 
 
+def _device_ok(device: str) -> bool:
+    kind, colon, index = device.partition(":")
+    return device in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and colon and index.isdigit())
+
+
 def _fraction(cfg: Any, prefix: str) -> None:
     """Validate validation/test fractions shared by both corpora."""
     for name in ("validation_fraction", "test_fraction"):
@@ -241,7 +246,7 @@ class TrainConfig:
     """Seed for init, data order and dropout."""
 
     def validate(self, prefix: str) -> None:
-        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+        _check(_device_ok(self.device),
                f"{prefix}.device", self.device, "must be auto, cpu, cuda, cuda:N or mps")
         _check(self.dtype in ("auto", "bf16", "fp32"), f"{prefix}.dtype", self.dtype,
                "must be auto, bf16 or fp32")
@@ -316,7 +321,7 @@ class EvalConfig:
     """Fixed prompts whose answers go to metrics/samples.json."""
 
     def validate(self, prefix: str) -> None:
-        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+        _check(_device_ok(self.device),
                f"{prefix}.device", self.device, "must be auto, cpu, cuda, cuda:N or mps")
         _check(self.stride >= 1, f"{prefix}.stride", self.stride, "must be >= 1")
         for name in ("max_tokens", "generate_examples"):
@@ -373,6 +378,9 @@ def _build(cls: type, data: Any, key: str) -> Any:
     for name, value in data.items():
         hint, sub = hints[name], f"{key}.{name}" if key else name
         if dataclasses.is_dataclass(hint):
+            if value is None:  # `model:` with nothing under it would silently mean the defaults
+                raise ConfigError(f"{sub}: is null; give its keys, or delete the section to use "
+                                  "the defaults")
             kwargs[name] = _build(hint, value, sub)
         elif not _type_ok(value, hint):
             expected = getattr(hint, "__name__", str(hint).replace("typing.", ""))
@@ -397,7 +405,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({why})") from None
     try:
         return parse_params(data)
     except ConfigError as e:

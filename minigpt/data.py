@@ -65,6 +65,12 @@ Design choices
   into place only when complete, so a failure leaves the previous output untouched and never a
   partial one that looks valid. Temporary directories left by a killed run (`.NAME.tmp-*`) are
   removed by the next run.
+- Local text is decoded strictly: a byte that is not UTF-8 is an error naming `FILE:LINE` (and
+  the byte), a leading UTF-8 byte-order mark is dropped (it is an encoding marker, not text),
+  and a NUL character (U+0000, raw or `\u0000` in JSON) is refused with `FILE:LINE`: it is
+  never prose, usually a binary or UTF-16 file read by mistake, and passing it on would put
+  garbage in the corpus. A `.json` file may hold one (or several) pretty-printed JSON objects
+  instead of lines or an array; each object is one record.
 - JSONL is written with `ensure_ascii=False` (readable, compact) but with U+2028, U+2029 and U+0085
   escaped: `str.splitlines()` treats them as line breaks, and one document must stay one line.
 """
@@ -314,6 +320,8 @@ def _as_text(value: Any, where: str, column: str) -> str:
         return ""
     if not isinstance(value, str):
         raise DataError(f"{where}: column {column!r} is not a string (got {type(value).__name__})")
+    if "\x00" in value:
+        raise DataError(f"{where}: column {column!r} holds a NUL character (U+0000); remove it")
     return value
 
 
@@ -327,22 +335,61 @@ def _select(record: Any, columns: Sequence[str], where: str, hint: str) -> dict[
     return {c: _as_text(record[c], where, c) for c in columns}
 
 
+def _open_text(path: Path):
+    """Open for reading as UTF-8 with a leading BOM dropped; undecodable bytes are kept as
+    surrogates so that `_check_utf8` can report them with their line."""
+    return path.open(encoding="utf-8-sig", errors="surrogateescape")
+
+
+def _check_utf8(text: str, path: Path, lineno: int) -> None:
+    """Raise DataError naming FILE:LINE if `text` (a line) held bytes that are not UTF-8."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(text[e.start]) - 0xDC00 if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else None
+        what = f"byte 0x{byte:02x}" if byte is not None else "a surrogate"
+        raise DataError(f"{path}:{lineno}: not UTF-8 text ({what} at column {e.start + 1})") from None
+
+
+def _json_values(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+    """(location, value) for each JSON value of `text`: one array -> its items; one or more
+    (pretty-printed) objects one after the other -> each object."""
+    decoder = json.JSONDecoder()
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos == len(text):
+            return
+        lineno = text.count("\n", 0, pos) + 1
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if isinstance(value, list):
+            for i, record in enumerate(value, 1):
+                yield f"{path}: record {i}", record
+        else:
+            yield f"{path}:{lineno}", value
+
+
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(location, record) for JSON lines, or for a file holding one JSON array."""
-    with path.open(encoding="utf-8") as f:
+    """(location, record) for JSON lines, a file holding one JSON array, or (.json only)
+    pretty-printed objects."""
+    with _open_text(path) as f:
         # .jsonl is always JSON lines; a .json file may be either (Alpaca files are one array).
         head = "" if path.suffix.lower() == ".jsonl" else f.read(4096).lstrip()
         f.seek(0)
-        if head.startswith("["):
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as e:
-                where = f"{path}:{e.lineno}"
-                raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
-            for i, record in enumerate(records, 1):
-                yield f"{path}: record {i}", record
+        if head.startswith("[") or (head.startswith("{") and not _complete_first_line(head)):
+            text = f.read()
+            for lineno, line in enumerate(text.split("\n"), 1):
+                _check_utf8(line, path, lineno)
+            yield from _json_values(path, text)
             return
         for lineno, line in enumerate(f, 1):
+            _check_utf8(line, path, lineno)
             if not line.strip():
                 continue  # a trailing blank line is common and harmless
             try:
@@ -351,6 +398,19 @@ def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
                 where = f"{path}:{lineno}"
                 raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
             yield f"{path}:{lineno}", record
+
+
+def _complete_first_line(head: str) -> bool:
+    """Is the first line of `head` a whole JSON value (JSON lines) rather than the start of a
+    pretty-printed object? (A line longer than `head` is taken to be JSON lines.)"""
+    line, newline, _ = head.partition("\n")
+    if not newline:
+        return True
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def _parquet_records(path: Path, columns: Sequence[str], hint: str) -> Iterator[tuple[str, dict]]:
@@ -383,18 +443,20 @@ def read_records(path: Path, columns: Sequence[str], hint: str = "") -> Iterator
         else:
             for where, record in _json_records(path):
                 yield _select(record, columns, where, hint)
-    except UnicodeDecodeError as e:
+    except UnicodeDecodeError as e:  # parquet strings are decoded by pyarrow
         raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
 
 
 def read_text_lines(path: Path) -> Iterator[str]:
-    """Lines of a text file without their line ending, like the HF `text` builder's rows."""
-    try:
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                yield line.rstrip("\n")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    """Lines of a text file without their line ending, like the HF `text` builder's rows
+    (a leading BOM dropped; bad UTF-8 and NUL characters are errors naming the line)."""
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            _check_utf8(line, path, lineno)
+            if "\x00" in line:
+                raise DataError(f"{path}:{lineno}: NUL character (U+0000) in text; remove it "
+                                "(is this a binary or UTF-16 file?)")
+            yield line.rstrip("\n")
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:

@@ -9,13 +9,22 @@ Design choices
 - Streaming: documents are read `batch_size` at a time (fewer when they pass 8 MB), encoded with
   one `encode_batch` call on the Rust thread pool, converted to a numpy array and appended to the
   file. Memory is bounded by one batch whatever the corpus size; ids never pile up as Python ints.
+- Bounded by bytes, not documents: a document longer than PIECE_CHARS is cut into pieces at
+  whitespace that the byte-level pre-tokenizer splits at anyway (before a space or newline that
+  follows a non-space and precedes a non-space: no pre-token spans it, and neither side's
+  pre-tokens look across it), and pieces are encoded at most BATCH_BYTES at a time. The ids
+  are exactly those of the whole document (tested), while one 50 MB document no longer needs
+  the tokenizer to hold 50 MB of Encodings at once. A stretch of PIECE_CHARS without such a
+  boundary (no whitespace at all) is left whole.
 - The Python side (JSON parsing, list -> numpy) measured at ~4% of the time, so it is not
   overlapped with the Rust encoding: a pipeline of threads would buy little on 2 cores.
 - Text is encoded as ordinary text (`minigpt.tokenizer.encode_texts`): a literal "<|endoftext|>"
   in an article is plain text; the only EOT ids in a pretrain stream are the ones appended here,
   one after every document, so document boundaries are exact.
 - A corpus is written into a temporary directory beside its destination, then renamed into
-  place: a crash leaves the previous tokens or the new ones, never a mix of the two.
+  place: a crash leaves the previous tokens or the new ones, never a mix of the two. The
+  temporary names carry the writer's pid (`.NAME.tmp-PID-*`); the next run removes those whose
+  writer is gone (killed runs), never a live run's.
 - Every reader checks the sidecar against the file (dtype, size) and, when asked, against the
   current tokenizer's hash, failing with one line that says what to re-run.
 """
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -48,6 +58,8 @@ IDX_DTYPE = np.dtype("<u8")
 # measured ~700 MB for 16 MB of text, so 1000 book-sized documents would need many GB.
 # 8 MB of text is ~1.8M tokens, ~350 MB in flight, and still hundreds of articles per batch.
 BATCH_BYTES = 8 * 2**20
+# Documents longer than this (characters) are encoded in pieces (see the module docstring).
+PIECE_CHARS = 2**20
 
 
 class EncodeError(ValueError):
@@ -115,6 +127,70 @@ def flatten_with_eot(id_lists: list[list[int]], eot: int, dtype: np.dtype) -> np
     return out
 
 
+def split_text(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of about `max_chars` characters at boundaries where byte-level
+    pre-tokenization already splits, so encoding the pieces gives the whole text's ids.
+
+    A cut goes right before a space or newline c with a non-space before it and a non-space
+    after it: GPT-2's pre-tokenizer pattern never lets a pre-token run from a non-space into
+    whitespace, and `c` + the next character start a pre-token whatever precedes them."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        cut = _last_boundary(text, start + max_chars // 2, start + max_chars)
+        if cut is None:  # no safe boundary in range: take the next one (a huge word stays whole)
+            m = _BOUNDARY.search(text, start + max_chars)
+            if m is None:
+                break
+            cut = m.start()
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+_BOUNDARY = re.compile(r"(?<=\S)[ \n](?=\S)")
+
+
+def _last_boundary(text: str, lo: int, hi: int) -> int | None:
+    """The last index i in (lo, hi) with text[i] in " \n" between two non-space characters."""
+    for sep in ("\n", " "):
+        i = text.rfind(sep, lo, hi)
+        while i > lo:
+            if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
+                return i
+            i = text.rfind(sep, lo, i)
+    return None
+
+
+def encode_documents(tok: Tokenizer, texts: list[str], dtype: np.dtype,
+                     max_chars: int | None = None, batch_chars: int | None = None) -> list[np.ndarray]:
+    """Ids of each text (as `dtype` arrays), encoding long texts in pieces of `max_chars`
+    (PIECE_CHARS) and at most about `batch_chars` (BATCH_BYTES) characters per `encode_batch`
+    call, so memory follows bytes, not documents."""
+    max_chars, batch_chars = max_chars or PIECE_CHARS, batch_chars or BATCH_BYTES
+    out: list[list[np.ndarray]] = [[] for _ in texts]
+    group: list[tuple[int, str]] = []
+    size = 0
+
+    def flush() -> None:
+        for (owner, _), ids in zip(group, encode_texts(tok, [p for _, p in group])):
+            out[owner].append(np.array(ids, dtype=dtype))
+        group.clear()
+
+    for i, text in enumerate(texts):
+        for piece in split_text(text, max_chars):
+            group.append((i, piece))
+            size += len(piece)
+            if size >= batch_chars:
+                flush()
+                size = 0
+    if group:
+        flush()
+    return [parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in out]
+
+
 def encode_pretrain_split(tok: Tokenizer, src: Path, dst: Path, batch_size: int,
                           dtype: np.dtype) -> SplitStats:
     """Encode `{"text"}` JSONL `src` into the flat token file `dst` (EOT after every document)."""
@@ -123,7 +199,7 @@ def encode_pretrain_split(tok: Tokenizer, src: Path, dst: Path, batch_size: int,
     with dst.open("wb") as out, _progress(src, f"encode {src.parent.name}/{src.stem}") as bar:
         for rows, size in _batches(src, batch_size):
             texts = [str_field(src, n, obj, "text") for n, obj in rows]
-            arr = flatten_with_eot(encode_texts(tok, texts), eot, dtype)
+            arr = flatten_with_eot(encode_documents(tok, texts, dtype), eot, dtype)
             arr.tofile(out)
             tokens, docs, size_in = tokens + arr.size, docs + len(rows), size_in + size
             bar.update(size)
@@ -167,6 +243,34 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale(out_dir: Path) -> list[Path]:
+    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID` leftovers of `out_dir` whose writer is dead
+    (or that carry no pid: made before pids were recorded); returns what was removed."""
+    removed = []
+    for p in out_dir.parent.glob(f".{out_dir.name}.*"):
+        kind, _, rest = p.name[len(out_dir.name) + 2:].partition("-")
+        if kind not in ("tmp", "old") or not p.is_dir():
+            continue
+        pid = rest.split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        if pid.isdigit() and int(pid) == os.getpid() and kind == "tmp":
+            continue  # this process's own (not possible today; cheap to be sure)
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
 def _replace_dir(tmp: Path, dst: Path) -> None:
     """Move the finished directory `tmp` to `dst`, replacing an old one.
 
@@ -198,7 +302,8 @@ def encode_corpus(corpus: str, processed_dir: str | Path, tokenizer_path: str | 
     count_key = "documents" if corpus == "pretrain" else "examples"
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    sweep_stale(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared directory
     try:
         stats = []

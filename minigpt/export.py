@@ -8,12 +8,17 @@ Design choices
   tokenizer_config.json, generation_config.json), by hand, so export needs neither transformers
   nor network access; `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(dir)` load it.
 - config.json carries both `rope_theta` (transformers 4.x) and `rope_parameters` (5.x).
+- Atomic: the directory is built complete in a hidden sibling, then swapped in (the old one is
+  renamed aside and deleted), so a failed export leaves the previous one intact and a new one
+  never has stale files from an earlier export beside it. An existing OUT_DIR is replaced only
+  when it holds nothing but export files (never a directory the user keeps other things in).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -37,6 +42,10 @@ def check_exportable(model) -> None:
         if value != llama:
             raise ExportError(f"model.{knob}={value!r} has no LlamaForCausalLM equivalent "
                               f"(export needs {knob}={llama!r})")
+
+
+EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "generation_config.json")
 
 
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
@@ -131,13 +140,35 @@ def export_hf(model, tokenizer_file: str | os.PathLike, out_dir: str | os.PathLi
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out / "config.json", llama_config(model, eos_id, pad_id, bos_id))
-    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
-    if chat_template is not None:
-        tok_cfg["chat_template"] = chat_template
-    _write_json(out / "tokenizer_config.json", tok_cfg)
-    gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
-    _write_json(out / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+    if out.exists():
+        others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES) \
+            if out.is_dir() else [out.name]
+        if others:
+            raise ValueError(f"{out} exists and holds other files ({', '.join(others[:3])}); "
+                             "choose a new or empty directory")
+    from minigpt.checkpoint import _fsync_dir, _public, _sweep_siblings
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_siblings(out)  # leftovers of an export that was killed mid-way
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp, trash = out.with_name(f".{out.name}.{tag}.tmp"), out.with_name(f".{out.name}.{tag}.old")
+    tmp.mkdir()
+    try:
+        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _public(tmp / "model.safetensors")
+        _write_json(tmp / "config.json", llama_config(model, eos_id, pad_id, bos_id))
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        if chat_template is not None:
+            tok_cfg["chat_template"] = chat_template
+        _write_json(tmp / "tokenizer_config.json", tok_cfg)
+        gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
+        _write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+        if out.exists():
+            os.replace(out, trash)
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

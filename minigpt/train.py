@@ -47,6 +47,10 @@ Design choices
   eval_interval steps and at the end. keep_best/patience are part of the run's identity; the best
   weights live in ckpt_dir/best.safetensors so a resumed run still ships the best.
 - tokens/s and MFU leave out each session's first step (torch.compile and allocator warm-up).
+- A trainer dies with its parent (`dvc repro`, torchrun): `die_with_parent` asks Linux for a
+  SIGTERM when the parent exits (prctl PR_SET_PDEATHSIG) and, as a fallback elsewhere, watches
+  os.getppid() from a daemon thread. Rank 0 also holds an exclusive lock on ckpt_dir for the run
+  (`checkpoint.lock_scratch`), so a second writer fails at once naming the holder's pid.
 - Only rank 0 writes files. The TSV curves are rewritten (atomically) at every log row and
   evaluation, so `dvc plots` / `minigpt plots` of a running experiment are current; a resume
   rewrites them from the checkpoint's history, dropping rows logged after it. Metrics are written
@@ -63,6 +67,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -75,7 +80,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from minigpt.checkpoint import (CheckpointError, atomic_write_bytes, atomic_write_json, load_state,
-                                read_state_meta, save_model, save_state, unwrap)
+                                lock_scratch, read_state_meta, save_model, save_state, unwrap)
 from minigpt.encode import read_tokens
 
 IGNORE = -100
@@ -213,10 +218,60 @@ def peak_flops(device: torch.device, dtype: str, world_size: int) -> float:
     return 0.0
 
 
+def die_with_parent(poll_s: float = 1.0) -> None:
+    """Exit (SIGTERM) when the process that started this one goes away, so a killed `dvc repro`
+    or torchrun never leaves a trainer writing into out/ behind it. Idempotent."""
+    import signal
+    import threading
+
+    if getattr(die_with_parent, "armed", False):
+        return
+    die_with_parent.armed = True
+    parent = os.getppid()
+    if parent <= 1:  # already orphaned (or started by init): nothing to follow
+        return
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass  # no prctl (an odd libc): the watchdog below still works
+    # Under torchrun our parent is its agent, which outlives a killed `dvc repro`: then the
+    # agent's own parent is watched too (it changes when the agent is orphaned).
+    grandparent = _ppid_of(parent) if "TORCHELASTIC_RUN_ID" in os.environ else None
+
+    def orphaned() -> bool:
+        return os.getppid() != parent or (grandparent is not None and _ppid_of(parent) != grandparent)
+
+    if orphaned():  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if orphaned():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def _ppid_of(pid: int) -> int | None:
+    """The parent pid of `pid` from /proc (None where there is no /proc or no such process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[1])  # after "(comm)": state, then ppid
+
+
 def setup_runtime(cfg: Any) -> Runtime:
     """Resolve device/dtype, init DDP from torchrun's env when WORLD_SIZE > 1, seed everything.
 
-    All ranks get the same seed here, so models built right after are identical everywhere."""
+    All ranks get the same seed here, so models built right after are identical everywhere.
+    Arms `die_with_parent`: a trainer never outlives the command that started it."""
+    die_with_parent()
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -709,6 +764,13 @@ def fit(model: torch.nn.Module, cfg: Any, rt: Runtime, train_source: BatchSource
     after that many evaluations without a better validation loss. Returns the summary. Raises TrainingError when
     the loss diverges (nothing is saved for the bad step)."""
     ckpt_dir, curves_dir, model_dir = Path(ckpt_dir), Path(curves_dir), Path(model_dir)
+    with lock_scratch(ckpt_dir) if rt.is_main else nullcontext():  # rank 0 is the only writer
+        return _fit(model, cfg, rt, train_source, val_batches, model_dir, ckpt_dir, metrics_file,
+                    curves_dir, meta, tokenizer_file, keep_best, patience, inputs)
+
+
+def _fit(model, cfg, rt, train_source, val_batches, model_dir, ckpt_dir, metrics_file, curves_dir,
+         meta, tokenizer_file, keep_best, patience, inputs) -> dict:
     log = (lambda msg: tqdm.write(msg)) if rt.is_main else (lambda msg: None)
     raw = model.to(rt.device)
     raw.train()
@@ -749,17 +811,18 @@ def _loop(run: _Run, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience
                mininterval=1.0, desc=curves_dir.name or "train", unit="step")
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "norm": 0.0}
     start = time.perf_counter()
-    last_saved = h.step
+    last_saved = h.step if h.step else None  # a resumed run's checkpoint; a fresh run has none yet
     warm_up = True  # the first step of a session compiles/allocates: kept out of tokens/s
     while h.step < cfg.max_steps and not h.stopped_early:
         t0 = time.perf_counter()
         loss, norm, tokens = _train_step(run)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             bar.close()
+            kept = (f"the last good checkpoint (step {last_saved}) in {ckpt_dir} is kept"
+                    if last_saved is not None else "no checkpoint of this run was saved yet")
             raise TrainingError(
                 f"non-finite loss {loss} (grad norm {norm}) at step {h.step + 1}; stopped without "
-                f"updating the weights; the last good checkpoint (step {last_saved}) in {ckpt_dir} "
-                f"is kept; lower the learning rate or check the data")
+                f"updating the weights; {kept}; lower the learning rate or check the data")
         dt = time.perf_counter() - t0
         h.step, h.tokens = h.step + 1, h.tokens + tokens
         window["loss"] += loss

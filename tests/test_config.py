@@ -58,7 +58,7 @@ def test_load_errors_name_the_file(tmp_path):
         load_params(tmp_path / "missing.yaml")
     bad = tmp_path / "params.yaml"
     bad.write_text("model: [1, 2\n")
-    with pytest.raises(ConfigError, match="params.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"params.yaml:2:1: not valid YAML"):  # file:line:column
         load_params(bad)
     bad.write_text("model:\n  block_size: 2\n")
     with pytest.raises(ConfigError, match=r"params.yaml: model.block_size: must be >= 8 \(got 2\)"):

@@ -209,7 +209,8 @@ def test_fit_writes_everything(data):
     root = data["root"] / "run"
     assert s["steps"] == 8 and s["tokens"] == 8 * 4 * BLOCK
     assert s["val_loss"] < s["first_val_loss"] < math.log(VOCAB) + 0.5
-    assert sorted(p.name for p in (root / "ckpt").iterdir()) == ["meta.json", "model.safetensors", "state.pt"]
+    assert sorted(p.name for p in (root / "ckpt").iterdir()) == [".lock", "meta.json", "model.safetensors",
+                                                                 "state.pt"]  # .lock: the writer's pid
     train_tsv = (root / "curves" / "train.tsv").read_text().splitlines()
     assert train_tsv[0].split("\t") == ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"]
     assert [int(r.split("\t")[0]) for r in train_tsv[1:]] == [2, 4, 6, 8]
