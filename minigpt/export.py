@@ -45,7 +45,7 @@ def check_exportable(model) -> None:
 
 
 EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "generation_config.json")
+                "generation_config.json", "README.md")  # README.md: the model card
 
 
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
