@@ -44,7 +44,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
-from minigpt import train  # noqa: E402
+from minigpt import runtime, train  # noqa: E402
 from minigpt.config import ConfigError, parse_params  # noqa: E402
 from minigpt.data import article_text, wikitext_articles  # noqa: E402
 from minigpt.encode import flatten_with_eot, token_dtype  # noqa: E402
@@ -176,7 +176,7 @@ def seconds_per_step(p, info: dict, vocab: int, clock: str, steps: int = 3) -> f
     model = build(p, vocab)
     src = train.TokenWindows(info["train"][0], p.model.block_size, cfg.batch_size, cfg.seed)
     run = train._Run(raw=model, model=model, optimizer=train.build_optimizer(model, cfg, "cpu"),
-                     cfg=cfg, rt=train.Runtime(torch.device("cpu"), "fp32"), source=src, val=[],
+                     cfg=cfg, rt=runtime.Runtime(torch.device("cpu"), "fp32"), source=src, val=[],
                      identity={}, h=train.History())
     now = time.process_time if clock == "cpu" else time.perf_counter
     times = []
@@ -210,7 +210,7 @@ def run_recipe(spec: str, p, info: dict, vocab: int, args) -> dict:
     val = TimedVal(train.val_batches(info["validation"][0], block, cfg.batch_size, cfg.eval_batches), clock)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        summary = train.fit(model, cfg, train.Runtime(torch.device("cpu"), "fp32"), src, val,
+        summary = train.fit(model, cfg, runtime.Runtime(torch.device("cpu"), "fp32"), src, val,
                             model_dir=tmp / "model", ckpt_dir=tmp / "ckpt", metrics_file=tmp / "m.json",
                             curves_dir=tmp / "curves", meta={"bench": "quality"},
                             tokenizer_file=info["tokenizer"])

@@ -41,7 +41,8 @@ from minigpt.encode import read_meta  # noqa: E402
 from minigpt.stage import run_stage  # noqa: E402
 from minigpt.model import GPT  # noqa: E402
 from minigpt.tokenizer import PAD  # noqa: E402
-from minigpt.train import file_digests, fit, setup_runtime, teardown  # noqa: E402
+from minigpt.runtime import setup_runtime, teardown  # noqa: E402
+from minigpt.train import file_digests, fit  # noqa: E402
 
 PRETRAINED = Path("out/pretrain")
 TOKENS = Path("data/tokens/sft")

@@ -28,8 +28,8 @@ from minigpt.encode import check_tokenizer_hash, read_meta  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.stage import run_stage  # noqa: E402
 from minigpt.tokenizer import load_tokenizer, tokenizer_hash  # noqa: E402
-from minigpt.train import (TokenWindows, file_digests, fit, setup_runtime,  # noqa: E402
-                           teardown, val_batches)
+from minigpt.runtime import setup_runtime, teardown  # noqa: E402
+from minigpt.train import TokenWindows, file_digests, fit, val_batches  # noqa: E402
 
 TOKENIZER = Path("data/tokenizer/tokenizer.json")
 TOKENS = Path("data/tokens/pretrain")

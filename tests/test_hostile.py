@@ -590,7 +590,8 @@ def test_pretty_printed_json_objects_are_read(tmp_path):
 
 def test_divergence_before_any_save_cites_no_missing_checkpoint(tmp_path):
     from minigpt.config import TrainConfig
-    from minigpt.train import Runtime, TrainingError, fit
+    from minigpt.runtime import Runtime
+    from minigpt.train import TrainingError, fit
 
     def windows():
         while True:

@@ -20,10 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigpt import train
+from minigpt import runtime, train
 from minigpt.config import TrainConfig
 from minigpt.model import GPT, GPTConfig
-from minigpt.train import Runtime, TokenWindows, TrainingError, fit, lr_at, val_batches
+from minigpt.runtime import DeviceError, Runtime
+from minigpt.train import TokenWindows, TrainingError, fit, lr_at, val_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK, VOCAB = 16, 64
@@ -174,12 +175,20 @@ def test_val_batches_fixed_and_sharded(data):
 
 def test_auto_dtype_follows_cpu_bf16_support(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "avx512f"})
-    assert train.resolve_dtype("auto", cpu) == "fp32"
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    assert train.resolve_dtype("auto", cpu) == "bf16"
-    assert train.resolve_dtype("fp32", cpu) == "fp32"
-    assert train.resolve_device("auto").type in ("cpu", "cuda", "mps")
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert runtime.resolve_dtype("auto", cpu) == "fp32"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert runtime.resolve_dtype("auto", cpu) == "bf16"
+    assert runtime.resolve_dtype("fp32", cpu) == "fp32"
+
+
+def test_auto_device_is_what_torch_reports():
+    want = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert runtime.resolve_device("auto") == torch.device(want)
+    assert runtime.resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match=r"^pretrain.device cuda:1: CUDA is not available"):
+            runtime.resolve_device("cuda:1", where="pretrain.device")
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -329,7 +338,8 @@ DDP_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from minigpt.config import TrainConfig
     from minigpt.model import GPT, GPTConfig
-    from minigpt.train import TokenWindows, fit, setup_runtime, teardown, val_batches
+    from minigpt.runtime import setup_runtime, teardown
+    from minigpt.train import TokenWindows, fit, val_batches
     root, c = Path(sys.argv[2]), TrainConfig(**eval(sys.argv[3]))
     rt = setup_runtime(c)  # seeds identically on both ranks: same init as the test's model
     torch.set_num_threads(1)
