@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, bf16 CPU instructions: "
-          f"{train.cpu_has_bf16()}, compile {args.compile}")
+          f"{runtime.cpu_has_bf16()}, compile {args.compile}")
     for dtype in args.dtype:
         r = bench(dtype, args)
         print(f"{r['device']} {r['dtype']}: ours {r['tok_s_ours']:,.0f} tok/s (mfu {100 * r['mfu_ours']:.1f}%, "

@@ -29,7 +29,8 @@ from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.stage import run_stage  # noqa: E402
 from minigpt.tokenizer import load_tokenizer, tokenizer_hash  # noqa: E402
 from minigpt.runtime import setup_runtime, teardown  # noqa: E402
-from minigpt.train import TokenWindows, file_digests, fit, val_batches  # noqa: E402
+from minigpt.train import file_digests, fit  # noqa: E402
+from minigpt.windows import TokenWindows, val_windows  # noqa: E402
 
 TOKENIZER = Path("data/tokenizer/tokenizer.json")
 TOKENS = Path("data/tokens/pretrain")
@@ -57,7 +58,7 @@ def run() -> dict:
         model = GPT(config)
         source = TokenWindows(TOKENS / "train.bin", shape.block_size, cfg.batch_size, cfg.seed,
                               rt.rank, rt.world_size)
-        val = val_batches(TOKENS / "validation.bin", shape.block_size, cfg.batch_size,
+        val = val_windows(TOKENS / "validation.bin", shape.block_size, cfg.batch_size,
                           cfg.eval_batches, rt.rank, rt.world_size)
         meta = {"stage": "pretrain", "tokenizer_hash": thash, "chat_template": None,
                 "tokenizer_vocab_size": tok.get_vocab_size(), "data": sidecars}

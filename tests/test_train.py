@@ -24,7 +24,8 @@ from minigpt import runtime, train
 from minigpt.config import TrainConfig
 from minigpt.model import GPT, GPTConfig
 from minigpt.runtime import DeviceError, Runtime
-from minigpt.train import TokenWindows, TrainingError, fit, lr_at, val_batches
+from minigpt.train import TrainingError, fit, lr_at
+from minigpt.windows import TokenWindows, val_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK, VOCAB = 16, 64
@@ -78,7 +79,7 @@ def run_fit(data: dict, c: TrainConfig, out: str = "run", source=None, model=Non
     root = data["root"] / out
     model = model or tiny_model(c.seed)
     source = source or TokenWindows(data["train"], BLOCK, c.batch_size, c.seed)
-    val = val_batches(data["val"], BLOCK, c.batch_size, c.eval_batches)
+    val = val_windows(data["val"], BLOCK, c.batch_size, c.eval_batches)
     summary = fit(model, c, rt(), source, val, model_dir=root / "model", ckpt_dir=root / "ckpt",
                   metrics_file=root / "metrics.json", curves_dir=root / "curves",
                   meta={"stage": "pretrain", "tokenizer_hash": "0123456789abcdef", "chat_template": None},
@@ -160,14 +161,14 @@ def test_token_windows_never_load_the_file(tmp_path):
     assert _rss_mb() - before < 100
 
 
-def test_val_batches_fixed_and_sharded(data):
-    full = val_batches(data["val"], BLOCK, 4, 5)
-    again = val_batches(data["val"], BLOCK, 4, 5)
+def test_val_windows_fixed_and_sharded(data):
+    full = val_windows(data["val"], BLOCK, 4, 5)
+    again = val_windows(data["val"], BLOCK, 4, 5)
     assert len(full) == 5 and all(torch.equal(a[0], b[0]) for a, b in zip(full, again))
     tokens = np.fromfile(data["val"], dtype=np.uint16).astype(np.int64)
     assert torch.equal(full[0][0][0], torch.from_numpy(tokens[:BLOCK]))  # first window at 0
     assert torch.equal(full[-1][1][-1], torch.from_numpy(tokens[-BLOCK:]))  # last ends at the end
-    shards = [val_batches(data["val"], BLOCK, 2, 5, rank=r, world_size=2) for r in range(2)]
+    shards = [val_windows(data["val"], BLOCK, 2, 5, rank=r, world_size=2) for r in range(2)]
     assert [len(s) for s in shards] == [5, 5]
     for i in range(5):  # rank slices of global batch i == one process's batch i
         assert torch.equal(torch.cat([shards[0][i][0], shards[1][i][0]]), full[i][0])
@@ -339,13 +340,14 @@ DDP_SCRIPT = textwrap.dedent("""
     from minigpt.config import TrainConfig
     from minigpt.model import GPT, GPTConfig
     from minigpt.runtime import setup_runtime, teardown
-    from minigpt.train import TokenWindows, fit, val_batches
+    from minigpt.train import fit
+    from minigpt.windows import TokenWindows, val_windows
     root, c = Path(sys.argv[2]), TrainConfig(**eval(sys.argv[3]))
     rt = setup_runtime(c)  # seeds identically on both ranks: same init as the test's model
     torch.set_num_threads(1)
     model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16))
     src = TokenWindows(root / "tokens" / "train.bin", 16, c.batch_size, c.seed, rt.rank, rt.world_size)
-    val = val_batches(root / "tokens" / "validation.bin", 16, c.batch_size, c.eval_batches,
+    val = val_windows(root / "tokens" / "validation.bin", 16, c.batch_size, c.eval_batches,
                       rt.rank, rt.world_size)
     out = root / "ddp"
     fit(model, c, rt, src, val, model_dir=out / "model", ckpt_dir=out / "ckpt",
