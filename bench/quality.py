@@ -44,7 +44,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
-from minigpt import runtime, train, windows  # noqa: E402
+from minigpt import optim, runtime, train, windows  # noqa: E402
 from minigpt.config import ConfigError, parse_params  # noqa: E402
 from minigpt.data import article_text, wikitext_articles  # noqa: E402
 from minigpt.encode import flatten_with_eot, read_tokens, token_dtype  # noqa: E402
@@ -175,7 +175,7 @@ def seconds_per_step(p, info: dict, vocab: int, clock: str, steps: int = 3) -> f
     cfg = dataclasses.replace(p.pretrain, max_steps=10**6, device="cpu", dtype="fp32")
     model = build(p, vocab)
     src = windows.TokenWindows(info["train"][0], p.model.block_size, cfg.batch_size, cfg.seed)
-    run = train._Run(raw=model, model=model, optimizer=train.build_optimizer(model, cfg, "cpu"),
+    run = train._Run(raw=model, model=model, optimizer=optim.build_optimizer(model, cfg, "cpu"),
                      cfg=cfg, rt=runtime.Runtime(torch.device("cpu"), "fp32"), source=src, val=[],
                      identity={}, h=train.History())
     now = time.process_time if clock == "cpu" else time.perf_counter

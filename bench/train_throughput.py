@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-from minigpt import runtime, train  # noqa: E402
+from minigpt import optim, runtime, train  # noqa: E402
 from minigpt.config import TrainConfig  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 
@@ -79,7 +79,7 @@ def bench(dtype: str, args) -> dict:
     ours = GPT(GPTConfig(vocab_size=V, n_layer=L, n_head=H, n_embd=C, block_size=T)).to(rt.device)
     theirs = gpt2(L, H, C, T, V).to(rt.device)
     source = RandomTokens(B, T, V)
-    opt = ours.configure_optimizer(0.1, 1e-4, (0.9, 0.95), rt.device.type)
+    opt = optim.adamw(ours.parameters(), 0.1, 1e-4, (0.9, 0.95), rt.device.type)
     run = train._Run(raw=ours, model=torch.compile(ours) if args.compile else ours, optimizer=opt,
                      cfg=cfg, rt=rt, source=source, val=[], identity={}, h=train.History())
     their_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95),

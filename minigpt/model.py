@@ -337,17 +337,6 @@ class GPT(nn.Module):
         n = self.num_params(non_embedding=True) + c.vocab_size * c.n_embd
         return 6.0 * n + 12.0 * c.n_layer * c.n_embd * c.block_size
 
-    def configure_optimizer(self, weight_decay: float, lr: float, betas, device_type: str):
-        """AdamW; weight decay on matrices (>= 2-D: linears, embedding) only, not on norm gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = device_type == "cuda"
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None,
-                                 foreach=None if fused else True)
-
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to max_len (default block_size) tokens.
 

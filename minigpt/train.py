@@ -1,4 +1,4 @@
-"""One training loop for pre-training and fine-tuning: `fit`, with its optimizer and resume.
+"""One training loop for pre-training and fine-tuning: `fit`, its resume and its curves.
 
 Batch-source protocol (what `fit` needs; `windows.TokenWindows` and `sft.SFTBatches` implement it)
 - Train source: `next() -> (x, y)`, CPU int64 tensors of shape (B, T) for THIS rank, y = -100 where
@@ -12,11 +12,7 @@ Batch-source protocol (what `fit` needs; `windows.TokenWindows` and `sft.SFTBatc
 
 Design choices
 - Device, precision and DDP come from `minigpt.runtime` (`setup_runtime`), resolved once.
-- LR: linear warm-up then cosine (or, schedule `wsd`, flat then a linear decay over the last
-  decay_fraction) to lr * min_lr_ratio, a pure function of (step, cfg).
-- Optimizer `muon`: our `Muon` (torch.optim.Muon's update, Newton-Schulz in fp32 on CPU) for the
-  blocks' matrices, AdamW for embedding/head and norm gains; each param group's `lr_ratio` maps
-  the one schedule onto both peaks (muon_lr / lr). Numbers: docs/EXPERIMENTS.md.
+- Parameter updates (LR schedule, AdamW groups, Muon) are `minigpt.optim`.
 - Resume: the state in ckpt_dir is undeclared scratch (not a DVC out), used only to finish an
   interrupted run of exactly the same inputs. `ckpt_dir/meta.json` holds the run's fingerprint:
   the WHOLE training config (max_steps, log/save intervals included: they change the weights or the
@@ -63,6 +59,7 @@ from tqdm import tqdm
 
 from minigpt.checkpoint import (CheckpointError, atomic_write_bytes, atomic_write_json, load_state,
                                 lock_scratch, read_state_meta, save_model, save_state, unwrap)
+from minigpt.optim import build_optimizer, lr_at, set_lr
 from minigpt.runtime import Runtime
 
 IGNORE = -100
@@ -81,131 +78,7 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-# --- optimizer ------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Newton-Schulz approximation of U V^T for g = U S V^T (Keller Jordan's quintic, the
-    coefficients torch.optim.Muon uses), in g's dtype."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g / (g.norm() + 1e-7)
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.mT
-    for _ in range(steps):
-        s = x @ x.mT
-        x = a * x + (b * s + c * s @ s) @ x
-    return x.mT if tall else x
-
-
-class Muon(torch.optim.Optimizer):
-    """torch.optim.Muon's update (Nesterov momentum, 5 Newton-Schulz steps, lr scaled by
-    sqrt(max(1, rows / cols)), decoupled weight decay) with the orthogonalisation in `ns_dtype`.
-
-    torch's Muon always runs it in bf16: measured on the AVX2-only dev box, bf16 matmuls run at
-    under 1 GFLOP/s, which made a 4x128 step several times slower; here it is fp32 on CPUs and
-    bf16 only on CUDA (as torch's)."""
-
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_dtype=torch.float32):
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
-        self.ns_dtype = ns_dtype
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(mu).add_(p.grad)
-                update = orthogonalize(p.grad.add(buf, alpha=mu).to(self.ns_dtype)).to(p.dtype)
-                p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
-
-
-class MuonAdamW:
-    """Muon for the blocks' 2-D matrices, AdamW for the rest, stepped as one optimizer.
-
-    Exposes what `fit` and the checkpoint code use: param_groups (each with an `lr_ratio` that
-    scales the schedule's LR: muon_lr / lr for the Muon groups), step, zero_grad, state (clear)
-    and state_dict / load_state_dict (both inner state dicts, so a resume is exact)."""
-
-    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
-        self.muon, self.adamw = muon, adamw
-
-    @property
-    def param_groups(self) -> list:
-        return self.muon.param_groups + self.adamw.param_groups
-
-    @property
-    def state(self):
-        return self
-
-    def clear(self) -> None:  # `optimizer.state.clear()` after a failed resume
-        self.muon.state.clear()
-        self.adamw.state.clear()
-
-    def step(self) -> None:
-        self.muon.step()
-        self.adamw.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.muon.zero_grad(set_to_none=set_to_none)
-        self.adamw.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Any, device_type: str):
-    """cfg.optimizer `adamw`: the model's AdamW (`configure_optimizer`). `muon`: `Muon` above
-    (lr muon_lr, momentum muon_momentum, Nesterov, Keller's shape scaling) on every 2-D matrix
-    inside the blocks, AdamW (lr, betas, weight decay) on the embedding/head and the norm gains.
-    Muon's decoupled decay is scaled by lr / muon_lr so both shrink weights at the same rate."""
-    if getattr(cfg, "optimizer", "adamw") == "adamw":
-        return model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device_type)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    hidden = [p for n, p in named if p.dim() == 2 and n.startswith("layers.")]
-    ids = {id(p) for p in hidden}
-    rest = [p for _, p in named if id(p) not in ids]
-    ratio = cfg.muon_lr / cfg.lr
-    muon = Muon([{"params": hidden, "lr_ratio": ratio}], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                weight_decay=cfg.weight_decay / ratio,
-                ns_dtype=torch.bfloat16 if device_type == "cuda" else torch.float32)
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_ratio": 1.0},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_ratio": 1.0}]
-    fused = device_type == "cuda"
-    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None,
-                              foreach=None if fused else True)
-    return MuonAdamW(muon, adamw)
-
-
-# --- schedule, evaluation ---------------------------------------------------------------------
-
-
-def lr_at(step: int, cfg: Any) -> float:
-    """LR for the update taken at `step` (0-based): linear warm-up, then cosine to lr*min_lr_ratio
-    (schedule `cosine`), or flat at lr and a linear decay to lr*min_lr_ratio over the last
-    decay_fraction of max_steps (schedule `wsd`, warmup-stable-decay)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    floor = cfg.lr * cfg.min_lr_ratio
-    if getattr(cfg, "schedule", "cosine") == "wsd":
-        decay = max(1, round(cfg.decay_fraction * cfg.max_steps))
-        left = cfg.max_steps - step  # updates still to take, this one included
-        return cfg.lr if left > decay else floor + (cfg.lr - floor) * (left - 1) / decay
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - floor)
+# --- evaluation ------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -409,9 +282,7 @@ def _to_device(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
 def _train_step(run: _Run) -> tuple[float, float, int]:
     """One optimizer step over grad_accum micro-batches -> (loss, grad norm, tokens, all ranks)."""
     cfg, rt, model = run.cfg, run.rt, run.model
-    lr = lr_at(run.h.step, cfg)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's groups: muon_lr / lr
+    set_lr(run.optimizer, lr_at(run.h.step, cfg))
     batches = [run.source.next() for _ in range(cfg.grad_accum)]
     tokens = sum(x.numel() for x, _ in batches)
     # The step's loss is the mean over every target of the global batch. Micro-batches (and ranks)

@@ -20,11 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigpt import runtime, train
+from minigpt import optim, runtime, train
 from minigpt.config import TrainConfig
 from minigpt.model import GPT, GPTConfig
 from minigpt.runtime import DeviceError, Runtime
-from minigpt.train import TrainingError, fit, lr_at
+from minigpt.optim import lr_at
+from minigpt.train import TrainingError, fit
 from minigpt.windows import TokenWindows, val_windows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -456,7 +457,7 @@ def test_grad_accum_weights_micro_batches_by_their_targets():
     for accum, batches in ((1, [(x, y)]), (2, [(x[:2], y[:2]), (x[2:], y[2:])])):
         model = tiny_model()
         c = cfg(grad_accum=accum, batch_size=4 // accum, grad_clip=0.0)
-        opt = model.configure_optimizer(c.weight_decay, c.lr, (c.beta1, c.beta2), "cpu")
+        opt = optim.adamw(model.parameters(), c.weight_decay, c.lr, (c.beta1, c.beta2), "cpu")
         run = train._Run(raw=model, model=model, optimizer=opt, cfg=c, rt=rt(),
                          source=_Fixed(batches), val=[], identity={}, h=train.History())
         loss, norm, tokens = train._train_step(run)
@@ -484,7 +485,7 @@ def test_wsd_schedule():
 def test_muon_optimizer_groups_and_lr():
     model = tiny_model()
     c = cfg(**NEW_RECIPE)
-    opt = train.build_optimizer(model, c, "cpu")
+    opt = optim.build_optimizer(model, c, "cpu")
     muon_ids = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in muon_ids}
     assert names == {n for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2}
@@ -556,7 +557,7 @@ def test_muon_matches_torch_muon():
     ours = [torch.nn.Parameter(torch.randn(48, 16)), torch.nn.Parameter(torch.randn(16, 40))]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     start = [p.detach().clone() for p in ours]
-    a = train.Muon([{"params": ours}], lr=0.02, momentum=0.95, weight_decay=0.01)
+    a = optim.Muon([{"params": ours}], lr=0.02, momentum=0.95, weight_decay=0.01)
     b = torch.optim.Muon(ref, lr=0.02, momentum=0.95, weight_decay=0.01)
     for _ in range(3):
         for p, q in zip(ours, ref):
