@@ -136,11 +136,8 @@ def recipe_params(spec: str, common: list[str]):
 
 
 def build(p, vocab: int) -> GPT:
-    m = p.model
     torch.manual_seed(p.pretrain.seed)
-    return GPT(GPTConfig(vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
-                         block_size=m.block_size, dropout=m.dropout, mlp=m.mlp, qk_norm=m.qk_norm,
-                         zero_init=m.zero_init, logit_softcap=m.logit_softcap))
+    return GPT(GPTConfig.from_params(p.model, vocab))
 
 
 # --- timing -----------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ from minigpt.config import EvalConfig
 from minigpt.encode import read_meta, read_sft, read_tokens
 from minigpt.runtime import DeviceError, autocast, eval_dtype, resolve_device
 from minigpt.sample import generate
-from minigpt.sft import IGNORE, build_split, collate
+from minigpt.model import IGNORE
+from minigpt.sft import build_split, collate
 from minigpt.tokenizer import EOT, PAD, SPECIAL_TOKENS, decode, iter_jsonl, str_field
 
 LN2 = math.log(2.0)
@@ -104,7 +105,7 @@ def window_plan(n_targets: int, block_size: int, stride: int) -> list[tuple[int,
 
 def summed_loss(model: Callable, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
     """(sum of NLL in nats, number of targets) over the targets of y that are not -100."""
-    n = int((y != -100).sum())
+    n = int((y != IGNORE).sum())
     if n == 0:
         return 0.0, 0
     _, loss = model(x, y)
@@ -140,7 +141,7 @@ def sliding_window_nll(model: Callable, tokens, block_size: int, stride: int, ba
         xy = torch.from_numpy(rows).to(device)
         x, y = xy[:, :-1], xy[:, 1:].clone()
         for i, (_, first) in enumerate(chunk):
-            y[i, :first] = -100  # already scored by an earlier window
+            y[i, :first] = IGNORE  # already scored by an earlier window
         with autocast(device, eval_dtype(device)):
             nll, n = summed_loss(model, x, y)
         total += nll

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from minigpt.config import FinetuneConfig, TrainConfig
+    from minigpt.config import TrainConfig  # FinetuneConfig is a TrainConfig
 
 
 @torch.no_grad()
@@ -117,13 +117,13 @@ def adamw(params, weight_decay: float, lr: float, betas, device_type: str, **gro
                              foreach=None if fused else True)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig | FinetuneConfig, device_type: str):
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str):
     """cfg.optimizer `adamw`: `adamw` above on every parameter. `muon`: `Muon` above
     (lr muon_lr, momentum muon_momentum, Nesterov, Keller's shape scaling) on every 2-D matrix
     inside the blocks, AdamW (lr, betas, weight decay) on the embedding/head and the norm gains.
     Muon's decoupled decay is scaled by lr / muon_lr so both shrink weights at the same rate."""
     betas = (cfg.beta1, cfg.beta2)
-    if getattr(cfg, "optimizer", "adamw") == "adamw":
+    if cfg.optimizer == "adamw":
         return adamw(model.parameters(), cfg.weight_decay, cfg.lr, betas, device_type)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if p.dim() == 2 and n.startswith("layers.")]
@@ -142,14 +142,14 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_ratio", 1.0)
 
 
-def lr_at(step: int, cfg: TrainConfig | FinetuneConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig) -> float:
     """LR for the update taken at `step` (0-based): linear warm-up, then cosine to lr*min_lr_ratio
     (schedule `cosine`), or flat at lr and a linear decay to lr*min_lr_ratio over the last
     decay_fraction of max_steps (schedule `wsd`, warmup-stable-decay)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     floor = cfg.lr * cfg.min_lr_ratio
-    if getattr(cfg, "schedule", "cosine") == "wsd":
+    if cfg.schedule == "wsd":
         decay = max(1, round(cfg.decay_fraction * cfg.max_steps))
         left = cfg.max_steps - step  # updates still to take, this one included
         return cfg.lr if left > decay else floor + (cfg.lr - floor) * (left - 1) / decay

@@ -34,10 +34,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from minigpt.config import TrainConfig
 
 
 class DeviceError(ValueError):
@@ -227,7 +230,7 @@ def _ppid_of(pid: int) -> int | None:
     return int(stat.rpartition(")")[2].split()[1])  # after "(comm)": state, then ppid
 
 
-def setup_runtime(cfg: Any) -> Runtime:
+def setup_runtime(cfg: TrainConfig) -> Runtime:
     """Resolve device/dtype, init DDP from torchrun's env when WORLD_SIZE > 1, seed everything.
 
     All ranks get the same seed here, so models built right after are identical everywhere.

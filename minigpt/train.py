@@ -51,7 +51,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -59,10 +59,13 @@ from tqdm import tqdm
 
 from minigpt.checkpoint import (CheckpointError, atomic_write_bytes, atomic_write_json, load_state,
                                 lock_scratch, read_state_meta, save_model, save_state, unwrap)
+from minigpt.model import IGNORE
 from minigpt.optim import build_optimizer, lr_at, set_lr
 from minigpt.runtime import Runtime
 
-IGNORE = -100
+if TYPE_CHECKING:
+    from minigpt.config import TrainConfig  # FinetuneConfig is a TrainConfig
+
 BEST_FILE = "best.safetensors"  # extra file in ckpt_dir when keep_best: the best weights so far
 TRAIN_COLUMNS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 VAL_COLUMNS = ("step", "tokens", "val_loss")
@@ -105,7 +108,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable, rt: Runtime) -> float:
 # --- resume identity --------------------------------------------------------------------------
 
 
-def run_identity(model: torch.nn.Module, cfg: Any, rt: Runtime, meta: dict,
+def run_identity(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, meta: dict,
                  keep_best: bool = False, patience: int = 0, inputs: dict | None = None) -> dict:
     """The run's fingerprint: what must match for a checkpoint to be resumed (meta.json's "meta")."""
     train = {**dataclasses.asdict(cfg), "keep_best": keep_best, "patience": patience}
@@ -198,9 +201,9 @@ class _Run:
     raw: torch.nn.Module  # the plain model (saved/loaded)
     model: torch.nn.Module  # what the step calls: raw, compiled and/or DDP-wrapped
     optimizer: torch.optim.Optimizer
-    cfg: Any
+    cfg: TrainConfig
     rt: Runtime
-    source: Any
+    source: BatchSource
     val: Iterable
     identity: dict
     h: History
@@ -342,7 +345,7 @@ def _summary(run: _Run, resumed_from: int | None) -> dict:
     }
 
 
-def fit(model: torch.nn.Module, cfg: Any, rt: Runtime, train_source: BatchSource,
+def fit(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, train_source: BatchSource,
         val_batches: Iterable, *, model_dir: str | Path, ckpt_dir: str | Path,
         metrics_file: str | Path, curves_dir: str | Path, meta: dict,
         tokenizer_file: str | Path, keep_best: bool = False, patience: int = 0,

@@ -51,11 +51,7 @@ def run() -> dict:
         check_tokenizer_hash(sidecars[split], thash, TOKENS / f"{split}.json")
     rt = setup_runtime(cfg)
     try:
-        config = GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=shape.n_layer,
-                           n_head=shape.n_head, n_embd=shape.n_embd, block_size=shape.block_size,
-                           dropout=shape.dropout, mlp=shape.mlp, qk_norm=shape.qk_norm,
-                           zero_init=shape.zero_init, logit_softcap=shape.logit_softcap)
-        model = GPT(config)
+        model = GPT(GPTConfig.from_params(shape, tok.get_vocab_size()))
         source = TokenWindows(TOKENS / "train.bin", shape.block_size, cfg.batch_size, cfg.seed,
                               rt.rank, rt.world_size)
         val = val_windows(TOKENS / "validation.bin", shape.block_size, cfg.batch_size,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.model import GPT, GPTConfig, linear_cross_entropy
+from minigpt.model import GPT, GPTConfig, IGNORE, linear_cross_entropy
 from minigpt.optim import adamw
 
 V, T = 97, 16
@@ -71,7 +71,7 @@ def test_linear_cross_entropy_chunking_and_grad_scaling():
     torch.testing.assert_close(w2, gw)
     assert torch.isnan(linear_cross_entropy(h, w, torch.full((37,), -100)))  # like F.cross_entropy
     # ignored rows: masking inside the chunks (the torch.compile path) == dropping them first (eager)
-    t[::3] = -100
+    t[::3] = IGNORE
     from minigpt.model import _LinearCrossEntropy
 
     ref = F.cross_entropy(h @ w.t(), t)

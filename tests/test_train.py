@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from minigpt import optim, runtime, train
 from minigpt.config import TrainConfig
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT, GPTConfig, IGNORE
 from minigpt.runtime import DeviceError, Runtime
 from minigpt.optim import lr_at
 from minigpt.train import TrainingError, fit
@@ -339,7 +339,7 @@ DDP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from pathlib import Path
     from minigpt.config import TrainConfig
-    from minigpt.model import GPT, GPTConfig
+    from minigpt.model import GPT, GPTConfig, IGNORE
     from minigpt.runtime import setup_runtime, teardown
     from minigpt.train import fit
     from minigpt.windows import TokenWindows, val_windows
@@ -452,7 +452,7 @@ def test_grad_accum_weights_micro_batches_by_their_targets():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (4, 16), generator=g)
     y = torch.randint(0, VOCAB, (4, 16), generator=g)
-    y[:2, :12] = train.IGNORE  # the first half has few targets (a long prompt)
+    y[:2, :12] = IGNORE  # the first half has few targets (a long prompt)
     results = []
     for accum, batches in ((1, [(x, y)]), (2, [(x[:2], y[:2]), (x[2:], y[2:])])):
         model = tiny_model()
