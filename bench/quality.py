@@ -208,7 +208,7 @@ def run_recipe(spec: str, p, info: dict, vocab: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         summary = train.fit(model, cfg, runtime.Runtime(torch.device("cpu"), "fp32"), src, val,
-                            model_dir=tmp / "model", ckpt_dir=tmp / "ckpt", metrics_file=tmp / "m.json",
+                            model_dir=tmp / "model", ckpt_dir=tmp / "ckpt",
                             curves_dir=tmp / "curves", meta={"bench": "quality"},
                             tokenizer_file=info["tokenizer"])
         used = clock.elapsed()

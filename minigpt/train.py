@@ -37,8 +37,8 @@ Design choices
   writer fails at once naming the holder's pid.
 - Only rank 0 writes files. The TSV curves are rewritten (atomically) at every log row and
   evaluation, so `dvc plots` / `minigpt plots` of a running experiment are current; a resume
-  rewrites them from the checkpoint's history, dropping rows logged after it. Metrics are written
-  at the end.
+  rewrites them from the checkpoint's history, dropping rows logged after it. `fit` returns the
+  metrics; the stage writes them once (with what it adds).
 - MFU = flops_per_token * tokens/s / the runtime's peak (`runtime.peak_flops`).
 """
 
@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from minigpt.checkpoint import (CheckpointError, atomic_write_bytes, atomic_write_json, load_state,
+from minigpt.checkpoint import (CheckpointError, atomic_write_bytes, load_state,
                                 lock_scratch, read_state_meta, save_model, save_state, unwrap)
 from minigpt.model import IGNORE
 from minigpt.optim import build_optimizer, lr_at, set_lr
@@ -347,27 +347,28 @@ def _summary(run: _Run, resumed_from: int | None) -> dict:
 
 def fit(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, train_source: BatchSource,
         val_batches: Iterable, *, model_dir: str | Path, ckpt_dir: str | Path,
-        metrics_file: str | Path, curves_dir: str | Path, meta: dict,
+        curves_dir: str | Path, meta: dict,
         tokenizer_file: str | Path, keep_best: bool = False, patience: int = 0,
         inputs: dict | None = None) -> dict:
     """Train `model` (a plain, unwrapped GPT) to cfg.max_steps, resuming from ckpt_dir if it matches.
 
     Writes (rank 0 only): resumable state in ckpt_dir every cfg.save_interval steps and at the end;
     the model directory (best-by-validation weights when keep_best) with config.json = architecture
-    + `meta` + {"training": summary}; metrics_file (the summary) and curves_dir/{train,val}.tsv.
+    + `meta` + {"training": summary} and curves_dir/{train,val}.tsv. Returns the summary (the
+    caller writes it as its metrics, with whatever it adds).
     `meta` identifies the run beyond the config (tokenizer_hash, stage, data identity, the starting
     weights for fine-tuning) and `inputs` ({file: SHA-256} of the data and starting weights, see
     `file_digests`) are part of the fingerprint: any change forbids resuming. patience > 0 stops
-    after that many evaluations without a better validation loss. Returns the summary. Raises TrainingError when
+    after that many evaluations without a better validation loss. Raises TrainingError when
     the loss diverges (nothing is saved for the bad step)."""
     ckpt_dir, curves_dir, model_dir = Path(ckpt_dir), Path(curves_dir), Path(model_dir)
     with lock_scratch(ckpt_dir) if rt.is_main else nullcontext():  # rank 0 is the only writer
-        return _fit(model, cfg, rt, train_source, val_batches, model_dir, ckpt_dir, metrics_file,
-                    curves_dir, meta, tokenizer_file, keep_best, patience, inputs)
+        return _fit(model, cfg, rt, train_source, val_batches, model_dir, ckpt_dir, curves_dir,
+                    meta, tokenizer_file, keep_best, patience, inputs)
 
 
-def _fit(model, cfg, rt, train_source, val_batches, model_dir, ckpt_dir, metrics_file, curves_dir,
-         meta, tokenizer_file, keep_best, patience, inputs) -> dict:
+def _fit(model, cfg, rt, train_source, val_batches, model_dir, ckpt_dir, curves_dir, meta,
+         tokenizer_file, keep_best, patience, inputs) -> dict:
     log = (lambda msg: tqdm.write(msg)) if rt.is_main else (lambda msg: None)
     raw = model.to(rt.device)
     raw.train()
@@ -394,8 +395,6 @@ def _fit(model, cfg, rt, train_source, val_batches, model_dir, ckpt_dir, metrics
             raw.load_state_dict(run.best)
         info = {**summary, "device": str(rt.device), "dtype": rt.dtype, "world_size": rt.world_size}
         save_model(raw, model_dir, tokenizer_file=tokenizer_file, meta={**meta, "training": info})
-        Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(metrics_file, summary)
     return summary
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minigpt: the code DVC tracks
 
+from minigpt.checkpoint import atomic_write_json  # noqa: E402
 from minigpt.config import load_params  # noqa: E402
 from minigpt.encode import check_tokenizer_hash, read_meta  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
@@ -40,7 +41,8 @@ METRICS = Path("metrics/pretrain.json")
 CURVES = Path("metrics/pretrain")
 
 
-def run() -> dict:
+def run() -> str | None:
+    start = time.perf_counter()
     params = load_params()
     cfg, shape = params.pretrain, params.model
     tok = load_tokenizer(TOKENIZER)
@@ -64,17 +66,17 @@ def run() -> dict:
                   f"{model.flops_per_token() / 1e6:.1f} MFLOP/token; {rt.device} {rt.dtype}, "
                   f"{rt.world_size} process(es), {sidecars['train']['count']:,} train tokens")
         summary = fit(model, cfg, rt, source, val, model_dir=MODEL_DIR, ckpt_dir=CKPT_DIR,
-                      metrics_file=METRICS, curves_dir=CURVES, meta=meta, tokenizer_file=TOKENIZER,
+                      curves_dir=CURVES, meta=meta, tokenizer_file=TOKENIZER,
                       inputs=file_digests([TOKENIZER, TOKENS / "train.bin", TOKENS / "validation.bin"]))
-        summary["is_main"] = rt.is_main
-        return summary
+        if not rt.is_main:  # every rank trains; rank 0 writes and speaks
+            return None
+        atomic_write_json(METRICS, summary)
+        return report(summary, time.perf_counter() - start)
     finally:
         teardown(rt)
 
 
-def report(s: dict, seconds: float) -> str | None:
-    if not s["is_main"]:  # every rank trains; rank 0 speaks
-        return None
+def report(s: dict, seconds: float) -> str:
     return (f"pretrain: val loss {s['first_val_loss']:.4f} (step 0) -> {s['val_loss']:.4f} "
             f"(step {s['steps']}, best {s['best_val_loss']:.4f} at step {s['best_step']}); "
             f"train loss {s['train_loss']:.4f}; {s['tokens']:,} tokens, {s['tokens_per_s']:,.0f} tok/s, "
@@ -82,8 +84,7 @@ def report(s: dict, seconds: float) -> str | None:
 
 
 def main() -> int:
-    start = time.perf_counter()
-    return run_stage(lambda: report(run(), time.perf_counter() - start))
+    return run_stage(run)
 
 
 if __name__ == "__main__":

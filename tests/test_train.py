@@ -82,7 +82,7 @@ def run_fit(data: dict, c: TrainConfig, out: str = "run", source=None, model=Non
     source = source or TokenWindows(data["train"], BLOCK, c.batch_size, c.seed)
     val = val_windows(data["val"], BLOCK, c.batch_size, c.eval_batches)
     summary = fit(model, c, rt(), source, val, model_dir=root / "model", ckpt_dir=root / "ckpt",
-                  metrics_file=root / "metrics.json", curves_dir=root / "curves",
+                  curves_dir=root / "curves",
                   meta={"stage": "pretrain", "tokenizer_hash": "0123456789abcdef", "chat_template": None},
                   tokenizer_file=data["tokenizer"], **kw)
     summary["model"] = model
@@ -227,10 +227,10 @@ def test_fit_writes_everything(data):
     assert [int(r.split("\t")[0]) for r in train_tsv[1:]] == [2, 4, 6, 8]
     val_tsv = (root / "curves" / "val.tsv").read_text().splitlines()
     assert val_tsv[0] == "step\ttokens\tval_loss" and [r.split("\t")[0] for r in val_tsv[1:]] == ["0", "4", "8"]
-    metrics = json.loads((root / "metrics.json").read_text())
+    assert not (root / "metrics.json").exists()  # fit returns the metrics; the stage writes them
     for key in ("train_loss", "first_val_loss", "val_loss", "best_val_loss", "tokens", "steps",
                 "tokens_per_s", "mfu", "params", "params_non_embedding", "time_s"):
-        assert key in metrics
+        assert key in s
     config = json.loads((root / "model" / "config.json").read_text())
     assert config["stage"] == "pretrain" and config["training"]["steps"] == 8 and config["n_layer"] == 2
 
@@ -335,11 +335,11 @@ def test_nan_stops_with_step_and_keeps_checkpoint(data):
 
 DDP_CFG = dict(max_steps=6, eval_interval=3, save_interval=3, eval_batches=4)
 DDP_SCRIPT = textwrap.dedent("""
-    import sys, torch
+    import json, sys, torch
     sys.path.insert(0, sys.argv[1])
     from pathlib import Path
     from minigpt.config import TrainConfig
-    from minigpt.model import GPT, GPTConfig, IGNORE
+    from minigpt.model import GPT, GPTConfig
     from minigpt.runtime import setup_runtime, teardown
     from minigpt.train import fit
     from minigpt.windows import TokenWindows, val_windows
@@ -351,9 +351,11 @@ DDP_SCRIPT = textwrap.dedent("""
     val = val_windows(root / "tokens" / "validation.bin", 16, c.batch_size, c.eval_batches,
                       rt.rank, rt.world_size)
     out = root / "ddp"
-    fit(model, c, rt, src, val, model_dir=out / "model", ckpt_dir=out / "ckpt",
-        metrics_file=out / "metrics.json", curves_dir=out / "curves", meta={"stage": "pretrain"},
-        tokenizer_file=root / "tokenizer.json")
+    summary = fit(model, c, rt, src, val, model_dir=out / "model", ckpt_dir=out / "ckpt",
+                  curves_dir=out / "curves", meta={"stage": "pretrain"},
+                  tokenizer_file=root / "tokenizer.json")
+    if rt.is_main:
+        (out / "metrics.json").write_text(json.dumps(summary))
     teardown(rt)
 """)
 
