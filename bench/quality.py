@@ -168,7 +168,7 @@ class TimedVal:
 
 
 def seconds_per_step(p, info: dict, vocab: int, clock: str, steps: int = 3) -> float:
-    """Median time of a few real `_train_step`s of this recipe (after one warm-up step)."""
+    """Median time of a few real `train_step`s of this recipe (after one warm-up step)."""
     cfg = dataclasses.replace(p.pretrain, max_steps=10**6, device="cpu", dtype="fp32")
     model = build(p, vocab)
     src = windows.TokenWindows(info["train"][0], p.model.block_size, cfg.batch_size, cfg.seed)
@@ -179,7 +179,7 @@ def seconds_per_step(p, info: dict, vocab: int, clock: str, steps: int = 3) -> f
     times = []
     for i in range(steps + 1):
         t = now()
-        train._train_step(run)
+        train.train_step(run)
         if i:
             times.append(now() - t)
     return sorted(times)[len(times) // 2]

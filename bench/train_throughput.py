@@ -4,7 +4,7 @@
                                      [--compile] [--device cpu|cuda] [--profile]
 
 Seed config by default (6 layers, 6 heads, 384 wide, block 256, vocab 30000, batch 8). "Ours" is
-`minigpt.train._train_step`, exactly what `fit` runs per optimizer step: LR set, forward under the
+`minigpt.train.train_step`, exactly what `fit` runs per optimizer step: LR set, forward under the
 runtime's autocast, backward, grad-norm clip, the loss/norm sync, AdamW step (foreach on CPU,
 fused on CUDA). "Theirs" is GPT2LMHeadModel (attn sdpa, dropout 0) with the same clip and AdamW.
 Both models step alternately, so machine noise hits both; after warm-up steps we report the median
@@ -87,7 +87,7 @@ def bench(dtype: str, args) -> dict:
                                   foreach=None if rt.device.type == "cuda" else True)
     their_model = torch.compile(theirs) if args.compile else theirs
     x, y = source.x.to(rt.device), source.y.to(rt.device)
-    steps = {"ours": lambda: train._train_step(run),
+    steps = {"ours": lambda: train.train_step(run),
              "theirs": lambda: their_step(their_model, their_opt, x, y, rt, cfg.grad_clip)}
     times = {k: [] for k in steps}
     for i in range(args.warmup + args.steps):

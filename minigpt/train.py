@@ -282,7 +282,7 @@ def _to_device(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return t.to(rt.device)
 
 
-def _train_step(run: _Run) -> tuple[float, float, int]:
+def train_step(run: _Run) -> tuple[float, float, int]:
     """One optimizer step over grad_accum micro-batches -> (loss, grad norm, tokens, all ranks)."""
     cfg, rt, model = run.cfg, run.rt, run.model
     set_lr(run.optimizer, lr_at(run.h.step, cfg))
@@ -411,7 +411,7 @@ def _loop(run: _Run, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience
     warm_up = True  # the first step of a session compiles/allocates: kept out of tokens/s
     while h.step < cfg.max_steps and not h.stopped_early:
         t0 = time.perf_counter()
-        loss, norm, tokens = _train_step(run)
+        loss, norm, tokens = train_step(run)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             bar.close()
             kept = (f"the last good checkpoint (step {last_saved}) in {ckpt_dir} is kept"
@@ -449,10 +449,8 @@ def _loop(run: _Run, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience
             start = time.perf_counter()
             _save(run, ckpt_dir, curves_dir)
             last_saved = h.step
-    bar.close()
+    bar.close()  # the last step (and an early stop) always saves: nothing is left to write
     h.wall_time += time.perf_counter() - start
-    if last_saved != h.step:  # cannot happen today (the last step always saves); kept as a guard
-        _save(run, ckpt_dir, curves_dir)
 
 
 def _log_row(run: _Run, window: dict, log) -> None:

@@ -462,7 +462,7 @@ def test_grad_accum_weights_micro_batches_by_their_targets():
         opt = optim.adamw(model.parameters(), c.weight_decay, c.lr, (c.beta1, c.beta2), "cpu")
         run = train._Run(raw=model, model=model, optimizer=opt, cfg=c, rt=rt(),
                          source=_Fixed(batches), val=[], identity={}, h=train.History())
-        loss, norm, tokens = train._train_step(run)
+        loss, norm, tokens = train.train_step(run)
         results.append((loss, norm, tokens, [p.detach().clone() for p in model.parameters()]))
     (l1, n1, t1, w1), (l2, n2, t2, w2) = results
     assert l1 == pytest.approx(l2, rel=1e-5) and n1 == pytest.approx(n2, rel=1e-4) and t1 == t2
@@ -497,7 +497,7 @@ def test_muon_optimizer_groups_and_lr():
     run = train._Run(raw=model, model=model, optimizer=opt, cfg=c, rt=rt(),
                      source=TokenWindows(_tokens_for_step(), BLOCK, 4, 0), val=[], identity={},
                      h=train.History())
-    train._train_step(run)
+    train.train_step(run)
     assert opt.muon.param_groups[0]["lr"] == pytest.approx(lr_at(0, c) * c.muon_lr / c.lr)
     assert opt.adamw.param_groups[0]["lr"] == pytest.approx(lr_at(0, c))
 
