@@ -1,45 +1,28 @@
 """One training loop for pre-training and fine-tuning: `fit`, its resume and its curves.
 
-Batch-source protocol (what `fit` needs; `windows.TokenWindows` and `sft.SFTBatches` implement it)
-- Train source: `next() -> (x, y)`, CPU int64 tensors of shape (B, T) for THIS rank, y = -100 where
-  a position is not a target; `state_dict() -> dict` of tensors/plain values (stored in `state.pt`,
-  read back with `torch.load(weights_only=True)`) and `load_state_dict(d)` for an exact resume. A
-  DDP-aware source draws the global batch identically on every rank and returns its own slice,
-  so N ranks x B rows trains exactly like one process with N*B rows.
-- Validation: an iterable of THIS rank's (x, y) batches that yields the same batches every time it
-  is iterated (a list is fine). `fit` sums loss * target-count over them and all-reduces, so the
-  validation loss is a token-weighted mean over the union of all ranks' batches.
-
 Design choices
-- Device, precision and DDP come from `minigpt.runtime` (`setup_runtime`), resolved once.
-- Parameter updates (LR schedule, AdamW groups, Muon) are `minigpt.optim`.
-- Resume: the state in ckpt_dir is undeclared scratch (not a DVC out), used only to finish an
-  interrupted run of exactly the same inputs. `ckpt_dir/meta.json` holds the run's fingerprint:
-  the WHOLE training config (max_steps, log/save intervals included: they change the weights or the
-  curves), the architecture, resolved device/dtype/world size, the caller's `meta` (tokenizer hash,
-  data identity, stage) and `inputs` (SHA-256 of the data / starting-weight files). Equal -> restore
-  weights, optimizer, step, per-rank RNG, per-rank data-source state and the metric history (so the
-  TSV curves survive DVC deleting them); anything else -> one line saying what differs, start
-  fresh. So a stage's output is a function of its deps and params only (DVC can run-cache it):
-  a finished 20-step run is never continued by a 40-step one, which trains from scratch.
-- The training loss of a step is the mean over every target of the global batch: micro-batches
-  and ranks are weighted by their target counts (one extra all-reduce of a scalar), so masked SFT
-  batches train exactly like one big batch under grad accumulation and DDP.
-- Divergence: the loss and grad norm are checked every step (one scalar sync) BEFORE the optimizer
-  step, so a non-finite loss stops training without touching the weights or the last good
-  checkpoint; `TrainingError` names the step. Under DDP the loss is all-reduced first, so every
-  rank takes the same decision and none hangs in a collective.
-- Validation runs at step 0 (the untrained model, or the base model for fine-tuning), every
-  eval_interval steps and at the end. keep_best/patience are part of the run's identity; the best
-  weights live in ckpt_dir/best.safetensors so a resumed run still ships the best.
-- tokens/s and MFU leave out each session's first step (torch.compile and allocator warm-up).
-- Rank 0 holds an exclusive lock on ckpt_dir for the run (`checkpoint.lock_scratch`), so a second
-  writer fails at once naming the holder's pid.
-- Only rank 0 writes files. The TSV curves are rewritten (atomically) at every log row and
-  evaluation, so `dvc plots` / `minigpt plots` of a running experiment are current; a resume
-  rewrites them from the checkpoint's history, dropping rows logged after it. `fit` returns the
-  metrics; the stage writes them once (with what it adds).
-- MFU = flops_per_token * tokens/s / the runtime's peak (`runtime.peak_flops`).
+- Device, precision and DDP are `minigpt.runtime`; parameter updates (LR schedule, AdamW groups,
+  Muon) `minigpt.optim`; batches come from a `BatchSource` (`windows.TokenWindows`,
+  `sft.SFTBatches`).
+- Resume: ckpt_dir is undeclared scratch (not a DVC out), used only to finish an interrupted run of
+  exactly the same inputs. Its meta.json holds the run's fingerprint: the WHOLE training config
+  (log/save intervals included: they change the curves), the architecture, resolved device/dtype/
+  world size, the caller's `meta` and `inputs` (SHA-256 of data / starting weights). Equal ->
+  restore weights, optimizer, step, per-rank RNG and data state and the metric history; anything
+  else -> one line saying what differs, start fresh. So a stage's output is a function of its deps
+  and params only: a finished 20-step run is never continued by a 40-step one.
+- A step's loss is the mean over every target of the global batch: micro-batches and ranks are
+  weighted by their target counts (one all-reduce of a scalar), so masked SFT batches train exactly
+  like one big batch under grad accumulation and DDP.
+- Divergence: loss and grad norm are checked every step BEFORE the optimizer step (all-reduced
+  first, so every rank decides alike), so a non-finite loss stops training without touching the
+  weights or the last good checkpoint; `TrainingError` names the step.
+- Validation at step 0 (the untrained or base model), every eval_interval steps and at the end;
+  keep_best/patience are part of the identity, the best weights live in ckpt_dir/best.safetensors.
+- tokens/s and MFU (`runtime.peak_flops`) leave out each session's first step (compile, warm-up).
+- Only rank 0 writes, holding a lock on ckpt_dir (`checkpoint.lock_scratch`). The TSV curves are
+  rewritten atomically at every log row and evaluation, so plots of a running experiment are
+  current. `fit` returns the metrics; the stage writes them once (with what it adds).
 """
 
 from __future__ import annotations
@@ -76,6 +59,16 @@ class TrainingError(RuntimeError):
 
 
 class BatchSource(Protocol):
+    """What `fit` trains on. `next()` -> (x, y): CPU int64 (B, T) tensors for THIS rank, y = IGNORE
+    where a position is not a target. `state_dict()` -> tensors/plain values (kept in state.pt, read
+    back with `torch.load(weights_only=True)`) and `load_state_dict` make a resume exact. A DDP
+    source draws the global batch identically on every rank and returns its own slice, so N ranks
+    x B rows train exactly like one process with N*B rows.
+
+    Validation is any iterable of THIS rank's (x, y) batches, the same ones every time (a list is
+    fine); `fit` sums loss * target count over them and all-reduces: a token-weighted mean over
+    the union of all ranks' batches."""
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...

@@ -36,10 +36,10 @@ from minigpt.chat import TEMPLATE_NAME  # noqa: E402
 from minigpt.checkpoint import atomic_write_json, load_model, sha256_file  # noqa: E402
 from minigpt.config import load_params  # noqa: E402
 from minigpt.encode import read_meta  # noqa: E402
-from minigpt.stage import run_stage  # noqa: E402
 from minigpt.finetune import check_tokenizer, data_report, with_dropout  # noqa: E402
-from minigpt.tokenizer import PAD  # noqa: E402
 from minigpt.runtime import setup_runtime, teardown  # noqa: E402
+from minigpt.stage import run_stage  # noqa: E402
+from minigpt.tokenizer import PAD  # noqa: E402
 from minigpt.train import file_digests, fit  # noqa: E402
 
 PRETRAINED = Path("out/pretrain")
