@@ -272,9 +272,8 @@ def load(checkpoint_path: str, device_name: str = "cpu", tokenizer_path: str | N
     """The model directory (and optional separate tokenizer), with usage errors as CLIError."""
     from minigpt.chat import TEMPLATE_NAME
     from minigpt.checkpoint import CheckpointError, check_vocab, load_model
-    from minigpt.tokenizer import EOT, TokenizerError, check_special_tokens, special_id
-
     from minigpt.runtime import DeviceError, resolve_device
+    from minigpt.tokenizer import EOT, TokenizerError, check_special_tokens, special_id
 
     try:
         device = resolve_device(device_name, where="--device")

@@ -2,8 +2,8 @@
 
 Design choices
 - One device picker for the package (`resolve_device`): training, evaluation and the CLI/server
-  all call it; `auto` is cuda > mps > cpu, an explicit device must exist (one-line `DeviceError`
-  that names the setting, which callers re-raise as their own error type).
+  all call it; `auto` is cuda > mps > cpu, an explicit device must exist (a one-line `DeviceError`
+  naming the setting; the CLI and evaluation re-raise it as CLIError / EvalError).
 - dtype `auto` is bf16 autocast on CUDA with bf16 and on CPUs with AVX512-BF16/AMX (/proc/cpuinfo
   flags), fp32 elsewhere. Measured: on an AVX2-only box a bf16 matmul runs at <1 GFLOP/s against
   ~120 fp32 (3 bf16 training steps of the tiny config did not finish in 10 minutes), so bf16 must
