@@ -44,10 +44,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
-from minigpt import train  # noqa: E402
+from minigpt import optim, runtime, train, windows  # noqa: E402
 from minigpt.config import ConfigError, parse_params  # noqa: E402
 from minigpt.data import article_text, wikitext_articles  # noqa: E402
-from minigpt.encode import flatten_with_eot, token_dtype  # noqa: E402
+from minigpt.encode import flatten_with_eot, read_tokens, token_dtype  # noqa: E402
 from minigpt.evaluate import sliding_window_nll  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.tokenizer import EOT, load_tokenizer, save_tokenizer, special_id, train_tokenizer  # noqa: E402
@@ -136,11 +136,8 @@ def recipe_params(spec: str, common: list[str]):
 
 
 def build(p, vocab: int) -> GPT:
-    m = p.model
     torch.manual_seed(p.pretrain.seed)
-    return GPT(GPTConfig(vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
-                         block_size=m.block_size, dropout=m.dropout, mlp=m.mlp, qk_norm=m.qk_norm,
-                         zero_init=m.zero_init, logit_softcap=m.logit_softcap))
+    return GPT(GPTConfig.from_params(p.model, vocab))
 
 
 # --- timing -----------------------------------------------------------------------------------
@@ -171,18 +168,18 @@ class TimedVal:
 
 
 def seconds_per_step(p, info: dict, vocab: int, clock: str, steps: int = 3) -> float:
-    """Median time of a few real `_train_step`s of this recipe (after one warm-up step)."""
+    """Median time of a few real `train_step`s of this recipe (after one warm-up step)."""
     cfg = dataclasses.replace(p.pretrain, max_steps=10**6, device="cpu", dtype="fp32")
     model = build(p, vocab)
-    src = train.TokenWindows(info["train"][0], p.model.block_size, cfg.batch_size, cfg.seed)
-    run = train._Run(raw=model, model=model, optimizer=train.build_optimizer(model, cfg, "cpu"),
-                     cfg=cfg, rt=train.Runtime(torch.device("cpu"), "fp32"), source=src, val=[],
+    src = windows.TokenWindows(info["train"][0], p.model.block_size, cfg.batch_size, cfg.seed)
+    run = train._Run(raw=model, model=model, optimizer=optim.build_optimizer(model, cfg, "cpu"),
+                     cfg=cfg, rt=runtime.Runtime(torch.device("cpu"), "fp32"), source=src, val=[],
                      identity={}, h=train.History())
     now = time.process_time if clock == "cpu" else time.perf_counter
     times = []
     for i in range(steps + 1):
         t = now()
-        train._train_step(run)
+        train.train_step(run)
         if i:
             times.append(now() - t)
     return sorted(times)[len(times) // 2]
@@ -191,7 +188,7 @@ def seconds_per_step(p, info: dict, vocab: int, clock: str, steps: int = 3) -> f
 def bits_per_byte(model: GPT, path: Path, n_bytes: int, block: int, max_tokens: int = 0) -> float:
     """Bits per UTF-8 byte over the split (non-overlapping windows); with max_tokens, over its
     first max_tokens tokens, the bytes prorated by the token count."""
-    tokens = train.read_tokens(path)
+    tokens = read_tokens(path)
     nll, n = sliding_window_nll(model, tokens, block, block, 16, max_tokens=max_tokens)
     return nll / math.log(2) / (n_bytes * n / (len(tokens) - 1))
 
@@ -205,13 +202,13 @@ def run_recipe(spec: str, p, info: dict, vocab: int, args) -> dict:
     cfg.validate("pretrain")
     model = build(p, vocab)
     block = p.model.block_size
-    src = train.TokenWindows(info["train"][0], block, cfg.batch_size, cfg.seed)
+    src = windows.TokenWindows(info["train"][0], block, cfg.batch_size, cfg.seed)
     clock = Clock(args.clock)
-    val = TimedVal(train.val_batches(info["validation"][0], block, cfg.batch_size, cfg.eval_batches), clock)
+    val = TimedVal(windows.val_windows(info["validation"][0], block, cfg.batch_size, cfg.eval_batches), clock)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        summary = train.fit(model, cfg, train.Runtime(torch.device("cpu"), "fp32"), src, val,
-                            model_dir=tmp / "model", ckpt_dir=tmp / "ckpt", metrics_file=tmp / "m.json",
+        summary = train.fit(model, cfg, runtime.Runtime(torch.device("cpu"), "fp32"), src, val,
+                            model_dir=tmp / "model", ckpt_dir=tmp / "ckpt",
                             curves_dir=tmp / "curves", meta={"bench": "quality"},
                             tokenizer_file=info["tokenizer"])
         used = clock.elapsed()
@@ -265,7 +262,7 @@ def main() -> None:
     vocab = load_tokenizer(info["tokenizer"]).get_vocab_size()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, clock {args.clock}, "
           f"budget {args.minutes:g} min per recipe; tokens: " + ", ".join(
-              f"{s} {train.read_tokens(info[s][0]).size:,} ({info[s][1]:,} B)"
+              f"{s} {read_tokens(info[s][0]).size:,} ({info[s][1]:,} B)"
               for s in ("train", "validation", "test")), flush=True)
     results = []
     for spec, p in zip(recipes, params):

@@ -4,12 +4,12 @@
                                      [--compile] [--device cpu|cuda] [--profile]
 
 Seed config by default (6 layers, 6 heads, 384 wide, block 256, vocab 30000, batch 8). "Ours" is
-`minigpt.train._train_step`, exactly what `fit` runs per optimizer step: LR set, forward under the
+`minigpt.train.train_step`, exactly what `fit` runs per optimizer step: LR set, forward under the
 runtime's autocast, backward, grad-norm clip, the loss/norm sync, AdamW step (foreach on CPU,
 fused on CUDA). "Theirs" is GPT2LMHeadModel (attn sdpa, dropout 0) with the same clip and AdamW.
 Both models step alternately, so machine noise hits both; after warm-up steps we report the median
 step time as tokens/s, MFU (each model's 6N + 12LCT FLOPs/token over the runtime's peak, see
-minigpt.train) and the ratio ours/theirs. `--profile` prints the top ops of one step of each.
+minigpt.runtime) and the ratio ours/theirs. `--profile` prints the top ops of one step of each.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-from minigpt import train  # noqa: E402
+from minigpt import optim, runtime, train  # noqa: E402
 from minigpt.config import TrainConfig  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 
@@ -59,7 +59,7 @@ def gpt2_flops_per_token(model, L: int, C: int, T: int, V: int) -> float:
     return 6.0 * (model.num_parameters() - wpe) + 12.0 * L * C * T  # wte counted once, as the head
 
 
-def their_step(model, opt, x, y, rt: train.Runtime, clip: float) -> float:
+def their_step(model, opt, x, y, rt: runtime.Runtime, clip: float) -> float:
     with rt.autocast():
         loss = model(input_ids=x, labels=y).loss
     loss.backward()
@@ -74,12 +74,12 @@ def bench(dtype: str, args) -> dict:
     L, H, C, T, V, B = (4, 4, 256, 256, 8192, 16) if args.tiny else (6, 6, 384, 256, 30000, args.batch)
     cfg = TrainConfig(device=args.device, dtype=dtype, batch_size=B, lr=1e-4, warmup_steps=0,
                       max_steps=10**6, compile=args.compile)
-    rt = train.setup_runtime(cfg)
+    rt = runtime.setup_runtime(cfg)
     torch.manual_seed(0)
     ours = GPT(GPTConfig(vocab_size=V, n_layer=L, n_head=H, n_embd=C, block_size=T)).to(rt.device)
     theirs = gpt2(L, H, C, T, V).to(rt.device)
     source = RandomTokens(B, T, V)
-    opt = ours.configure_optimizer(0.1, 1e-4, (0.9, 0.95), rt.device.type)
+    opt = optim.adamw(ours.parameters(), 0.1, 1e-4, (0.9, 0.95), rt.device.type)
     run = train._Run(raw=ours, model=torch.compile(ours) if args.compile else ours, optimizer=opt,
                      cfg=cfg, rt=rt, source=source, val=[], identity={}, h=train.History())
     their_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95),
@@ -87,7 +87,7 @@ def bench(dtype: str, args) -> dict:
                                   foreach=None if rt.device.type == "cuda" else True)
     their_model = torch.compile(theirs) if args.compile else theirs
     x, y = source.x.to(rt.device), source.y.to(rt.device)
-    steps = {"ours": lambda: train._train_step(run),
+    steps = {"ours": lambda: train.train_step(run),
              "theirs": lambda: their_step(their_model, their_opt, x, y, rt, cfg.grad_clip)}
     times = {k: [] for k in steps}
     for i in range(args.warmup + args.steps):
@@ -111,7 +111,7 @@ def bench(dtype: str, args) -> dict:
     return out
 
 
-def profile(steps: dict, rt: train.Runtime) -> None:
+def profile(steps: dict, rt: runtime.Runtime) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device.type == "cuda" else [])
@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, bf16 CPU instructions: "
-          f"{train.cpu_has_bf16()}, compile {args.compile}")
+          f"{runtime.cpu_has_bf16()}, compile {args.compile}")
     for dtype in args.dtype:
         r = bench(dtype, args)
         print(f"{r['device']} {r['dtype']}: ours {r['tok_s_ours']:,.0f} tok/s (mfu {100 * r['mfu_ours']:.1f}%, "

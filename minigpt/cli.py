@@ -240,23 +240,6 @@ class Loaded:
         self.pending.clear()
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda > mps > cpu; an explicit device that is not available is a usage error."""
-    import torch
-
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps and mps.is_available())
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    if name == "mps" and not has_mps:
-        raise CLIError("--device mps: MPS is not available on this machine")
-    return torch.device(name)
-
-
 def _check_tokenizer(path: str, config: dict) -> Tokenizer:
     """Load --tokenizer_path and check it is the tokenizer the model was trained with."""
     from minigpt.tokenizer import TokenizerError, load_tokenizer, tokenizer_hash
@@ -289,9 +272,13 @@ def load(checkpoint_path: str, device_name: str = "cpu", tokenizer_path: str | N
     """The model directory (and optional separate tokenizer), with usage errors as CLIError."""
     from minigpt.chat import TEMPLATE_NAME
     from minigpt.checkpoint import CheckpointError, check_vocab, load_model
+    from minigpt.runtime import DeviceError, resolve_device
     from minigpt.tokenizer import EOT, TokenizerError, check_special_tokens, special_id
 
-    device = resolve_device(device_name)
+    try:
+        device = resolve_device(device_name, where="--device")
+    except DeviceError as e:
+        raise CLIError(str(e)) from None
     try:
         model, tok, config = load_model(checkpoint_path, device)
         check_special_tokens(tok, f"{checkpoint_path}/tokenizer.json")  # ids 0..4 per FORMATS.md

@@ -37,6 +37,16 @@ def _device_ok(device: str) -> bool:
     return device in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and colon and index.isdigit())
 
 
+def head_size_problem(n_embd: int, n_head: int) -> str | None:
+    """Why n_embd cannot split into n_head rotary heads, or None: the one head-size rule
+    (`ModelConfig` checks it at load, `model.GPTConfig` for configs read from a model dir)."""
+    if n_embd % n_head:
+        return f"must be divisible by n_head={n_head}"
+    if (n_embd // n_head) % 2:
+        return "n_embd / n_head must be even (rotary embeddings rotate pairs)"
+    return None
+
+
 def _fraction(cfg: Any, prefix: str) -> None:
     """Validate validation/test fractions shared by both corpora."""
     for name in ("validation_fraction", "test_fraction"):
@@ -184,10 +194,8 @@ class ModelConfig:
                "must be >= 0 (0 = off)")
         for name in ("n_layer", "n_head", "n_embd"):
             _check(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "must be >= 1")
-        _check(self.n_embd % self.n_head == 0, f"{prefix}.n_embd", self.n_embd,
-               f"must be divisible by n_head={self.n_head}")
-        _check((self.n_embd // self.n_head) % 2 == 0, f"{prefix}.n_embd", self.n_embd,
-               "n_embd / n_head must be even (rotary embeddings rotate pairs)")
+        heads = head_size_problem(self.n_embd, self.n_head)
+        _check(heads is None, f"{prefix}.n_embd", self.n_embd, heads)
         _check(self.block_size >= 8, f"{prefix}.block_size", self.block_size, "must be >= 8")
         _check(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
 

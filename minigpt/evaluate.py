@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -59,8 +59,10 @@ from tqdm import tqdm
 from minigpt.chat import encode_prompt, truncate_example
 from minigpt.config import EvalConfig
 from minigpt.encode import read_meta, read_sft, read_tokens
+from minigpt.runtime import DeviceError, autocast, eval_dtype, resolve_device
 from minigpt.sample import generate
-from minigpt.sft import IGNORE, build_split, collate
+from minigpt.model import IGNORE
+from minigpt.sft import build_split, collate
 from minigpt.tokenizer import EOT, PAD, SPECIAL_TOKENS, decode, iter_jsonl, str_field
 
 LN2 = math.log(2.0)
@@ -70,36 +72,11 @@ TOKENS_PER_BATCH = {"cpu": 8192, "cuda": 65536, "mps": 16384}  # window batch si
 SFT_BATCH = 16  # examples per batch for the SFT loss
 
 
-# ----------------------------------------------------------------------------- devices
+# ----------------------------------------------------------------------------- errors
 
 
 class EvalError(ValueError):
     """Inputs that cannot be evaluated; the message is one line naming the file or key."""
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto` -> cuda > mps > cpu; an explicit device must exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"eval.device: {name!r} requested but CUDA is not available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise EvalError("eval.device: 'mps' requested but MPS is not available")
-    return torch.device(name)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on GPUs that have it, fp32 everywhere else.
-
-    Unlike training, CPUs stay fp32 even where bf16 is fast: a metric should not move because
-    the same model was evaluated on a machine with another instruction set."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -128,7 +105,7 @@ def window_plan(n_targets: int, block_size: int, stride: int) -> list[tuple[int,
 
 def summed_loss(model: Callable, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
     """(sum of NLL in nats, number of targets) over the targets of y that are not -100."""
-    n = int((y != -100).sum())
+    n = int((y != IGNORE).sum())
     if n == 0:
         return 0.0, 0
     _, loss = model(x, y)
@@ -164,8 +141,8 @@ def sliding_window_nll(model: Callable, tokens, block_size: int, stride: int, ba
         xy = torch.from_numpy(rows).to(device)
         x, y = xy[:, :-1], xy[:, 1:].clone()
         for i, (_, first) in enumerate(chunk):
-            y[i, :first] = -100  # already scored by an earlier window
-        with autocast(device):
+            y[i, :first] = IGNORE  # already scored by an earlier window
+        with autocast(device, eval_dtype(device)):
             nll, n = summed_loss(model, x, y)
         total += nll
         count += n
@@ -216,7 +193,7 @@ def masked_nll(model: Callable, examples: Sequence[tuple[np.ndarray, np.ndarray]
                    disable=None if progress else True)
     for start in batches:
         x, y = collate(sft_rows([examples[i] for i in order[start : start + batch_size]]), pad_id)
-        with autocast(device):
+        with autocast(device, eval_dtype(device)):
             nll, n = summed_loss(model, x.to(device), y.to(device))
         total += nll
         count += n
@@ -298,7 +275,8 @@ def fit_prompt(ids: Sequence[int], max_len: int) -> list[int]:
 
 def greedy_answer(model: Callable, tok, ids: Sequence[int], max_new_tokens: int) -> str:
     """The model's greedy answer to prompt `ids`, as text, without the closing <|endoftext|>."""
-    with autocast(model.tok_emb.weight.device):
+    device = model.tok_emb.weight.device
+    with autocast(device, eval_dtype(device)):
         new = list(generate(model, list(ids), max_new_tokens, temperature=0.0, stop_ids=[EOT_ID]))
     if new and new[-1] == EOT_ID:
         new = new[:-1]
@@ -481,7 +459,10 @@ def run_eval(cfg: EvalConfig, model_dirs: dict[str, Path], tokens_dir: Path, pro
     `seconds`, when given, receives {model name: {phase: wall seconds}}."""
     from minigpt.checkpoint import load_model, read_config
 
-    device = pick_device(cfg.device)
+    try:
+        device = resolve_device(cfg.device, where="eval.device")
+    except DeviceError as e:
+        raise EvalError(str(e)) from None
     data = load_eval_data(tokens_dir, processed_dir, cfg.generate_examples)
     for directory in model_dirs.values():  # fail before minutes of work, not after them
         check_model(read_config(directory), data, cfg, directory)

@@ -30,13 +30,22 @@ Design choices (and why)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from minigpt.config import head_size_problem
+
+if TYPE_CHECKING:
+    from minigpt.config import ModelConfig
+
+IGNORE = -100  # the targets' "not a target" id (cross-entropy ignore_index): SFT prompts, padding
 
 
 @dataclass
@@ -72,8 +81,9 @@ class GPTConfig:
     """Logits = cap * tanh(logits / cap) when > 0 (Gemma 2 / modded-nanogpt); 0 = off."""
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"n_embd={self.n_embd} must split into n_head={self.n_head} even-sized heads")
+        heads = head_size_problem(self.n_embd, self.n_head)
+        if heads:
+            raise ValueError(f"n_embd={self.n_embd} {heads}")
         if self.mlp not in ("swiglu", "relu2"):
             raise ValueError(f"mlp={self.mlp!r} must be swiglu or relu2")
         if not self.logit_softcap >= 0:
@@ -81,6 +91,11 @@ class GPTConfig:
         if self.intermediate_size <= 0:
             wide = 8 / 3 if self.mlp == "swiglu" else 4
             self.intermediate_size = 64 * math.ceil(wide * self.n_embd / 64)
+
+    @classmethod
+    def from_params(cls, shape: ModelConfig, vocab_size: int) -> GPTConfig:
+        """The architecture params.yaml's `model` section describes, for a `vocab_size` tokenizer."""
+        return cls(vocab_size=vocab_size, **dataclasses.asdict(shape))
 
 
 class KVCache:
@@ -200,7 +215,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, targets, dtype, chunk):
         hc, wc = h.to(dtype), w.to(dtype)  # cast the (vocab, C) matrix once, not per chunk
-        valid = targets != -100
+        valid = targets != IGNORE
         n = valid.sum().clamp(min=1)  # a tensor: no host sync
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(hc)
@@ -233,7 +248,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int | None = None) -> Tensor:
-    """Mean cross-entropy of logits h @ w.T over targets != -100, without materialising all logits.
+    """Mean cross-entropy of logits h @ w.T over targets != IGNORE, without materialising all logits.
 
     h: (N, C), w: (V, C), targets: (N,) int64. Returns nan when every target is ignored.
     chunk: rows per chunk; default ~16M logits on CPU (cache-sized, measured fastest at vocab 30k),
@@ -241,7 +256,7 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int | Non
     if chunk is None:
         chunk = max(256, (2**27 if h.is_cuda else 2**24) // w.shape[0])
     if not torch.compiler.is_compiling():  # eager: drop ignored rows before the head (SFT prompts)
-        keep = targets != -100
+        keep = targets != IGNORE
         if not bool(keep.all()) and bool(keep.any()):
             h, targets = h[keep], targets[keep]
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
@@ -253,7 +268,7 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int | Non
     for i in range(0, targets.numel(), chunk):
         logits = (h[i : i + chunk].to(dtype) @ wc.t()).float()
         total += F.cross_entropy(logits, targets[i : i + chunk], reduction="sum")
-    return total / (targets != -100).sum()
+    return total / (targets != IGNORE).sum()
 
 
 class GPT(nn.Module):
@@ -307,14 +322,14 @@ class GPT(nn.Module):
             return self._cap(F.linear(x[:, -1:], self.tok_emb.weight)), None
         if targets is not None and cap > 0:  # the chunked loss has no tanh: plain logits
             logits = self._cap(F.linear(x, self.tok_emb.weight).float())
-            return None, F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=-100)
+            return None, F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=IGNORE)
         if targets is not None:
             if x.device.type != "cpu":
                 # On a GPU the step is launch-bound, and the chunked loop's many small kernels (and
                 # its graph breaks under torch.compile) cost more than the logits' memory: measured
                 # on an H200, plain cross-entropy ran 1.34x GPT-2's step, the chunked loss 0.98x.
                 logits = F.linear(x, self.tok_emb.weight).float()
-                return None, F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=-100)
+                return None, F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=IGNORE)
             return None, linear_cross_entropy(x.view(B * T, -1), self.tok_emb.weight, targets.reshape(-1))
         return self._cap(F.linear(x, self.tok_emb.weight)), None
 
@@ -336,17 +351,6 @@ class GPT(nn.Module):
         c = self.config
         n = self.num_params(non_embedding=True) + c.vocab_size * c.n_embd
         return 6.0 * n + 12.0 * c.n_layer * c.n_embd * c.block_size
-
-    def configure_optimizer(self, weight_decay: float, lr: float, betas, device_type: str):
-        """AdamW; weight decay on matrices (>= 2-D: linears, embedding) only, not on norm gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = device_type == "cuda"
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None,
-                                 foreach=None if fused else True)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to max_len (default block_size) tokens.

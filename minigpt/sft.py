@@ -43,8 +43,8 @@ import torch
 
 from minigpt.chat import truncate_example
 from minigpt.encode import read_sft
+from minigpt.model import IGNORE
 
-IGNORE = -100  # cross-entropy ignore_index: not a target
 
 
 class SFTDataError(ValueError):

@@ -1,64 +1,28 @@
-"""One training loop for pre-training and fine-tuning: runtime setup, data windows, `fit`.
-
-Batch-source protocol (what `fit` needs; `TokenWindows` here and `minigpt.sft.SFTBatches` implement it)
-- Train source: `next() -> (x, y)`, CPU int64 tensors of shape (B, T) for THIS rank, y = -100 where
-  a position is not a target; `state_dict() -> dict` of tensors/plain values (stored in `state.pt`,
-  read back with `torch.load(weights_only=True)`) and `load_state_dict(d)` for an exact resume. A
-  DDP-aware source draws the global batch identically on every rank and returns its own slice,
-  so N ranks x B rows trains exactly like one process with N*B rows.
-- Validation: an iterable of THIS rank's (x, y) batches that yields the same batches every time it
-  is iterated (a list is fine). `fit` sums loss * target-count over them and all-reduces, so the
-  validation loss is a token-weighted mean over the union of all ranks' batches.
+"""One training loop for pre-training and fine-tuning: `fit`, its resume and its curves.
 
 Design choices
-- `setup_runtime` resolves device, dtype and DDP once. dtype `auto` is bf16 autocast on CUDA with
-  bf16 and on CPUs with AVX512-BF16/AMX (/proc/cpuinfo flags), fp32 elsewhere. Measured: on the
-  AVX2-only dev box a bf16 matmul runs at <1 GFLOP/s against ~120 fp32 (3 bf16 training steps of
-  the tiny config did not finish in 10 minutes), so bf16 must never be picked there; on a 2-core
-  slice of an AMX Xeon a seed-config step is 1.8x faster in bf16 (2,497 vs 1,381 tok/s).
-- CPU fp32: `torch.backends.mkldnn.matmul.fp32_precision = "bf16"` routes fp32 matmuls to oneDNN.
-  Measured: on the AVX2 box it is no faster and fp32-exact; on the AMX Xeon it is 2.5x faster
-  but does bf16 math (relative error 2.4e-3 vs 6e-7). So it is enabled only after a ~0.1 s probe
-  shows it both faster and fp32-exact (< 1e-4) on the machine at hand (AVX-512 CPUs only).
-- DDP from torchrun's env (RANK/WORLD_SIZE/LOCAL_RANK) only when WORLD_SIZE > 1; nccl on CUDA,
-  gloo on CPU. CPU ranks split the cores (`cores // local_world_size` threads each).
-- LR: linear warm-up then cosine (or, schedule `wsd`, flat then a linear decay over the last
-  decay_fraction) to lr * min_lr_ratio, a pure function of (step, cfg).
-- Optimizer `muon`: our `Muon` (torch.optim.Muon's update, Newton-Schulz in fp32 on CPU) for the
-  blocks' matrices, AdamW for embedding/head and norm gains; each param group's `lr_ratio` maps
-  the one schedule onto both peaks (muon_lr / lr). Numbers: docs/EXPERIMENTS.md.
-- Resume: the state in ckpt_dir is undeclared scratch (not a DVC out), used only to finish an
-  interrupted run of exactly the same inputs. `ckpt_dir/meta.json` holds the run's fingerprint:
-  the WHOLE training config (max_steps, log/save intervals included: they change the weights or the
-  curves), the architecture, resolved device/dtype/world size, the caller's `meta` (tokenizer hash,
-  data identity, stage) and `inputs` (SHA-256 of the data / starting-weight files). Equal -> restore
-  weights, optimizer, step, per-rank RNG, per-rank data-source state and the metric history (so the
-  TSV curves survive DVC deleting them); anything else -> one line saying what differs, start
-  fresh. So a stage's output is a function of its deps and params only (DVC can run-cache it):
-  a finished 20-step run is never continued by a 40-step one, which trains from scratch.
-- The training loss of a step is the mean over every target of the global batch: micro-batches
-  and ranks are weighted by their target counts (one extra all-reduce of a scalar), so masked SFT
-  batches train exactly like one big batch under grad accumulation and DDP.
-- Divergence: the loss and grad norm are checked every step (one scalar sync) BEFORE the optimizer
-  step, so a non-finite loss stops training without touching the weights or the last good
-  checkpoint; `TrainingError` names the step. Under DDP the loss is all-reduced first, so every
-  rank takes the same decision and none hangs in a collective.
-- Validation runs at step 0 (the untrained model, or the base model for fine-tuning), every
-  eval_interval steps and at the end. keep_best/patience are part of the run's identity; the best
-  weights live in ckpt_dir/best.safetensors so a resumed run still ships the best.
-- tokens/s and MFU leave out each session's first step (torch.compile and allocator warm-up).
-- A trainer dies with its parent (`dvc repro`, torchrun): `die_with_parent` asks Linux for a
-  SIGTERM when the parent exits (prctl PR_SET_PDEATHSIG) and, as a fallback elsewhere, watches
-  os.getppid() from a daemon thread. Rank 0 also holds an exclusive lock on ckpt_dir for the run
-  (`checkpoint.lock_scratch`), so a second writer fails at once naming the holder's pid.
-- Only rank 0 writes files. The TSV curves are rewritten (atomically) at every log row and
-  evaluation, so `dvc plots` / `minigpt plots` of a running experiment are current; a resume
-  rewrites them from the checkpoint's history, dropping rows logged after it. Metrics are written
-  at the end.
-- MFU = flops_per_token * tokens/s / peak. Peaks used (dense): H100/H200 989e12 bf16, 494e12 tf32;
-  A100 312e12 bf16, 156e12 tf32; CPU per core (PERF-NOTES, Zen 5 AVX-512) 245e9 fp32 (oneDNN),
-  480e9 bf16; AVX2-only CPU per core 60e9 (measured 120e9 on 2 cores through MKL). CPU peak is
-  per-core * threads * ranks. Unknown accelerators log mfu 0.
+- Device, precision and DDP are `minigpt.runtime`; parameter updates (LR schedule, AdamW groups,
+  Muon) `minigpt.optim`; batches come from a `BatchSource` (`windows.TokenWindows`,
+  `sft.SFTBatches`).
+- Resume: ckpt_dir is undeclared scratch (not a DVC out), used only to finish an interrupted run of
+  exactly the same inputs. Its meta.json holds the run's fingerprint: the WHOLE training config
+  (log/save intervals included: they change the curves), the architecture, resolved device/dtype/
+  world size, the caller's `meta` and `inputs` (SHA-256 of data / starting weights). Equal ->
+  restore weights, optimizer, step, per-rank RNG and data state and the metric history; anything
+  else -> one line saying what differs, start fresh. So a stage's output is a function of its deps
+  and params only: a finished 20-step run is never continued by a 40-step one.
+- A step's loss is the mean over every target of the global batch: micro-batches and ranks are
+  weighted by their target counts (one all-reduce of a scalar), so masked SFT batches train exactly
+  like one big batch under grad accumulation and DDP.
+- Divergence: loss and grad norm are checked every step BEFORE the optimizer step (all-reduced
+  first, so every rank decides alike), so a non-finite loss stops training without touching the
+  weights or the last good checkpoint; `TrainingError` names the step.
+- Validation at step 0 (the untrained or base model), every eval_interval steps and at the end;
+  keep_best/patience are part of the identity, the best weights live in ckpt_dir/best.safetensors.
+- tokens/s and MFU (`runtime.peak_flops`) leave out each session's first step (compile, warm-up).
+- Only rank 0 writes, holding a lock on ckpt_dir (`checkpoint.lock_scratch`). The TSV curves are
+  rewritten atomically at every log row and evaluation, so plots of a running experiment are
+  current. `fit` returns the metrics; the stage writes them once (with what it adds).
 """
 
 from __future__ import annotations
@@ -66,24 +30,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from minigpt.checkpoint import (CheckpointError, atomic_write_bytes, atomic_write_json, load_state,
+from minigpt.checkpoint import (CheckpointError, atomic_write_bytes, load_state,
                                 lock_scratch, read_state_meta, save_model, save_state, unwrap)
-from minigpt.encode import read_tokens
+from minigpt.model import IGNORE
+from minigpt.optim import build_optimizer, lr_at, set_lr
+from minigpt.runtime import Runtime
 
-IGNORE = -100
+if TYPE_CHECKING:
+    from minigpt.config import TrainConfig  # FinetuneConfig is a TrainConfig
+
 BEST_FILE = "best.safetensors"  # extra file in ckpt_dir when keep_best: the best weights so far
 TRAIN_COLUMNS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 VAL_COLUMNS = ("step", "tokens", "val_loss")
@@ -94,395 +59,22 @@ class TrainingError(RuntimeError):
 
 
 class BatchSource(Protocol):
+    """What `fit` trains on. `next()` -> (x, y): CPU int64 (B, T) tensors for THIS rank, y = IGNORE
+    where a position is not a target. `state_dict()` -> tensors/plain values (kept in state.pt, read
+    back with `torch.load(weights_only=True)`) and `load_state_dict` make a resume exact. A DDP
+    source draws the global batch identically on every rank and returns its own slice, so N ranks
+    x B rows train exactly like one process with N*B rows.
+
+    Validation is any iterable of THIS rank's (x, y) batches, the same ones every time (a list is
+    fine); `fit` sums loss * target count over them and all-reduces: a token-weighted mean over
+    the union of all ranks' batches."""
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
 
-# --- runtime ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Runtime:
-    """Where and how this process trains."""
-
-    device: torch.device
-    dtype: str  # resolved: "bf16" (autocast) or "fp32"
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    peak_flops: float = 0.0  # whole job (all ranks); 0 = unknown, MFU logged as 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def ddp(self) -> bool:
-        return self.world_size > 1
-
-    def autocast(self):
-        """bf16 autocast when dtype is bf16, else a no-op context."""
-        if self.dtype != "bf16":
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: the only CPUs where bf16 autocast beats fp32 (see module docstring)."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainingError(f"device {name!r} requested but CUDA is not available")
-        return torch.device(name) if ":" in name else torch.device("cuda", local_rank)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise TrainingError("device 'mps' requested but MPS is not available")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_bf16() else "fp32"
-    return "fp32"  # mps: bf16 autocast support varies by OS version; opt in with dtype: bf16
-
-
-def _median_time(fn, reps: int = 5) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[reps // 2]
-
-
-def probe_onednn_fp32() -> bool:
-    """Enable oneDNN for CPU fp32 matmuls iff it is faster here AND still fp32-exact."""
-    backend = torch.backends.mkldnn.matmul
-    if not hasattr(backend, "fp32_precision"):
-        return False
-    before = backend.fp32_precision
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(512, 768, generator=g), torch.randn(768, 1024, generator=g)
-    ref = a.double() @ b.double()
-    default = _median_time(lambda: a @ b)
-    backend.fp32_precision = "bf16"
-    try:
-        onednn = _median_time(lambda: a @ b)
-        err = ((a @ b).double() - ref).abs().max().item() / ref.abs().max().item()
-    finally:
-        backend.fp32_precision = before
-    if onednn < 0.8 * default and err < 1e-4:
-        backend.fp32_precision = "bf16"
-        return True
-    return False
-
-
-def peak_flops(device: torch.device, dtype: str, world_size: int) -> float:
-    """Dense peak FLOP/s of the whole job, for MFU (numbers in the module docstring)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for chip, (bf16, tf32) in {"H100": (989e12, 494e12), "H200": (989e12, 494e12),
-                                   "A100": (312e12, 156e12)}.items():
-            if chip in name:
-                return (bf16 if dtype == "bf16" else tf32) * world_size
-        return 0.0
-    if device.type == "cpu":
-        if "avx512f" in cpu_flags():
-            per_core = 480e9 if dtype == "bf16" and cpu_has_bf16() else 245e9
-        else:
-            per_core = 60e9
-        return per_core * torch.get_num_threads() * world_size
-    return 0.0
-
-
-def die_with_parent(poll_s: float = 1.0) -> None:
-    """Exit (SIGTERM) when the process that started this one goes away, so a killed `dvc repro`
-    or torchrun never leaves a trainer writing into out/ behind it. Idempotent."""
-    import signal
-    import threading
-
-    if getattr(die_with_parent, "armed", False):
-        return
-    die_with_parent.armed = True
-    parent = os.getppid()
-    if parent <= 1:  # already orphaned (or started by init): nothing to follow
-        return
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-        except (OSError, AttributeError):
-            pass  # no prctl (an odd libc): the watchdog below still works
-    # Under torchrun our parent is its agent, which outlives a killed `dvc repro`: then the
-    # agent's own parent is watched too (it changes when the agent is orphaned).
-    grandparent = _ppid_of(parent) if "TORCHELASTIC_RUN_ID" in os.environ else None
-
-    def orphaned() -> bool:
-        return os.getppid() != parent or (grandparent is not None and _ppid_of(parent) != grandparent)
-
-    if orphaned():  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def watch() -> None:
-        while True:
-            time.sleep(poll_s)
-            if orphaned():
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-
-    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
-
-
-def _ppid_of(pid: int) -> int | None:
-    """The parent pid of `pid` from /proc (None where there is no /proc or no such process)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rpartition(")")[2].split()[1])  # after "(comm)": state, then ppid
-
-
-def setup_runtime(cfg: Any) -> Runtime:
-    """Resolve device/dtype, init DDP from torchrun's env when WORLD_SIZE > 1, seed everything.
-
-    All ranks get the same seed here, so models built right after are identical everywhere.
-    Arms `die_with_parent`: a trainer never outlives the command that started it."""
-    die_with_parent()
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    device = resolve_device(cfg.device, local_rank)
-    dtype = resolve_dtype(cfg.dtype, device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
-    if device.type == "cpu" and world_size > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, (cores or 1) // local_world))
-    if device.type == "cpu" and dtype == "fp32" and "avx512f" in cpu_flags():
-        probe_onednn_fp32()  # only AVX-512 CPUs ever win with it (measured)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.manual_seed(cfg.seed)
-    return Runtime(device=device, dtype=dtype, rank=rank, local_rank=local_rank,
-                   world_size=world_size, peak_flops=peak_flops(device, dtype, world_size))
-
-
-def teardown(rt: Runtime) -> None:
-    """Leave the process group (no-op without DDP). No barrier: after an error on one rank the
-    others may never arrive; torchrun stops the remaining workers when one fails."""
-    if rt.ddp and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-# --- data: random windows over a token file ---------------------------------------------------
-
-
-def _windows(tokens: np.ndarray, starts: list[int], block_size: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x = tokens[s:s+T], y = tokens[s+1:s+T+1] for each start s, as int64 (B, T) tensors."""
-    w = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64))
-    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
-
-
-class TokenWindows:
-    """Endless random (x, y) windows of `block_size` tokens from a memory-mapped token file.
-
-    Each `next()` draws the GLOBAL batch (batch_size * world_size start offsets) from a generator
-    seeded identically on every rank and returns this rank's slice: N ranks x B == 1 x N*B."""
-
-    def __init__(self, bin_path: str | Path, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
-        self.tokens = read_tokens(bin_path)  # np.memmap, size checked against the sidecar
-        if len(self.tokens) < block_size + 2:
-            raise TrainingError(f"{bin_path}: {len(self.tokens)} tokens, need at least "
-                                f"block_size + 2 = {block_size + 2}")
-        self.block_size, self.batch_size = block_size, batch_size
-        self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n_starts = len(self.tokens) - self.block_size  # start s needs s + block_size < len
-        starts = torch.randint(0, n_starts, (self.batch_size * self.world_size,),
-                               generator=self.generator)
-        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return _windows(self.tokens, mine.tolist(), self.block_size)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-
-
-def val_batches(bin_path: str | Path, block_size: int, batch_size: int, n_batches: int,
-                rank: int = 0, world_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's slices of `n_batches` fixed global validation batches (batch_size * world_size
-    windows each, rank r taking rows [r*B, (r+1)*B)), so the union over ranks is the same set
-    of windows as one process with batch_size * world_size.
-
-    The windows are evenly spaced over the whole file, so every evaluation sees the same tokens
-    and covers the split rather than its beginning."""
-    tokens = read_tokens(bin_path)
-    if len(tokens) < block_size + 1:
-        raise TrainingError(f"{bin_path}: {len(tokens)} tokens, need at least block_size + 1 = "
-                            f"{block_size + 1}")
-    per_batch = batch_size * world_size
-    starts = np.linspace(0, len(tokens) - block_size - 1, n_batches * per_batch).round().astype(int)
-    mine = [starts[i * per_batch + rank * batch_size:][:batch_size] for i in range(n_batches)]
-    return [_windows(tokens, s.tolist(), block_size) for s in mine]
-
-
-# --- optimizer ------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Newton-Schulz approximation of U V^T for g = U S V^T (Keller Jordan's quintic, the
-    coefficients torch.optim.Muon uses), in g's dtype."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g / (g.norm() + 1e-7)
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.mT
-    for _ in range(steps):
-        s = x @ x.mT
-        x = a * x + (b * s + c * s @ s) @ x
-    return x.mT if tall else x
-
-
-class Muon(torch.optim.Optimizer):
-    """torch.optim.Muon's update (Nesterov momentum, 5 Newton-Schulz steps, lr scaled by
-    sqrt(max(1, rows / cols)), decoupled weight decay) with the orthogonalisation in `ns_dtype`.
-
-    torch's Muon always runs it in bf16: measured on the AVX2-only dev box, bf16 matmuls run at
-    under 1 GFLOP/s, which made a 4x128 step several times slower; here it is fp32 on CPUs and
-    bf16 only on CUDA (as torch's)."""
-
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_dtype=torch.float32):
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
-        self.ns_dtype = ns_dtype
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(mu).add_(p.grad)
-                update = orthogonalize(p.grad.add(buf, alpha=mu).to(self.ns_dtype)).to(p.dtype)
-                p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
-
-
-class MuonAdamW:
-    """Muon for the blocks' 2-D matrices, AdamW for the rest, stepped as one optimizer.
-
-    Exposes what `fit` and the checkpoint code use: param_groups (each with an `lr_ratio` that
-    scales the schedule's LR: muon_lr / lr for the Muon groups), step, zero_grad, state (clear)
-    and state_dict / load_state_dict (both inner state dicts, so a resume is exact)."""
-
-    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
-        self.muon, self.adamw = muon, adamw
-
-    @property
-    def param_groups(self) -> list:
-        return self.muon.param_groups + self.adamw.param_groups
-
-    @property
-    def state(self):
-        return self
-
-    def clear(self) -> None:  # `optimizer.state.clear()` after a failed resume
-        self.muon.state.clear()
-        self.adamw.state.clear()
-
-    def step(self) -> None:
-        self.muon.step()
-        self.adamw.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.muon.zero_grad(set_to_none=set_to_none)
-        self.adamw.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Any, device_type: str):
-    """cfg.optimizer `adamw`: the model's AdamW (`configure_optimizer`). `muon`: `Muon` above
-    (lr muon_lr, momentum muon_momentum, Nesterov, Keller's shape scaling) on every 2-D matrix
-    inside the blocks, AdamW (lr, betas, weight decay) on the embedding/head and the norm gains.
-    Muon's decoupled decay is scaled by lr / muon_lr so both shrink weights at the same rate."""
-    if getattr(cfg, "optimizer", "adamw") == "adamw":
-        return model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device_type)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    hidden = [p for n, p in named if p.dim() == 2 and n.startswith("layers.")]
-    ids = {id(p) for p in hidden}
-    rest = [p for _, p in named if id(p) not in ids]
-    ratio = cfg.muon_lr / cfg.lr
-    muon = Muon([{"params": hidden, "lr_ratio": ratio}], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                weight_decay=cfg.weight_decay / ratio,
-                ns_dtype=torch.bfloat16 if device_type == "cuda" else torch.float32)
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_ratio": 1.0},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_ratio": 1.0}]
-    fused = device_type == "cuda"
-    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None,
-                              foreach=None if fused else True)
-    return MuonAdamW(muon, adamw)
-
-
-# --- schedule, evaluation ---------------------------------------------------------------------
-
-
-def lr_at(step: int, cfg: Any) -> float:
-    """LR for the update taken at `step` (0-based): linear warm-up, then cosine to lr*min_lr_ratio
-    (schedule `cosine`), or flat at lr and a linear decay to lr*min_lr_ratio over the last
-    decay_fraction of max_steps (schedule `wsd`, warmup-stable-decay)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    floor = cfg.lr * cfg.min_lr_ratio
-    if getattr(cfg, "schedule", "cosine") == "wsd":
-        decay = max(1, round(cfg.decay_fraction * cfg.max_steps))
-        left = cfg.max_steps - step  # updates still to take, this one included
-        return cfg.lr if left > decay else floor + (cfg.lr - floor) * (left - 1) / decay
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - floor)
+# --- evaluation ------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -509,7 +101,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable, rt: Runtime) -> float:
 # --- resume identity --------------------------------------------------------------------------
 
 
-def run_identity(model: torch.nn.Module, cfg: Any, rt: Runtime, meta: dict,
+def run_identity(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, meta: dict,
                  keep_best: bool = False, patience: int = 0, inputs: dict | None = None) -> dict:
     """The run's fingerprint: what must match for a checkpoint to be resumed (meta.json's "meta")."""
     train = {**dataclasses.asdict(cfg), "keep_best": keep_best, "patience": patience}
@@ -602,9 +194,9 @@ class _Run:
     raw: torch.nn.Module  # the plain model (saved/loaded)
     model: torch.nn.Module  # what the step calls: raw, compiled and/or DDP-wrapped
     optimizer: torch.optim.Optimizer
-    cfg: Any
+    cfg: TrainConfig
     rt: Runtime
-    source: Any
+    source: BatchSource
     val: Iterable
     identity: dict
     h: History
@@ -683,12 +275,10 @@ def _to_device(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return t.to(rt.device)
 
 
-def _train_step(run: _Run) -> tuple[float, float, int]:
+def train_step(run: _Run) -> tuple[float, float, int]:
     """One optimizer step over grad_accum micro-batches -> (loss, grad norm, tokens, all ranks)."""
     cfg, rt, model = run.cfg, run.rt, run.model
-    lr = lr_at(run.h.step, cfg)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's groups: muon_lr / lr
+    set_lr(run.optimizer, lr_at(run.h.step, cfg))
     batches = [run.source.next() for _ in range(cfg.grad_accum)]
     tokens = sum(x.numel() for x, _ in batches)
     # The step's loss is the mean over every target of the global batch. Micro-batches (and ranks)
@@ -748,29 +338,30 @@ def _summary(run: _Run, resumed_from: int | None) -> dict:
     }
 
 
-def fit(model: torch.nn.Module, cfg: Any, rt: Runtime, train_source: BatchSource,
+def fit(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, train_source: BatchSource,
         val_batches: Iterable, *, model_dir: str | Path, ckpt_dir: str | Path,
-        metrics_file: str | Path, curves_dir: str | Path, meta: dict,
+        curves_dir: str | Path, meta: dict,
         tokenizer_file: str | Path, keep_best: bool = False, patience: int = 0,
         inputs: dict | None = None) -> dict:
     """Train `model` (a plain, unwrapped GPT) to cfg.max_steps, resuming from ckpt_dir if it matches.
 
     Writes (rank 0 only): resumable state in ckpt_dir every cfg.save_interval steps and at the end;
     the model directory (best-by-validation weights when keep_best) with config.json = architecture
-    + `meta` + {"training": summary}; metrics_file (the summary) and curves_dir/{train,val}.tsv.
+    + `meta` + {"training": summary} and curves_dir/{train,val}.tsv. Returns the summary (the
+    caller writes it as its metrics, with whatever it adds).
     `meta` identifies the run beyond the config (tokenizer_hash, stage, data identity, the starting
     weights for fine-tuning) and `inputs` ({file: SHA-256} of the data and starting weights, see
     `file_digests`) are part of the fingerprint: any change forbids resuming. patience > 0 stops
-    after that many evaluations without a better validation loss. Returns the summary. Raises TrainingError when
+    after that many evaluations without a better validation loss. Raises TrainingError when
     the loss diverges (nothing is saved for the bad step)."""
     ckpt_dir, curves_dir, model_dir = Path(ckpt_dir), Path(curves_dir), Path(model_dir)
     with lock_scratch(ckpt_dir) if rt.is_main else nullcontext():  # rank 0 is the only writer
-        return _fit(model, cfg, rt, train_source, val_batches, model_dir, ckpt_dir, metrics_file,
-                    curves_dir, meta, tokenizer_file, keep_best, patience, inputs)
+        return _fit(model, cfg, rt, train_source, val_batches, model_dir, ckpt_dir, curves_dir,
+                    meta, tokenizer_file, keep_best, patience, inputs)
 
 
-def _fit(model, cfg, rt, train_source, val_batches, model_dir, ckpt_dir, metrics_file, curves_dir,
-         meta, tokenizer_file, keep_best, patience, inputs) -> dict:
+def _fit(model, cfg, rt, train_source, val_batches, model_dir, ckpt_dir, curves_dir, meta,
+         tokenizer_file, keep_best, patience, inputs) -> dict:
     log = (lambda msg: tqdm.write(msg)) if rt.is_main else (lambda msg: None)
     raw = model.to(rt.device)
     raw.train()
@@ -797,8 +388,6 @@ def _fit(model, cfg, rt, train_source, val_batches, model_dir, ckpt_dir, metrics
             raw.load_state_dict(run.best)
         info = {**summary, "device": str(rt.device), "dtype": rt.dtype, "world_size": rt.world_size}
         save_model(raw, model_dir, tokenizer_file=tokenizer_file, meta={**meta, "training": info})
-        Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(metrics_file, summary)
     return summary
 
 
@@ -815,7 +404,7 @@ def _loop(run: _Run, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience
     warm_up = True  # the first step of a session compiles/allocates: kept out of tokens/s
     while h.step < cfg.max_steps and not h.stopped_early:
         t0 = time.perf_counter()
-        loss, norm, tokens = _train_step(run)
+        loss, norm, tokens = train_step(run)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             bar.close()
             kept = (f"the last good checkpoint (step {last_saved}) in {ckpt_dir} is kept"
@@ -853,10 +442,8 @@ def _loop(run: _Run, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience
             start = time.perf_counter()
             _save(run, ckpt_dir, curves_dir)
             last_saved = h.step
-    bar.close()
+    bar.close()  # the last step (and an early stop) always saves: nothing is left to write
     h.wall_time += time.perf_counter() - start
-    if last_saved != h.step:  # cannot happen today (the last step always saves); kept as a guard
-        _save(run, ckpt_dir, curves_dir)
 
 
 def _log_row(run: _Run, window: dict, log) -> None:

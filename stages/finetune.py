@@ -9,24 +9,22 @@ validation}, and writes out/finetune/ (a model directory whose config.json says 
 run with the same fingerprint (params, base weights and SFT token-file hashes).
 
 Design choices
-- Thin: the data logic is `minigpt.sft`, the loop is `minigpt.train.fit` (the pretrain stage's own
-  loop: optimizer, schedule, precision, DDP, atomic checkpoints, resume), with keep_best=True and
+- Thin: the data logic is `minigpt.sft`, the base-model checks and data report
+  `minigpt.finetune`, the loop `minigpt.train.fit` (the pretrain stage's own loop: optimizer,
+  schedule, precision, DDP, atomic checkpoints, resume), with keep_best=True and
   `finetune.patience`, so the shipped weights are the best by masked validation loss.
-- The architecture (block_size included) comes from out/pretrain/config.json; only dropout is
-  re-set, from `finetune.dropout`, by rebuilding the GPT with that config and loading the weights.
-- The SFT tokens must have been encoded with the pre-trained model's tokenizer (same hash);
-  anything else would train on ids that mean other strings, so the stage refuses.
+- The architecture comes from out/pretrain/config.json; only dropout is re-set, from
+  `finetune.dropout`. The SFT tokens must share the base model's tokenizer (same hash).
 - The resume fingerprint holds the SHA-256 of the base weights and of every SFT token file used,
   so a re-trained base model or re-encoded data starts fine-tuning afresh instead of resuming.
-- metrics/finetune.json is fit's summary plus what the data side did: examples used / dropped /
-  truncated per split, and the padding fraction of both batching strategies on the train split.
+- metrics/finetune.json is fit's summary plus what the data side did (`finetune.data_report`),
+  written once, by rank 0.
 - Any error is one line `error: ...` on stderr and exit status 2; MINIGPT_DEBUG=1 shows the
   traceback instead.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -36,12 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from minigpt import sft  # noqa: E402
 from minigpt.chat import TEMPLATE_NAME  # noqa: E402
 from minigpt.checkpoint import atomic_write_json, load_model, sha256_file  # noqa: E402
-from minigpt.config import FinetuneConfig, load_params  # noqa: E402
+from minigpt.config import load_params  # noqa: E402
 from minigpt.encode import read_meta  # noqa: E402
+from minigpt.finetune import check_tokenizer, data_report, with_dropout  # noqa: E402
+from minigpt.runtime import setup_runtime, teardown  # noqa: E402
 from minigpt.stage import run_stage  # noqa: E402
-from minigpt.model import GPT  # noqa: E402
 from minigpt.tokenizer import PAD  # noqa: E402
-from minigpt.train import file_digests, fit, setup_runtime, teardown  # noqa: E402
+from minigpt.train import file_digests, fit  # noqa: E402
 
 PRETRAINED = Path("out/pretrain")
 TOKENS = Path("data/tokens/sft")
@@ -52,48 +51,12 @@ CURVES = Path("metrics/finetune")
 SPLITS = ("train", "validation")
 
 
-class FinetuneError(ValueError):
-    """The inputs cannot be fine-tuned together; the message is one line."""
-
-
-def check_tokenizer(base: dict, sidecars: dict[str, dict]) -> str:
-    """The base model's tokenizer hash, if every SFT split was encoded with it; else refuse."""
-    want = base.get("tokenizer_hash")
-    for split, meta in sidecars.items():
-        got = meta.get("tokenizer_hash")
-        if got != want:
-            raise FinetuneError(
-                f"{TOKENS / split}.json was encoded with tokenizer {got}, but {PRETRAINED} was "
-                f"trained with tokenizer {want}; re-run `dvc repro` so both use data/tokenizer")
-    return want
-
-
-def with_dropout(model: GPT, dropout: float) -> GPT:
-    """The same weights in a GPT whose config has `dropout` (attention and residual)."""
-    tuned = GPT(dataclasses.replace(model.config, dropout=dropout))
-    tuned.load_state_dict(model.state_dict())
-    return tuned
-
-
-def data_report(splits: dict[str, sft.SFTSplit], cfg: FinetuneConfig) -> dict:
-    """Per-split example counts and both strategies' padding on the train split."""
-    report: dict = {name: split.stats() for name, split in splits.items()}
-    train = splits["train"]
-    report["batching"] = {
-        "packing": cfg.packing,
-        "pad": sft.batching_stats(train, cfg.batch_size, packing=False, seed=cfg.seed),
-        "pack": sft.batching_stats(train, cfg.batch_size, packing=True, seed=cfg.seed),
-    }
-    used = report["batching"]["pack" if cfg.packing else "pad"]
-    report["padding_fraction"] = used["padding_fraction"]
-    return report
-
-
-def run() -> dict:
+def run() -> str | None:
+    start = time.perf_counter()
     cfg = load_params().finetune
     model, tok, base = load_model(PRETRAINED)
     sidecars = {split: read_meta(TOKENS / split) for split in SPLITS}
-    thash = check_tokenizer(base, sidecars)
+    thash = check_tokenizer(base, sidecars, TOKENS, PRETRAINED)
     block = model.config.block_size
     splits = {name: sft.load_split(TOKENS, name, block) for name in SPLITS}
     pad_id = tok.token_to_id(PAD)
@@ -112,16 +75,16 @@ def run() -> dict:
         if rt.is_main:
             print(_intro(data, block, rt))
         summary = fit(model, cfg, rt, source, val, model_dir=MODEL_DIR, ckpt_dir=CKPT_DIR,
-                      metrics_file=METRICS, curves_dir=CURVES, meta=meta,
+                      curves_dir=CURVES, meta=meta,
                       tokenizer_file=PRETRAINED / "tokenizer.json", keep_best=True,
                       patience=cfg.patience,
                       inputs=file_digests([PRETRAINED / "model.safetensors", *sorted(
                           p for split in SPLITS for p in TOKENS.glob(f"{split}.*"))]))
+        if not rt.is_main:  # every rank trains; rank 0 writes and speaks
+            return None
         summary = {**summary, "data": data}
-        if rt.is_main:
-            atomic_write_json(METRICS, summary)  # fit wrote its summary; add the data side
-        summary["is_main"] = rt.is_main
-        return summary
+        atomic_write_json(METRICS, summary)
+        return report(summary, time.perf_counter() - start)
     finally:
         teardown(rt)
 
@@ -136,9 +99,7 @@ def _intro(data: dict, block: int, rt) -> str:
             f"{rt.device} {rt.dtype}, {rt.world_size} process(es)")
 
 
-def report(s: dict, seconds: float) -> str | None:
-    if not s["is_main"]:  # every rank trains; rank 0 speaks
-        return None
+def report(s: dict, seconds: float) -> str:
     return (f"finetune: masked val loss {s['first_val_loss']:.4f} (base) -> best "
             f"{s['best_val_loss']:.4f} at step {s['best_step']} (last {s['val_loss']:.4f}, step "
             f"{s['steps']}{', stopped early' if s['stopped_early'] else ''}); train loss "
@@ -147,8 +108,7 @@ def report(s: dict, seconds: float) -> str | None:
 
 
 def main() -> int:
-    start = time.perf_counter()
-    return run_stage(lambda: report(run(), time.perf_counter() - start))
+    return run_stage(run)
 
 
 if __name__ == "__main__":

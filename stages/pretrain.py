@@ -23,13 +23,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minigpt: the code DVC tracks
 
+from minigpt.checkpoint import atomic_write_json  # noqa: E402
 from minigpt.config import load_params  # noqa: E402
 from minigpt.encode import check_tokenizer_hash, read_meta  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.stage import run_stage  # noqa: E402
 from minigpt.tokenizer import load_tokenizer, tokenizer_hash  # noqa: E402
-from minigpt.train import (TokenWindows, file_digests, fit, setup_runtime,  # noqa: E402
-                           teardown, val_batches)
+from minigpt.runtime import setup_runtime, teardown  # noqa: E402
+from minigpt.train import file_digests, fit  # noqa: E402
+from minigpt.windows import TokenWindows, val_windows  # noqa: E402
 
 TOKENIZER = Path("data/tokenizer/tokenizer.json")
 TOKENS = Path("data/tokens/pretrain")
@@ -39,7 +41,8 @@ METRICS = Path("metrics/pretrain.json")
 CURVES = Path("metrics/pretrain")
 
 
-def run() -> dict:
+def run() -> str | None:
+    start = time.perf_counter()
     params = load_params()
     cfg, shape = params.pretrain, params.model
     tok = load_tokenizer(TOKENIZER)
@@ -50,14 +53,10 @@ def run() -> dict:
         check_tokenizer_hash(sidecars[split], thash, TOKENS / f"{split}.json")
     rt = setup_runtime(cfg)
     try:
-        config = GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=shape.n_layer,
-                           n_head=shape.n_head, n_embd=shape.n_embd, block_size=shape.block_size,
-                           dropout=shape.dropout, mlp=shape.mlp, qk_norm=shape.qk_norm,
-                           zero_init=shape.zero_init, logit_softcap=shape.logit_softcap)
-        model = GPT(config)
+        model = GPT(GPTConfig.from_params(shape, tok.get_vocab_size()))
         source = TokenWindows(TOKENS / "train.bin", shape.block_size, cfg.batch_size, cfg.seed,
                               rt.rank, rt.world_size)
-        val = val_batches(TOKENS / "validation.bin", shape.block_size, cfg.batch_size,
+        val = val_windows(TOKENS / "validation.bin", shape.block_size, cfg.batch_size,
                           cfg.eval_batches, rt.rank, rt.world_size)
         meta = {"stage": "pretrain", "tokenizer_hash": thash, "chat_template": None,
                 "tokenizer_vocab_size": tok.get_vocab_size(), "data": sidecars}
@@ -67,17 +66,17 @@ def run() -> dict:
                   f"{model.flops_per_token() / 1e6:.1f} MFLOP/token; {rt.device} {rt.dtype}, "
                   f"{rt.world_size} process(es), {sidecars['train']['count']:,} train tokens")
         summary = fit(model, cfg, rt, source, val, model_dir=MODEL_DIR, ckpt_dir=CKPT_DIR,
-                      metrics_file=METRICS, curves_dir=CURVES, meta=meta, tokenizer_file=TOKENIZER,
+                      curves_dir=CURVES, meta=meta, tokenizer_file=TOKENIZER,
                       inputs=file_digests([TOKENIZER, TOKENS / "train.bin", TOKENS / "validation.bin"]))
-        summary["is_main"] = rt.is_main
-        return summary
+        if not rt.is_main:  # every rank trains; rank 0 writes and speaks
+            return None
+        atomic_write_json(METRICS, summary)
+        return report(summary, time.perf_counter() - start)
     finally:
         teardown(rt)
 
 
-def report(s: dict, seconds: float) -> str | None:
-    if not s["is_main"]:  # every rank trains; rank 0 speaks
-        return None
+def report(s: dict, seconds: float) -> str:
     return (f"pretrain: val loss {s['first_val_loss']:.4f} (step 0) -> {s['val_loss']:.4f} "
             f"(step {s['steps']}, best {s['best_val_loss']:.4f} at step {s['best_step']}); "
             f"train loss {s['train_loss']:.4f}; {s['tokens']:,} tokens, {s['tokens_per_s']:,.0f} tok/s, "
@@ -85,8 +84,7 @@ def report(s: dict, seconds: float) -> str | None:
 
 
 def main() -> int:
-    start = time.perf_counter()
-    return run_stage(lambda: report(run(), time.perf_counter() - start))
+    return run_stage(run)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from minigpt import checkpoint as ck
 from minigpt.checkpoint import CheckpointError
 from minigpt.model import GPT, GPTConfig
+from minigpt.optim import adamw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,7 +171,7 @@ def test_load_model_errors(tmp_path, tokenizer_file):
 
 
 def _opt(model):
-    return model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    return adamw(model.parameters(), 0.1, 1e-3, (0.9, 0.95), "cpu")
 
 
 def _one_step(model, opt):

@@ -86,7 +86,8 @@ def test_batches_end_at_the_count_or_the_byte_cap(tmp_path):
 
 
 def test_set_threads(monkeypatch):
-    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    for name in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM"):  # restored after the test
+        monkeypatch.delenv(name, raising=False)
     set_threads(0)
     assert "RAYON_NUM_THREADS" not in os.environ and os.environ["TOKENIZERS_PARALLELISM"] == "true"
     set_threads(1)

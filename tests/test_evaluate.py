@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import yaml
 
 from minigpt import evaluate as ev
+from minigpt.model import IGNORE
 
 
 class BigramStub:
@@ -190,7 +191,7 @@ def test_sft_rows_mask_prompt_targets_and_collate_pads():
     rows = ev.sft_rows([(np.array([5, 6, 7]), np.array([0, 0, 1])), (np.array([5, 6]), np.array([0, 1]))])
     x, y = collate(rows, pad_id=1)
     assert x.tolist() == [[5, 6], [5, 1]]
-    assert y.tolist() == [[-100, 7], [6, -100]]
+    assert y.tolist() == [[IGNORE, 7], [6, IGNORE]]
 
 
 # ----------------------------------------------------------------------------- text scores

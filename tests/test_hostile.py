@@ -590,7 +590,8 @@ def test_pretty_printed_json_objects_are_read(tmp_path):
 
 def test_divergence_before_any_save_cites_no_missing_checkpoint(tmp_path):
     from minigpt.config import TrainConfig
-    from minigpt.train import Runtime, TrainingError, fit
+    from minigpt.runtime import Runtime
+    from minigpt.train import TrainingError, fit
 
     def windows():
         while True:
@@ -619,7 +620,7 @@ def test_divergence_before_any_save_cites_no_missing_checkpoint(tmp_path):
     with pytest.raises(TrainingError, match="at step 1") as e:
         fit(model, c, Runtime(device=torch.device("cpu"), dtype="fp32"), Source(),
             [next(windows())], model_dir=tmp_path / "m", ckpt_dir=tmp_path / "ckpt",
-            metrics_file=tmp_path / "m.json", curves_dir=tmp_path / "curves", meta={},
+            curves_dir=tmp_path / "curves", meta={},
             tokenizer_file=tok)
     assert "no checkpoint of this run was saved yet" in str(e.value)
     assert "step 0" not in str(e.value)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.model import GPT, GPTConfig, linear_cross_entropy
+from minigpt.model import GPT, GPTConfig, IGNORE, linear_cross_entropy
+from minigpt.optim import adamw
 
 V, T = 97, 16
 
@@ -70,7 +71,7 @@ def test_linear_cross_entropy_chunking_and_grad_scaling():
     torch.testing.assert_close(w2, gw)
     assert torch.isnan(linear_cross_entropy(h, w, torch.full((37,), -100)))  # like F.cross_entropy
     # ignored rows: masking inside the chunks (the torch.compile path) == dropping them first (eager)
-    t[::3] = -100
+    t[::3] = IGNORE
     from minigpt.model import _LinearCrossEntropy
 
     ref = F.cross_entropy(h @ w.t(), t)
@@ -177,16 +178,19 @@ def test_init_scales_residual_projections():
     assert torch.all(model.norm.weight == 1)
 
 
-def test_configure_optimizer_decays_matrices_only():
+def test_adamw_decays_matrices_only():
     model = tiny()
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = adamw(model.parameters(), 0.1, 1e-3, (0.9, 0.95), "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    before = [p.detach().clone() for p in model.parameters()]
     x, y = batch()
     model(x, y)[1].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # every tensor moved
 
 
 def test_dropout_only_in_training():

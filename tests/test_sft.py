@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt import sft
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT, GPTConfig, IGNORE
 
 EOT, PAD, USER, ASSISTANT = 0, 1, 3, 4
 VOCAB = 40
@@ -72,7 +72,7 @@ def test_targets_are_response_only():
     x, y = sft.row_xy(sft.build_split("t", [(ids, mask)], 16), [0])
     assert x.tolist() == ids[:-1].tolist()
     # y[t] predicts ids[t+1]: prompt and <|assistant|> ignored, response and EOT kept
-    assert y.tolist() == [-100, -100, -100, -100, 10, 11, EOT]
+    assert y.tolist() == [IGNORE, IGNORE, IGNORE, IGNORE, 10, 11, EOT]
 
 
 def test_masked_positions_contribute_nothing_to_loss_and_gradient():
@@ -90,7 +90,7 @@ def test_masked_positions_contribute_nothing_to_loss_and_gradient():
 
     # 1) the loss is exactly the mean CE over response positions, computed from full logits
     logits, _ = model(x)
-    keep = y != -100
+    keep = y != IGNORE
     manual = F.cross_entropy(logits[keep], y[keep])
     torch.testing.assert_close(loss, manual, rtol=1e-5, atol=1e-6)
 
@@ -171,9 +171,9 @@ def test_padding_alignment():
     for r, (i,) in enumerate(rows):
         n = len(split.ids[i]) - 1
         assert x[r, :n].tolist() == split.ids[i][:-1].tolist()
-        want = np.where(split.masks[i][1:], split.ids[i][1:], -100)
+        want = np.where(split.masks[i][1:], split.ids[i][1:], IGNORE)
         assert y[r, :n].tolist() == want.tolist()
-        assert torch.all(x[r, n:] == PAD) and torch.all(y[r, n:] == -100)
+        assert torch.all(x[r, n:] == PAD) and torch.all(y[r, n:] == IGNORE)
 
 
 def test_packing_alignment_and_coverage():
@@ -186,11 +186,11 @@ def test_packing_alignment_and_coverage():
         assert len(x) <= split.block_size
         # the row's targets are exactly the union of its examples' own targets, in order
         want = [t for i in r for t in split.ids[i][1:][split.masks[i][1:]].tolist()]
-        assert y[y != -100].tolist() == want
+        assert y[y != IGNORE].tolist() == want
         # each example's end token is followed by the next example's <|user|>, which is no target
         starts = np.cumsum([len(split.ids[i]) for i in r])[:-1]
         for s in starts:
-            assert x[s - 1] == EOT and x[s] == USER and y[s - 1] == -100
+            assert x[s - 1] == EOT and x[s] == USER and y[s - 1] == IGNORE
 
 
 def test_batching_stats_measure_waste():

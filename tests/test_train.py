@@ -20,10 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigpt import train
+from minigpt import optim, runtime, train
 from minigpt.config import TrainConfig
-from minigpt.model import GPT, GPTConfig
-from minigpt.train import Runtime, TokenWindows, TrainingError, fit, lr_at, val_batches
+from minigpt.model import GPT, GPTConfig, IGNORE
+from minigpt.runtime import DeviceError, Runtime
+from minigpt.optim import lr_at
+from minigpt.train import TrainingError, fit
+from minigpt.windows import TokenWindows, val_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK, VOCAB = 16, 64
@@ -77,9 +80,9 @@ def run_fit(data: dict, c: TrainConfig, out: str = "run", source=None, model=Non
     root = data["root"] / out
     model = model or tiny_model(c.seed)
     source = source or TokenWindows(data["train"], BLOCK, c.batch_size, c.seed)
-    val = val_batches(data["val"], BLOCK, c.batch_size, c.eval_batches)
+    val = val_windows(data["val"], BLOCK, c.batch_size, c.eval_batches)
     summary = fit(model, c, rt(), source, val, model_dir=root / "model", ckpt_dir=root / "ckpt",
-                  metrics_file=root / "metrics.json", curves_dir=root / "curves",
+                  curves_dir=root / "curves",
                   meta={"stage": "pretrain", "tokenizer_hash": "0123456789abcdef", "chat_template": None},
                   tokenizer_file=data["tokenizer"], **kw)
     summary["model"] = model
@@ -159,14 +162,14 @@ def test_token_windows_never_load_the_file(tmp_path):
     assert _rss_mb() - before < 100
 
 
-def test_val_batches_fixed_and_sharded(data):
-    full = val_batches(data["val"], BLOCK, 4, 5)
-    again = val_batches(data["val"], BLOCK, 4, 5)
+def test_val_windows_fixed_and_sharded(data):
+    full = val_windows(data["val"], BLOCK, 4, 5)
+    again = val_windows(data["val"], BLOCK, 4, 5)
     assert len(full) == 5 and all(torch.equal(a[0], b[0]) for a, b in zip(full, again))
     tokens = np.fromfile(data["val"], dtype=np.uint16).astype(np.int64)
     assert torch.equal(full[0][0][0], torch.from_numpy(tokens[:BLOCK]))  # first window at 0
     assert torch.equal(full[-1][1][-1], torch.from_numpy(tokens[-BLOCK:]))  # last ends at the end
-    shards = [val_batches(data["val"], BLOCK, 2, 5, rank=r, world_size=2) for r in range(2)]
+    shards = [val_windows(data["val"], BLOCK, 2, 5, rank=r, world_size=2) for r in range(2)]
     assert [len(s) for s in shards] == [5, 5]
     for i in range(5):  # rank slices of global batch i == one process's batch i
         assert torch.equal(torch.cat([shards[0][i][0], shards[1][i][0]]), full[i][0])
@@ -174,12 +177,20 @@ def test_val_batches_fixed_and_sharded(data):
 
 def test_auto_dtype_follows_cpu_bf16_support(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "avx512f"})
-    assert train.resolve_dtype("auto", cpu) == "fp32"
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    assert train.resolve_dtype("auto", cpu) == "bf16"
-    assert train.resolve_dtype("fp32", cpu) == "fp32"
-    assert train.resolve_device("auto").type in ("cpu", "cuda", "mps")
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert runtime.resolve_dtype("auto", cpu) == "fp32"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert runtime.resolve_dtype("auto", cpu) == "bf16"
+    assert runtime.resolve_dtype("fp32", cpu) == "fp32"
+
+
+def test_auto_device_is_what_torch_reports():
+    want = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert runtime.resolve_device("auto") == torch.device(want)
+    assert runtime.resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match=r"^pretrain.device cuda:1: CUDA is not available"):
+            runtime.resolve_device("cuda:1", where="pretrain.device")
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -216,10 +227,10 @@ def test_fit_writes_everything(data):
     assert [int(r.split("\t")[0]) for r in train_tsv[1:]] == [2, 4, 6, 8]
     val_tsv = (root / "curves" / "val.tsv").read_text().splitlines()
     assert val_tsv[0] == "step\ttokens\tval_loss" and [r.split("\t")[0] for r in val_tsv[1:]] == ["0", "4", "8"]
-    metrics = json.loads((root / "metrics.json").read_text())
+    assert not (root / "metrics.json").exists()  # fit returns the metrics; the stage writes them
     for key in ("train_loss", "first_val_loss", "val_loss", "best_val_loss", "tokens", "steps",
                 "tokens_per_s", "mfu", "params", "params_non_embedding", "time_s"):
-        assert key in metrics
+        assert key in s
     config = json.loads((root / "model" / "config.json").read_text())
     assert config["stage"] == "pretrain" and config["training"]["steps"] == 8 and config["n_layer"] == 2
 
@@ -324,23 +335,27 @@ def test_nan_stops_with_step_and_keeps_checkpoint(data):
 
 DDP_CFG = dict(max_steps=6, eval_interval=3, save_interval=3, eval_batches=4)
 DDP_SCRIPT = textwrap.dedent("""
-    import sys, torch
+    import json, sys, torch
     sys.path.insert(0, sys.argv[1])
     from pathlib import Path
     from minigpt.config import TrainConfig
     from minigpt.model import GPT, GPTConfig
-    from minigpt.train import TokenWindows, fit, setup_runtime, teardown, val_batches
+    from minigpt.runtime import setup_runtime, teardown
+    from minigpt.train import fit
+    from minigpt.windows import TokenWindows, val_windows
     root, c = Path(sys.argv[2]), TrainConfig(**eval(sys.argv[3]))
     rt = setup_runtime(c)  # seeds identically on both ranks: same init as the test's model
     torch.set_num_threads(1)
     model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16))
     src = TokenWindows(root / "tokens" / "train.bin", 16, c.batch_size, c.seed, rt.rank, rt.world_size)
-    val = val_batches(root / "tokens" / "validation.bin", 16, c.batch_size, c.eval_batches,
+    val = val_windows(root / "tokens" / "validation.bin", 16, c.batch_size, c.eval_batches,
                       rt.rank, rt.world_size)
     out = root / "ddp"
-    fit(model, c, rt, src, val, model_dir=out / "model", ckpt_dir=out / "ckpt",
-        metrics_file=out / "metrics.json", curves_dir=out / "curves", meta={"stage": "pretrain"},
-        tokenizer_file=root / "tokenizer.json")
+    summary = fit(model, c, rt, src, val, model_dir=out / "model", ckpt_dir=out / "ckpt",
+                  curves_dir=out / "curves", meta={"stage": "pretrain"},
+                  tokenizer_file=root / "tokenizer.json")
+    if rt.is_main:
+        (out / "metrics.json").write_text(json.dumps(summary))
     teardown(rt)
 """)
 
@@ -439,15 +454,15 @@ def test_grad_accum_weights_micro_batches_by_their_targets():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (4, 16), generator=g)
     y = torch.randint(0, VOCAB, (4, 16), generator=g)
-    y[:2, :12] = train.IGNORE  # the first half has few targets (a long prompt)
+    y[:2, :12] = IGNORE  # the first half has few targets (a long prompt)
     results = []
     for accum, batches in ((1, [(x, y)]), (2, [(x[:2], y[:2]), (x[2:], y[2:])])):
         model = tiny_model()
         c = cfg(grad_accum=accum, batch_size=4 // accum, grad_clip=0.0)
-        opt = model.configure_optimizer(c.weight_decay, c.lr, (c.beta1, c.beta2), "cpu")
+        opt = optim.adamw(model.parameters(), c.weight_decay, c.lr, (c.beta1, c.beta2), "cpu")
         run = train._Run(raw=model, model=model, optimizer=opt, cfg=c, rt=rt(),
                          source=_Fixed(batches), val=[], identity={}, h=train.History())
-        loss, norm, tokens = train._train_step(run)
+        loss, norm, tokens = train.train_step(run)
         results.append((loss, norm, tokens, [p.detach().clone() for p in model.parameters()]))
     (l1, n1, t1, w1), (l2, n2, t2, w2) = results
     assert l1 == pytest.approx(l2, rel=1e-5) and n1 == pytest.approx(n2, rel=1e-4) and t1 == t2
@@ -472,7 +487,7 @@ def test_wsd_schedule():
 def test_muon_optimizer_groups_and_lr():
     model = tiny_model()
     c = cfg(**NEW_RECIPE)
-    opt = train.build_optimizer(model, c, "cpu")
+    opt = optim.build_optimizer(model, c, "cpu")
     muon_ids = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in muon_ids}
     assert names == {n for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2}
@@ -482,7 +497,7 @@ def test_muon_optimizer_groups_and_lr():
     run = train._Run(raw=model, model=model, optimizer=opt, cfg=c, rt=rt(),
                      source=TokenWindows(_tokens_for_step(), BLOCK, 4, 0), val=[], identity={},
                      h=train.History())
-    train._train_step(run)
+    train.train_step(run)
     assert opt.muon.param_groups[0]["lr"] == pytest.approx(lr_at(0, c) * c.muon_lr / c.lr)
     assert opt.adamw.param_groups[0]["lr"] == pytest.approx(lr_at(0, c))
 
@@ -544,7 +559,7 @@ def test_muon_matches_torch_muon():
     ours = [torch.nn.Parameter(torch.randn(48, 16)), torch.nn.Parameter(torch.randn(16, 40))]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     start = [p.detach().clone() for p in ours]
-    a = train.Muon([{"params": ours}], lr=0.02, momentum=0.95, weight_decay=0.01)
+    a = optim.Muon([{"params": ours}], lr=0.02, momentum=0.95, weight_decay=0.01)
     b = torch.optim.Muon(ref, lr=0.02, momentum=0.95, weight_decay=0.01)
     for _ in range(3):
         for p, q in zip(ours, ref):
