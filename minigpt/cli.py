@@ -614,13 +614,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     # The template goes into base models' exports too: harmless, and every export has the same
     # tokenizer_config.
     try:
+        name = Path(args.checkpoint_path).resolve().name
+        card = model_card(m.config, m.model.num_params(), name, args.project_dir)
         out = export_hf(m.model, tokenizer_file, args.out_dir,
                         chat_template=CHAT_TEMPLATE_JINJA,
                         eos_id=m.eot,  # <|endoftext|> ends every answer and document
-                        pad_id=special_id(m.tok, PAD), bos_id=None)
-        name = Path(args.checkpoint_path).resolve().name
-        (out / "README.md").write_text(model_card(m.config, m.model.num_params(), name,
-                                                  args.project_dir), encoding="utf-8")
+                        pad_id=special_id(m.tok, PAD), bos_id=None,
+                        extra_files={"README.md": card})  # inside the export: all or nothing
     except (OSError, ValueError) as e:  # an unwritable OUT_DIR, a tokenizer that does not fit
         raise CLIError(f"export to {args.out_dir}: {e}") from None
     print(f"exported {args.checkpoint_path} to {out} (Hugging Face LlamaForCausalLM, "

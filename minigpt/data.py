@@ -82,10 +82,7 @@ import json
 import os
 import re
 import socket
-import shutil
-import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -93,6 +90,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 from tqdm import tqdm
 
 from minigpt.config import PretrainDataConfig, SFTDataConfig
+from minigpt.files import FormatError, atomic_directory, open_text, read_json, utf8_text
 
 SPLITS = ("train", "validation", "test")
 SFT_FIELDS = ("instruction", "context", "response")
@@ -335,84 +333,6 @@ def _select(record: Any, columns: Sequence[str], where: str, hint: str) -> dict[
     return {c: _as_text(record[c], where, c) for c in columns}
 
 
-def _open_text(path: Path):
-    """Open for reading as UTF-8 with a leading BOM dropped; undecodable bytes are kept as
-    surrogates so that `_check_utf8` can report them with their line."""
-    return path.open(encoding="utf-8-sig", errors="surrogateescape")
-
-
-def _check_utf8(text: str, path: Path, lineno: int) -> None:
-    """Raise DataError naming FILE:LINE if `text` (a line) held bytes that are not UTF-8."""
-    if text.isascii():
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        byte = ord(text[e.start]) - 0xDC00 if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else None
-        what = f"byte 0x{byte:02x}" if byte is not None else "a surrogate"
-        raise DataError(f"{path}:{lineno}: not UTF-8 text ({what} at column {e.start + 1})") from None
-
-
-def _json_values(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    """(location, value) for each JSON value of `text`: one array -> its items; one or more
-    (pretty-printed) objects one after the other -> each object."""
-    decoder = json.JSONDecoder()
-    pos = 0
-    while True:
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        if pos == len(text):
-            return
-        lineno = text.count("\n", 0, pos) + 1
-        try:
-            value, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-        if isinstance(value, list):
-            for i, record in enumerate(value, 1):
-                yield f"{path}: record {i}", record
-        else:
-            yield f"{path}:{lineno}", value
-
-
-def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(location, record) for JSON lines, a file holding one JSON array, or (.json only)
-    pretty-printed objects."""
-    with _open_text(path) as f:
-        # .jsonl is always JSON lines; a .json file may be either (Alpaca files are one array).
-        head = "" if path.suffix.lower() == ".jsonl" else f.read(4096).lstrip()
-        f.seek(0)
-        if head.startswith("[") or (head.startswith("{") and not _complete_first_line(head)):
-            text = f.read()
-            for lineno, line in enumerate(text.split("\n"), 1):
-                _check_utf8(line, path, lineno)
-            yield from _json_values(path, text)
-            return
-        for lineno, line in enumerate(f, 1):
-            _check_utf8(line, path, lineno)
-            if not line.strip():
-                continue  # a trailing blank line is common and harmless
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                where = f"{path}:{lineno}"
-                raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
-            yield f"{path}:{lineno}", record
-
-
-def _complete_first_line(head: str) -> bool:
-    """Is the first line of `head` a whole JSON value (JSON lines) rather than the start of a
-    pretty-printed object? (A line longer than `head` is taken to be JSON lines.)"""
-    line, newline, _ = head.partition("\n")
-    if not newline:
-        return True
-    try:
-        json.loads(line)
-    except ValueError:
-        return False
-    return True
-
-
 def _parquet_records(path: Path, columns: Sequence[str], hint: str) -> Iterator[tuple[str, dict]]:
     import pyarrow.parquet as pq
 
@@ -441,18 +361,23 @@ def read_records(path: Path, columns: Sequence[str], hint: str = "") -> Iterator
             for where, record in _parquet_records(path, columns, hint):
                 yield {c: _as_text(record[c], where, c) for c in columns}
         else:
-            for where, record in _json_records(path):
+            for where, _, record in read_json(path):
                 yield _select(record, columns, where, hint)
     except UnicodeDecodeError as e:  # parquet strings are decoded by pyarrow
         raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except FormatError as e:
+        raise DataError(str(e)) from None
 
 
 def read_text_lines(path: Path) -> Iterator[str]:
     """Lines of a text file without their line ending, like the HF `text` builder's rows
     (a leading BOM dropped; bad UTF-8 and NUL characters are errors naming the line)."""
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
-            _check_utf8(line, path, lineno)
+            try:
+                utf8_text(line, f"{path}:{lineno}")
+            except FormatError as e:
+                raise DataError(str(e)) from None
             if "\x00" in line:
                 raise DataError(f"{path}:{lineno}: NUL character (U+0000) in text; remove it "
                                 "(is this a binary or UTF-16 file?)")
@@ -461,8 +386,11 @@ def read_text_lines(path: Path) -> Iterator[str]:
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:
     """Records of a JSONL file such as `data/processed/*/train.jsonl` (for later stages)."""
-    for _, record in _json_records(Path(path)):
-        yield record
+    try:
+        for _, _, record in read_json(path):
+            yield record
+    except FormatError as e:
+        raise DataError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -664,33 +592,6 @@ class SplitWriter:
 
     def close(self) -> None:
         self.file.close()
-
-
-@contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside `target`; on success it replaces `target`.
-
-    On an exception the temporary directory is removed and `target` is left exactly as it was.
-    The old output is moved aside (not deleted) until the new one is in place."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for kind in ("tmp", "old"):  # left by a run that was killed before it could clean up
-        for stale in target.parent.glob(f".{target.name}.{kind}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs should not be
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)) / "old"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old.parent, ignore_errors=True)
 
 
 def _write_stats(directory: Path, stats: dict) -> None:

@@ -61,7 +61,8 @@ from minigpt.config import EvalConfig
 from minigpt.encode import read_meta, read_sft, read_tokens
 from minigpt.sample import generate
 from minigpt.sft import IGNORE, build_split, collate
-from minigpt.tokenizer import EOT, PAD, SPECIAL_TOKENS, decode, iter_jsonl, str_field
+from minigpt.files import read_objects, str_field
+from minigpt.tokenizer import EOT, PAD, SPECIAL_TOKENS, decode
 
 LN2 = math.log(2.0)
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -381,8 +382,8 @@ def read_questions(path: Path, limit: int) -> list[dict]:
         return rows
     if not path.is_file():
         raise EvalError(f"{path}: not found (run `dvc repro process@sft`)")
-    for number, _, obj in iter_jsonl(path):
-        rows.append({k: str_field(path, number, obj, k) for k in ("instruction", "context", "response")})
+    for where, _, obj in read_objects(path):
+        rows.append({k: str_field(where, obj, k) for k in ("instruction", "context", "response")})
         if len(rows) == limit:
             break
     return rows
