@@ -10,7 +10,7 @@ Design choices
 - torch and the model code are imported inside the commands: `minigpt --help` and argument
   errors answer at once instead of after a second of importing torch.
 - The model directory says how to talk to it: `config.json` `chat_template` set (a fine-tuned
-  model) -> the prompt is wrapped in the chat template (`minigpt.chat`), unless `--raw`. Raw text
+  model) -> the prompt is wrapped in the chat template (`minigpt.template`), unless `--raw`. Raw text
   (base models) starts after `<|endoftext|>`, the document separator the model saw in pretraining,
   so an empty prompt means "start a new document". Generation stops at `<|endoftext|>` either way.
 - A chat model's output is only the response; a raw prompt is echoed and then continued, so the
@@ -287,7 +287,7 @@ def utf8_text(text: str, where: str) -> str:
 
 def load(checkpoint_path: str, device_name: str = "cpu", tokenizer_path: str | None = None) -> Loaded:
     """The model directory (and optional separate tokenizer), with usage errors as CLIError."""
-    from minigpt.chat import TEMPLATE_NAME
+    from minigpt.template import TEMPLATE_NAME
     from minigpt.checkpoint import CheckpointError, check_vocab, load_model
     from minigpt.tokenizer import EOT, TokenizerError, check_special_tokens, special_id
 
@@ -410,7 +410,7 @@ def stream_ids(m: Loaded, ids: list[int], args: argparse.Namespace, generator,
 
 def prompt_ids(m: Loaded, prompt: str, raw: bool) -> list[int]:
     """The ids a prompt becomes: the chat template for a chat model, else <|endoftext|> + text."""
-    from minigpt.chat import encode_prompt
+    from minigpt.template import encode_prompt
     from minigpt.tokenizer import encode_text
 
     if m.is_chat and not raw:
@@ -497,7 +497,7 @@ def fit_conversation(tok: Tokenizer, messages: list[dict], limit: int) -> tuple[
     """Encode `messages`, first dropping the oldest user/assistant turns (in place) while the ids
     are longer than `limit`. Keeps a leading system message and the last user message, so the
     result may still be too long: then the sampler slides its window. Returns (ids, turns dropped)."""
-    from minigpt.chat import encode_conversation
+    from minigpt.template import encode_conversation
 
     first = 1 if messages and messages[0]["role"] == "system" else 0
     dropped = 0
@@ -587,7 +587,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from minigpt.card import model_card, push_to_hub
-    from minigpt.chat import CHAT_TEMPLATE_JINJA
+    from minigpt.template import CHAT_TEMPLATE_JINJA
     from minigpt.export import export_hf
     from minigpt.tokenizer import PAD, special_id
 

@@ -43,12 +43,11 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from minigpt.chat import encode_examples
-from minigpt.files import atomic_directory, read_objects, str_field, write_json
+from minigpt.template import encode_examples
+from minigpt.files import SPLITS, atomic_directory, read_objects, str_field, write_json
 from minigpt.tokenizer import EOT, encode_texts, load_tokenizer, special_id, tokenizer_hash
 
 CORPORA = ("pretrain", "sft")
-SPLITS = ("train", "validation", "test")
 MASK_DTYPE = np.dtype("u1")
 IDX_DTYPE = np.dtype("<u8")
 # A batch also ends at this much JSONL: an encoded batch costs ~200 bytes per token until its
@@ -65,7 +64,7 @@ class EncodeError(ValueError):
 
 
 @dataclass
-class SplitStats:
+class TokenStats:
     """What encoding one split produced (also the sidecar's content)."""
 
     split: str
@@ -107,7 +106,7 @@ def _batches(path: Path, batch_size: int, max_bytes: int = BATCH_BYTES
         yield rows, size
 
 
-def _progress(path: Path, desc: str) -> tqdm:
+def _byte_bar(path: Path, desc: str) -> tqdm:
     """A byte-based progress bar, shown only on a terminal."""
     return tqdm(total=path.stat().st_size, desc=desc, unit="B", unit_scale=True,
                 disable=None, leave=False, mininterval=0.5)
@@ -190,29 +189,29 @@ def encode_documents(tok: Tokenizer, texts: list[str], dtype: np.dtype,
 
 
 def encode_pretrain_split(tok: Tokenizer, src: Path, dst: Path, batch_size: int,
-                          dtype: np.dtype) -> SplitStats:
+                          dtype: np.dtype) -> TokenStats:
     """Encode `{"text"}` JSONL `src` into the flat token file `dst` (EOT after every document)."""
     start, eot = time.perf_counter(), special_id(tok, EOT)
     tokens = docs = size_in = 0
-    with dst.open("wb") as out, _progress(src, f"encode {src.parent.name}/{src.stem}") as bar:
+    with dst.open("wb") as out, _byte_bar(src, f"encode {src.parent.name}/{src.stem}") as bar:
         for rows, size in _batches(src, batch_size):
             texts = [str_field(n, obj, "text") for n, obj in rows]
             arr = flatten_with_eot(encode_documents(tok, texts, dtype), eot, dtype)
             arr.tofile(out)
             tokens, docs, size_in = tokens + arr.size, docs + len(rows), size_in + size
             bar.update(size)
-    return SplitStats(src.stem, tokens, docs, size_in, time.perf_counter() - start)
+    return TokenStats(src.stem, tokens, docs, size_in, time.perf_counter() - start)
 
 
 def encode_sft_split(tok: Tokenizer, src: Path, dst: Path, batch_size: int,
-                     dtype: np.dtype) -> SplitStats:
+                     dtype: np.dtype) -> TokenStats:
     """Encode `{"instruction","context","response"}` JSONL into ids, loss mask and offsets."""
     start = time.perf_counter()
     tokens = examples = size_in = 0
     prefix = dst.with_suffix("")
     with dst.open("wb") as f_ids, open(f"{prefix}.mask.bin", "wb") as f_mask, \
             open(f"{prefix}.idx.bin", "wb") as f_idx, \
-            _progress(src, f"encode {src.parent.name}/{src.stem}") as bar:
+            _byte_bar(src, f"encode {src.parent.name}/{src.stem}") as bar:
         np.zeros(1, IDX_DTYPE).tofile(f_idx)  # offsets start at 0
         for rows, size in _batches(src, batch_size):
             triples = [tuple(str_field(n, obj, k) for k in ("instruction", "context", "response"))
@@ -224,7 +223,7 @@ def encode_sft_split(tok: Tokenizer, src: Path, dst: Path, batch_size: int,
             (tokens + np.cumsum(lengths)).astype(IDX_DTYPE).tofile(f_idx)
             tokens, examples, size_in = tokens + int(lengths.sum()), examples + len(rows), size_in + size
             bar.update(size)
-    return SplitStats(src.stem, tokens, examples, size_in, time.perf_counter() - start)
+    return TokenStats(src.stem, tokens, examples, size_in, time.perf_counter() - start)
 
 
 def _append(f: BinaryIO, lists: Iterator[list[int]], total: int, dtype: np.dtype) -> None:
@@ -239,7 +238,7 @@ def _append(f: BinaryIO, lists: Iterator[list[int]], total: int, dtype: np.dtype
 
 def encode_corpus(corpus: str, processed_dir: str | Path, tokenizer_path: str | Path,
                   out_dir: str | Path, batch_size: int = 1000,
-                  splits: tuple[str, ...] = SPLITS) -> list[SplitStats]:
+                  splits: tuple[str, ...] = SPLITS) -> list[TokenStats]:
     """Encode every split of one corpus into `out_dir`, written elsewhere then renamed into place."""
     if corpus not in CORPORA:
         raise EncodeError(f"corpus must be one of {', '.join(CORPORA)} (got {corpus!r})")

@@ -27,7 +27,7 @@ Design choices (and why)
   even where bf16 is fast, so a metric does not move with the evaluating machine's instruction set.
 - SFT loss is the response-only loss that fine-tuning minimises (the loss mask from encode), over
   the whole SFT test split, each example cut exactly as fine-tuning cuts it (`sft.build_split`:
-  `chat.truncate_example` to block_size + 1; an example whose response alone does not fit is
+  `template.truncate_example` to block_size + 1; an example whose response alone does not fit is
   dropped, and the drops are counted in the output).
 - Generation is greedy (temperature 0, stop at `<|endoftext|>`), so numbers are deterministic.
   Both models get the same chat-template prompt; the pre-trained one shows what instruction tuning
@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minigpt.chat import encode_prompt, truncate_example
+from minigpt.template import encode_prompt, truncate_example
 from minigpt.config import EvalConfig
 from minigpt.encode import read_meta, read_sft, read_tokens
 from minigpt.sample import generate
@@ -285,7 +285,7 @@ def fit_prompt(ids: Sequence[int], max_len: int) -> list[int]:
     """A chat prompt cut to `max_len` tokens exactly the way training cuts examples.
 
     `encode_prompt` ends with `<|assistant|>`, "\\n"; that "\\n" plays the response for
-    `chat.truncate_example`, which then keeps the template tokens and drops the end of the
+    `template.truncate_example`, which then keeps the template tokens and drops the end of the
     context, then of the instruction. Long Dolly contexts would otherwise push the instruction
     out of the sampler's sliding window."""
     ids = list(ids)

@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+SPLITS = ("train", "validation", "test")  # the split files every stage writes and reads
+
 
 class FormatError(ValueError):
     """A file that is not what it must be; the message is one line, `WHERE: PROBLEM (DETAIL)`."""

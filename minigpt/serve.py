@@ -9,7 +9,7 @@ Design choices
 - FastAPI + uvicorn: request bodies are parsed as JSON whatever the content type, then validated
   by pydantic models, so malformed JSON and wrong fields are rejected before any work; every error (ours, pydantic's, 404/405) is answered in OpenAI's shape
   `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
-- The same code path as the CLI: prompts are built by `minigpt.chat.encode_conversation` (chat)
+- The same code path as the CLI: prompts are built by `minigpt.template.encode_conversation` (chat)
   or as `<|endoftext|>` + text (completions, the ids of `generate --raw`), tokens come from `cli.sample_ids` (the KV-cache sampler, stopped at
   <|endoftext|>), text from `cli.TextStream`. So a request with `seed` (or temperature 0) answers
   exactly what `minigpt generate` prints with the same settings. OpenAI has no top_k: it is off.
@@ -305,7 +305,7 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        from minigpt.chat import encode_conversation
+        from minigpt.template import encode_conversation
 
         req, raw = await parse(request, ChatRequest)
         if not m.is_chat:

@@ -41,9 +41,8 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 from tqdm import tqdm
 
 from minigpt.config import PretrainDataConfig, SFTDataConfig
-from minigpt.files import FormatError, open_text, read_json, utf8_text
+from minigpt.files import SPLITS, FormatError, open_text, read_json, utf8_text
 
-SPLITS = ("train", "validation", "test")
 SFT_FIELDS = ("instruction", "context", "response")
 
 # The keywords `datasets` uses to find splits in file names (datasets.data_files.SPLIT_KEYWORDS).

@@ -11,7 +11,7 @@ Design choices
   across vocabulary sizes.
 - Text is encoded as *ordinary* text (`encode_text`): a literal "<|endoftext|>" inside a document
   or a user message becomes plain byte-level tokens, never the special id. Special ids are only
-  ever inserted by code (encode appends EOT, `minigpt.chat` places the role tokens). The
+  ever inserted by code (encode appends EOT, `minigpt.template` places the role tokens). The
   `tokenizers` switch for this (`encode_special_tokens`) is not saved in tokenizer.json, so the
   saved file behaves like any Hugging Face tokenizer (it parses special tokens in a string).
 - `decode` keeps special tokens: skipping them (the `tokenizers` default) would silently change

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from minigpt import cli
-from minigpt.chat import TEMPLATE_NAME, encode_conversation, encode_prompt, user_content
+from minigpt.template import TEMPLATE_NAME, encode_conversation, encode_prompt, user_content
 from minigpt.checkpoint import load_model, save_model
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import (EOT, PAD, SPECIAL_TOKENS, decode, encode_text, save_tokenizer,
