@@ -3,7 +3,7 @@
 Design choices
 - Nothing is ever unpickled: weights are safetensors, configs are JSON, and the resume state
   (`state.pt`) holds only tensors and plain Python values, loaded with `torch.load(weights_only=True)`.
-- Every file is written to a temporary name in its final directory, fsynced, then `os.replace`d,
+- Every file is written (`minigpt.files`) to a temporary name in its final directory, fsynced, then `os.replace`d,
   so a reader sees the old file or the new one, never a torn one.
 - Model directory (`save_model`): built complete in a sibling temporary directory, then swapped in
   with two renames (old -> trash, new -> final). A crash between the two leaves the final path
