@@ -251,7 +251,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu"):
     from tokenizers import Tokenizer
 
     from minigpt.model import GPT
-    from minigpt.tokenizer import tokenizer_hash
+    from minigpt.tokenizer import same_tokenizer, tokenizer_hash
 
     directory = Path(directory)
     config = read_config(directory)
@@ -264,8 +264,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"{tok_path}: not a valid tokenizer ({str(e).splitlines()[0]})") from None
     want = config.get("tokenizer_hash")
     got = tokenizer_hash(tok_path)
-    if want is not None and want != got:
-        raise CheckpointError(f"{tok_path}: tokenizer hash {got} differs from config.json's {want}")
+    same_tokenizer(got, want, f"{tok_path}: tokenizer hash {got} differs from config.json's {want}",
+                   CheckpointError, optional=True)
     check_vocab(tok, config, gpt_config.vocab_size, tok_path)
     model = GPT(gpt_config).to(device)  # plain init (~0.1 s at seed size): buffers stay right
     try:

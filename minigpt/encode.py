@@ -45,7 +45,8 @@ from tqdm import tqdm
 
 from minigpt.template import encode_examples
 from minigpt.files import SPLITS, atomic_directory, read_objects, str_field, write_json
-from minigpt.tokenizer import EOT, encode_texts, load_tokenizer, special_id, tokenizer_hash
+from minigpt.tokenizer import (EOT, encode_texts, load_tokenizer, same_tokenizer, special_id,
+                               tokenizer_hash)
 
 CORPORA = ("pretrain", "sft")
 MASK_DTYPE = np.dtype("u1")
@@ -290,9 +291,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def check_tokenizer_hash(meta: dict, expected: str, where: str | Path) -> None:
     """Fail unless token files were made with the tokenizer whose hash is `expected`."""
     got = meta.get("tokenizer_hash")
-    if got != expected:
-        raise EncodeError(f"{where}: encoded with tokenizer {got}, but the tokenizer is {expected} "
-                          "(run `dvc repro encode`)")
+    same_tokenizer(got, expected, f"{where}: encoded with tokenizer {got}, but the tokenizer is "
+                   f"{expected} (run `dvc repro encode`)", EncodeError)
 
 
 def _memmap(path: Path, dtype: np.dtype, count: int) -> np.ndarray:

@@ -104,17 +104,16 @@ def resolve_device(name: str) -> torch.device:
 
 def _check_tokenizer(path: str, config: dict) -> Tokenizer:
     """Load --tokenizer_path and check it is the tokenizer the model was trained with."""
-    from minigpt.tokenizer import TokenizerError, load_tokenizer, tokenizer_hash
+    from minigpt.tokenizer import TokenizerError, load_tokenizer, same_tokenizer, tokenizer_hash
 
     try:
         tok = load_tokenizer(path)
         got = tokenizer_hash(path)
     except TokenizerError as e:
         raise UsageError(f"--tokenizer_path: {e}") from None
-    want = config.get("tokenizer_hash")
-    if want and got != want:
-        raise UsageError(f"--tokenizer_path {path}: tokenizer hash {got} does not match the "
-                       f"model's ({want} in config.json)")
+    want = config.get("tokenizer_hash")  # load_model has checked it against the model's own file
+    same_tokenizer(got, want, f"--tokenizer_path {path}: tokenizer hash {got} does not match the "
+                   f"model's ({want} in config.json)", UsageError, optional=True)
     return tok
 
 

@@ -62,7 +62,7 @@ from minigpt.encode import read_meta, read_sft, read_tokens
 from minigpt.sample import generate
 from minigpt.sft import IGNORE, build_split, collate
 from minigpt.files import read_objects, str_field
-from minigpt.tokenizer import EOT, PAD, SPECIAL_TOKENS, decode
+from minigpt.tokenizer import EOT, PAD, SPECIAL_TOKENS, decode, same_tokenizer
 
 LN2 = math.log(2.0)
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -467,9 +467,9 @@ def baseline_scores(data: EvalData) -> dict:
 def check_model(config: dict, data: EvalData, cfg: EvalConfig, where: Path) -> None:
     """The model must speak the test files' tokenizer and have room for the stride."""
     got = config.get("tokenizer_hash")
-    if got != data.tokenizer_hash:
-        raise EvalError(f"{where}: trained with tokenizer {got}, but the test tokens were encoded "
-                        f"with {data.tokenizer_hash} (re-run the pipeline: `dvc repro`)")
+    same_tokenizer(got, data.tokenizer_hash, f"{where}: trained with tokenizer {got}, but the test "
+                   f"tokens were encoded with {data.tokenizer_hash} (re-run the pipeline: `dvc repro`)",
+                   EvalError)
     block = config.get("block_size")
     if isinstance(block, int) and cfg.stride > block:
         raise EvalError(f"eval.stride: {cfg.stride} exceeds the model's block_size ({block}, {where})")

@@ -100,6 +100,17 @@ def tokenizer_hash(path: str | Path) -> str:
         raise TokenizerError(f"{path}: cannot read tokenizer file ({e.strerror})") from None
 
 
+def same_tokenizer(got: str | None, want: str | None, mismatch: str,
+                   error: type[Exception] = TokenizerError, optional: bool = False) -> None:
+    """The one tokenizer-identity check: files made with two tokenizers agree only when their
+    `tokenizer_hash`es are equal. Raises `error(mismatch)` otherwise; `optional`: a missing `want`
+    (None: a model directory written without a hash) is accepted."""
+    if optional and want is None:
+        return
+    if got != want:
+        raise error(mismatch)
+
+
 def special_id(tok: Tokenizer, token: str) -> int:
     """The id of a special token (one of SPECIAL_TOKENS)."""
     if token not in SPECIAL_TOKENS:
