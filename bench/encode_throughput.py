@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minigpt.encode import encode_pretrain_split, set_threads, token_dtype  # noqa: E402
-from minigpt.tokenizer import EOT, iter_jsonl, save_tokenizer, special_id, train_tokenizer  # noqa: E402
+from minigpt.files import read_objects  # noqa: E402
+from minigpt.tokenizer import EOT, save_tokenizer, special_id, train_tokenizer  # noqa: E402
 
 SHARED = Path(os.environ.get("MINIGPT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 WIKITEXT = ["wiki.train.first1000lines.raw", "wiki.valid.raw", "wiki.test.raw"]
@@ -83,7 +84,7 @@ def naive_encode(tok, src: Path, dst: Path) -> int:
     tok.encode_special_tokens = True  # the same ordinary-text encoding as minigpt's path
     try:
         with dst.open("wb") as out:
-            for _, _, obj in iter_jsonl(src):
+            for _, _, obj in read_objects(src):
                 ids = tok.encode(obj["text"], add_special_tokens=False).ids
                 ids.append(eot)
                 np.array(ids, dtype=dtype).tofile(out)

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 from minigpt import optim, runtime, train, windows  # noqa: E402
 from minigpt.config import ConfigError, parse_params  # noqa: E402
-from minigpt.data import article_text, wikitext_articles  # noqa: E402
+from minigpt.wikitext import article_text, wikitext_articles  # noqa: E402
 from minigpt.encode import flatten_with_eot, read_tokens, token_dtype  # noqa: E402
 from minigpt.evaluate import sliding_window_nll  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402

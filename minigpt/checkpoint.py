@@ -3,7 +3,7 @@
 Design choices
 - Nothing is ever unpickled: weights are safetensors, configs are JSON, and the resume state
   (`state.pt`) holds only tensors and plain Python values, loaded with `torch.load(weights_only=True)`.
-- Every file is written to a temporary name in its final directory, fsynced, then `os.replace`d,
+- Every file is written (`minigpt.files`) to a temporary name in its final directory, fsynced, then `os.replace`d,
   so a reader sees the old file or the new one, never a torn one.
 - Model directory (`save_model`): built complete in a sibling temporary directory, then swapped in
   with two renames (old -> trash, new -> final). A crash between the two leaves the final path
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -52,6 +51,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
+
+# atomic_save, atomic_write_bytes and sha256_file are imported for the callers that know them here
+from minigpt.files import (atomic_directory, atomic_save, atomic_write_bytes,  # noqa: F401
+                           atomic_write_json, fsync_dir, fsync_file, public, sha256_file)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -70,72 +73,6 @@ ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # float weights this loader accepts
 
 class CheckpointError(RuntimeError):
     """A missing, torn or foreign checkpoint; the message is one line naming the path."""
-
-
-# --- atomic file primitives -------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a rename: the directory entry itself must reach the disk (POSIX only)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _public(path: Path) -> None:
-    """Give a file the permissions an ordinary write would (safetensors creates them 0600)."""
-    os.chmod(path, 0o666 & ~_umask())
-
-
-def _tmp_name(path: Path) -> Path:
-    """A unique hidden sibling of `path`: same directory, so the final rename is atomic."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-
-
-def atomic_save(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` to produce the file under a temporary name, fsync it, rename it to `path`."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        write(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (temp file in the same directory + fsync + os.replace)."""
-    atomic_save(path, lambda tmp: tmp.write_bytes(data))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -157,36 +94,12 @@ def save_model(model: torch.nn.Module, directory: str | Path, *, tokenizer_file:
     config.json = the architecture (`asdict(model.config)`) + `meta` (tokenizer_hash, stage,
     chat_template, training summary). Built in a temporary sibling, then swapped in."""
     model = unwrap(model)
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_siblings(directory)
-    tmp = directory.with_name(f".{directory.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    tmp.mkdir()
-    try:
+    with atomic_directory(directory, durable=True) as tmp:
         st_save_model(model, str(tmp / MODEL_FILE))
-        _public(tmp / MODEL_FILE)
+        public(tmp / MODEL_FILE)
         config = {**dataclasses.asdict(model.config), **meta}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-        for name in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE):
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
-        trash = directory.with_name(f".{directory.name}.{os.getpid()}-{secrets.token_hex(4)}.old")
-        if directory.exists():
-            os.replace(directory, trash)
-        os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
-        shutil.rmtree(trash, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _sweep_siblings(directory: Path) -> None:
-    """Remove temporary/trash siblings left by a save that was killed mid-way."""
-    for p in directory.parent.glob(f".{directory.name}.*"):
-        if p.suffix in (".tmp", ".old") and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def read_config(directory: str | Path) -> dict:
@@ -338,7 +251,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu"):
     from tokenizers import Tokenizer
 
     from minigpt.model import GPT
-    from minigpt.tokenizer import tokenizer_hash
+    from minigpt.tokenizer import same_tokenizer, tokenizer_hash
 
     directory = Path(directory)
     config = read_config(directory)
@@ -351,8 +264,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"{tok_path}: not a valid tokenizer ({str(e).splitlines()[0]})") from None
     want = config.get("tokenizer_hash")
     got = tokenizer_hash(tok_path)
-    if want is not None and want != got:
-        raise CheckpointError(f"{tok_path}: tokenizer hash {got} differs from config.json's {want}")
+    same_tokenizer(got, want, f"{tok_path}: tokenizer hash {got} differs from config.json's {want}",
+                   CheckpointError, optional=True)
     check_vocab(tok, config, gpt_config.vocab_size, tok_path)
     model = GPT(gpt_config).to(device)  # plain init (~0.1 s at seed size): buffers stay right
     try:
@@ -394,8 +307,8 @@ def save_state(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: torch.op
         for name, write in writers.items():
             tmp = ckpt_dir / f".{name}.{tag}.tmp"
             write(tmp)
-            _public(tmp)
-            _fsync_file(tmp)
+            public(tmp)
+            fsync_file(tmp)
             payload[name] = {"sha256": sha256_file(tmp), "tmp": tmp.name}
         record = {"format": STATE_FORMAT, "step": int(state.get("step", 0)), "files": payload,
                   "meta": meta}
@@ -426,7 +339,7 @@ def finish_commit(ckpt_dir: str | Path) -> None:
             tmp = ckpt_dir / entry["tmp"]
             if tmp.exists() and sha256_file(tmp) == entry["sha256"]:
                 os.replace(tmp, ckpt_dir / name)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
     for p in ckpt_dir.glob(".*.tmp"):  # payloads of saves killed before their commit
         p.unlink(missing_ok=True)
 

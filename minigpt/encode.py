@@ -34,8 +34,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +43,12 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from minigpt.chat import encode_examples
-from minigpt.tokenizer import (EOT, encode_texts, iter_jsonl, load_tokenizer, special_id,
-                               str_field, tokenizer_hash)
+from minigpt.template import encode_examples
+from minigpt.files import SPLITS, atomic_directory, read_objects, str_field, write_json
+from minigpt.tokenizer import (EOT, encode_texts, load_tokenizer, same_tokenizer, special_id,
+                               tokenizer_hash)
 
 CORPORA = ("pretrain", "sft")
-SPLITS = ("train", "validation", "test")
 MASK_DTYPE = np.dtype("u1")
 IDX_DTYPE = np.dtype("<u8")
 # A batch also ends at this much JSONL: an encoded batch costs ~200 bytes per token until its
@@ -67,7 +65,7 @@ class EncodeError(ValueError):
 
 
 @dataclass
-class SplitStats:
+class TokenStats:
     """What encoding one split produced (also the sidecar's content)."""
 
     split: str
@@ -94,13 +92,13 @@ def set_threads(num_threads: int) -> None:
 
 
 def _batches(path: Path, batch_size: int, max_bytes: int = BATCH_BYTES
-             ) -> Iterator[tuple[list[tuple[int, dict]], int]]:
-    """(rows as (line number, object), bytes they took) for every `batch_size` lines of a JSONL,
+             ) -> Iterator[tuple[list[tuple[str, dict]], int]]:
+    """(rows as (FILE:LINE, object), bytes they took) for every `batch_size` lines of a JSONL,
     or fewer once they reach `max_bytes`."""
-    rows: list[tuple[int, dict]] = []
+    rows: list[tuple[str, dict]] = []
     size = 0
-    for number, nbytes, obj in iter_jsonl(path):
-        rows.append((number, obj))
+    for where, nbytes, obj in read_objects(path):
+        rows.append((where, obj))
         size += nbytes
         if len(rows) == batch_size or size >= max_bytes:
             yield rows, size
@@ -109,7 +107,7 @@ def _batches(path: Path, batch_size: int, max_bytes: int = BATCH_BYTES
         yield rows, size
 
 
-def _progress(path: Path, desc: str) -> tqdm:
+def _byte_bar(path: Path, desc: str) -> tqdm:
     """A byte-based progress bar, shown only on a terminal."""
     return tqdm(total=path.stat().st_size, desc=desc, unit="B", unit_scale=True,
                 disable=None, leave=False, mininterval=0.5)
@@ -192,32 +190,32 @@ def encode_documents(tok: Tokenizer, texts: list[str], dtype: np.dtype,
 
 
 def encode_pretrain_split(tok: Tokenizer, src: Path, dst: Path, batch_size: int,
-                          dtype: np.dtype) -> SplitStats:
+                          dtype: np.dtype) -> TokenStats:
     """Encode `{"text"}` JSONL `src` into the flat token file `dst` (EOT after every document)."""
     start, eot = time.perf_counter(), special_id(tok, EOT)
     tokens = docs = size_in = 0
-    with dst.open("wb") as out, _progress(src, f"encode {src.parent.name}/{src.stem}") as bar:
+    with dst.open("wb") as out, _byte_bar(src, f"encode {src.parent.name}/{src.stem}") as bar:
         for rows, size in _batches(src, batch_size):
-            texts = [str_field(src, n, obj, "text") for n, obj in rows]
+            texts = [str_field(n, obj, "text") for n, obj in rows]
             arr = flatten_with_eot(encode_documents(tok, texts, dtype), eot, dtype)
             arr.tofile(out)
             tokens, docs, size_in = tokens + arr.size, docs + len(rows), size_in + size
             bar.update(size)
-    return SplitStats(src.stem, tokens, docs, size_in, time.perf_counter() - start)
+    return TokenStats(src.stem, tokens, docs, size_in, time.perf_counter() - start)
 
 
 def encode_sft_split(tok: Tokenizer, src: Path, dst: Path, batch_size: int,
-                     dtype: np.dtype) -> SplitStats:
+                     dtype: np.dtype) -> TokenStats:
     """Encode `{"instruction","context","response"}` JSONL into ids, loss mask and offsets."""
     start = time.perf_counter()
     tokens = examples = size_in = 0
     prefix = dst.with_suffix("")
     with dst.open("wb") as f_ids, open(f"{prefix}.mask.bin", "wb") as f_mask, \
             open(f"{prefix}.idx.bin", "wb") as f_idx, \
-            _progress(src, f"encode {src.parent.name}/{src.stem}") as bar:
+            _byte_bar(src, f"encode {src.parent.name}/{src.stem}") as bar:
         np.zeros(1, IDX_DTYPE).tofile(f_idx)  # offsets start at 0
         for rows, size in _batches(src, batch_size):
-            triples = [tuple(str_field(src, n, obj, k) for k in ("instruction", "context", "response"))
+            triples = [tuple(str_field(n, obj, k) for k in ("instruction", "context", "response"))
                        for n, obj in rows]
             encoded = encode_examples(tok, triples)
             lengths = np.fromiter((len(ids) for ids, _ in encoded), np.int64, count=len(encoded))
@@ -226,7 +224,7 @@ def encode_sft_split(tok: Tokenizer, src: Path, dst: Path, batch_size: int,
             (tokens + np.cumsum(lengths)).astype(IDX_DTYPE).tofile(f_idx)
             tokens, examples, size_in = tokens + int(lengths.sum()), examples + len(rows), size_in + size
             bar.update(size)
-    return SplitStats(src.stem, tokens, examples, size_in, time.perf_counter() - start)
+    return TokenStats(src.stem, tokens, examples, size_in, time.perf_counter() - start)
 
 
 def _append(f: BinaryIO, lists: Iterator[list[int]], total: int, dtype: np.dtype) -> None:
@@ -239,54 +237,9 @@ def _append(f: BinaryIO, lists: Iterator[list[int]], total: int, dtype: np.dtype
     out.tofile(f)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def sweep_stale(out_dir: Path) -> list[Path]:
-    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID` leftovers of `out_dir` whose writer is dead
-    (or that carry no pid: made before pids were recorded); returns what was removed."""
-    removed = []
-    for p in out_dir.parent.glob(f".{out_dir.name}.*"):
-        kind, _, rest = p.name[len(out_dir.name) + 2:].partition("-")
-        if kind not in ("tmp", "old") or not p.is_dir():
-            continue
-        pid = rest.split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-            continue
-        if pid.isdigit() and int(pid) == os.getpid() and kind == "tmp":
-            continue  # this process's own (not possible today; cheap to be sure)
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
-
-
-def _replace_dir(tmp: Path, dst: Path) -> None:
-    """Move the finished directory `tmp` to `dst`, replacing an old one.
-
-    A directory cannot be swapped in one rename, so the old one is renamed aside first; a crash
-    between the two renames leaves the old tokens beside `dst` (and DVC re-runs the stage).
-    """
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def encode_corpus(corpus: str, processed_dir: str | Path, tokenizer_path: str | Path,
                   out_dir: str | Path, batch_size: int = 1000,
-                  splits: tuple[str, ...] = SPLITS) -> list[SplitStats]:
+                  splits: tuple[str, ...] = SPLITS) -> list[TokenStats]:
     """Encode every split of one corpus into `out_dir`, written elsewhere then renamed into place."""
     if corpus not in CORPORA:
         raise EncodeError(f"corpus must be one of {', '.join(CORPORA)} (got {corpus!r})")
@@ -301,21 +254,14 @@ def encode_corpus(corpus: str, processed_dir: str | Path, tokenizer_path: str | 
     encode_split = encode_pretrain_split if corpus == "pretrain" else encode_sft_split
     count_key = "documents" if corpus == "pretrain" else "examples"
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared directory
-    try:
+    with atomic_directory(out_dir) as tmp:
         stats = []
         for src in sources:
             s = encode_split(tok, src, tmp / f"{src.stem}.bin", batch_size, dtype)
-            _write_json(tmp / f"{src.stem}.json", {"dtype": dtype.name, "count": s.tokens,
-                                                   count_key: s.items, **meta_common})
+            write_json(tmp / f"{src.stem}.json", {"dtype": dtype.name, "count": s.tokens,
+                                                  count_key: s.items, **meta_common})
             stats.append(s)
-        _replace_dir(tmp, out_dir)
-        return stats
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return stats
 
 
 # ----------------------------------------------------------------------------- readers
@@ -345,9 +291,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def check_tokenizer_hash(meta: dict, expected: str, where: str | Path) -> None:
     """Fail unless token files were made with the tokenizer whose hash is `expected`."""
     got = meta.get("tokenizer_hash")
-    if got != expected:
-        raise EncodeError(f"{where}: encoded with tokenizer {got}, but the tokenizer is {expected} "
-                          "(run `dvc repro encode`)")
+    same_tokenizer(got, expected, f"{where}: encoded with tokenizer {got}, but the tokenizer is "
+                   f"{expected} (run `dvc repro encode`)", EncodeError)
 
 
 def _memmap(path: Path, dtype: np.dtype, count: int) -> np.ndarray:

@@ -27,7 +27,7 @@ Design choices (and why)
   even where bf16 is fast, so a metric does not move with the evaluating machine's instruction set.
 - SFT loss is the response-only loss that fine-tuning minimises (the loss mask from encode), over
   the whole SFT test split, each example cut exactly as fine-tuning cuts it (`sft.build_split`:
-  `chat.truncate_example` to block_size + 1; an example whose response alone does not fit is
+  `template.truncate_example` to block_size + 1; an example whose response alone does not fit is
   dropped, and the drops are counted in the output).
 - Generation is greedy (temperature 0, stop at `<|endoftext|>`), so numbers are deterministic.
   Both models get the same chat-template prompt; the pre-trained one shows what instruction tuning
@@ -56,14 +56,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minigpt.chat import encode_prompt, truncate_example
+from minigpt.template import encode_prompt, truncate_example
 from minigpt.config import EvalConfig
 from minigpt.encode import read_meta, read_sft, read_tokens
 from minigpt.runtime import DeviceError, autocast, eval_dtype, resolve_device
 from minigpt.sample import generate
 from minigpt.model import IGNORE
 from minigpt.sft import build_split, collate
-from minigpt.tokenizer import EOT, PAD, SPECIAL_TOKENS, decode, iter_jsonl, str_field
+from minigpt.files import read_objects, str_field
+from minigpt.tokenizer import EOT, PAD, SPECIAL_TOKENS, decode, same_tokenizer
 
 LN2 = math.log(2.0)
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -261,7 +262,7 @@ def fit_prompt(ids: Sequence[int], max_len: int) -> list[int]:
     """A chat prompt cut to `max_len` tokens exactly the way training cuts examples.
 
     `encode_prompt` ends with `<|assistant|>`, "\\n"; that "\\n" plays the response for
-    `chat.truncate_example`, which then keeps the template tokens and drops the end of the
+    `template.truncate_example`, which then keeps the template tokens and drops the end of the
     context, then of the instruction. Long Dolly contexts would otherwise push the instruction
     out of the sampler's sliding window."""
     ids = list(ids)
@@ -359,8 +360,8 @@ def read_questions(path: Path, limit: int) -> list[dict]:
         return rows
     if not path.is_file():
         raise EvalError(f"{path}: not found (run `dvc repro process@sft`)")
-    for number, _, obj in iter_jsonl(path):
-        rows.append({k: str_field(path, number, obj, k) for k in ("instruction", "context", "response")})
+    for where, _, obj in read_objects(path):
+        rows.append({k: str_field(where, obj, k) for k in ("instruction", "context", "response")})
         if len(rows) == limit:
             break
     return rows
@@ -444,9 +445,9 @@ def baseline_scores(data: EvalData) -> dict:
 def check_model(config: dict, data: EvalData, cfg: EvalConfig, where: Path) -> None:
     """The model must speak the test files' tokenizer and have room for the stride."""
     got = config.get("tokenizer_hash")
-    if got != data.tokenizer_hash:
-        raise EvalError(f"{where}: trained with tokenizer {got}, but the test tokens were encoded "
-                        f"with {data.tokenizer_hash} (re-run the pipeline: `dvc repro`)")
+    same_tokenizer(got, data.tokenizer_hash, f"{where}: trained with tokenizer {got}, but the test "
+                   f"tokens were encoded with {data.tokenizer_hash} (re-run the pipeline: `dvc repro`)",
+                   EvalError)
     block = config.get("block_size")
     if isinstance(block, int) and cfg.stride > block:
         raise EvalError(f"eval.stride: {cfg.stride} exceeds the model's block_size ({block}, {where})")

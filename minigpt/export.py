@@ -8,22 +8,22 @@ Design choices
   tokenizer_config.json, generation_config.json), by hand, so export needs neither transformers
   nor network access; `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(dir)` load it.
 - config.json carries both `rope_theta` (transformers 4.x) and `rope_parameters` (5.x).
-- Atomic: the directory is built complete in a hidden sibling, then swapped in (the old one is
-  renamed aside and deleted), so a failed export leaves the previous one intact and a new one
+- Atomic (`minigpt.files.atomic_directory`): the directory, model card included, is built
+  complete in a hidden sibling, then swapped in (the old one is renamed aside and deleted), so a failed export leaves the previous one intact and a new one
   never has stale files from an earlier export beside it. An existing OUT_DIR is replaced only
   when it holds nothing but export files (never a directory the user keeps other things in).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from minigpt.files import atomic_directory, public, write_json
 
 
 # Architecture knobs (GPTConfig field: Llama's value) that LlamaForCausalLM cannot express.
@@ -102,17 +102,14 @@ def llama_config(model, eos_id: int, pad_id: int | None, bos_id: int | None) -> 
     }
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def export_hf(model, tokenizer_file: str | os.PathLike, out_dir: str | os.PathLike, *,
               chat_template: str | None, eos_id: int, pad_id: int | None,
-              bos_id: int | None = None) -> Path:
+              bos_id: int | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write a Hugging Face model directory for `model` (a minigpt GPT) to out_dir; returns it.
 
     tokenizer_file is the model's tokenizer.json (copied); chat_template a Jinja string (or None)
-    for tokenizer_config.json; eos/pad/bos ids name the special tokens.
+    for tokenizer_config.json; eos/pad/bos ids name the special tokens; `extra_files` maps names
+    (one of EXPORT_FILES, e.g. README.md: the model card) to text written inside the same export.
     """
     from tokenizers import Tokenizer
 
@@ -146,29 +143,16 @@ def export_hf(model, tokenizer_file: str | os.PathLike, out_dir: str | os.PathLi
         if others:
             raise ValueError(f"{out} exists and holds other files ({', '.join(others[:3])}); "
                              "choose a new or empty directory")
-    from minigpt.checkpoint import _fsync_dir, _public, _sweep_siblings
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_siblings(out)  # leftovers of an export that was killed mid-way
-    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
-    tmp, trash = out.with_name(f".{out.name}.{tag}.tmp"), out.with_name(f".{out.name}.{tag}.old")
-    tmp.mkdir()
-    try:
+    with atomic_directory(out, durable=True) as tmp:  # all or nothing, the card included
         save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _public(tmp / "model.safetensors")
-        _write_json(tmp / "config.json", llama_config(model, eos_id, pad_id, bos_id))
+        public(tmp / "model.safetensors")
+        write_json(tmp / "config.json", llama_config(model, eos_id, pad_id, bos_id))
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         if chat_template is not None:
             tok_cfg["chat_template"] = chat_template
-        _write_json(tmp / "tokenizer_config.json", tok_cfg)
+        write_json(tmp / "tokenizer_config.json", tok_cfg)
         gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
-        _write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
-        if out.exists():
-            os.replace(out, trash)
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-        shutil.rmtree(trash, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return out

@@ -9,9 +9,9 @@ Design choices
 - FastAPI + uvicorn: request bodies are parsed as JSON whatever the content type, then validated
   by pydantic models, so malformed JSON and wrong fields are rejected before any work; every error (ours, pydantic's, 404/405) is answered in OpenAI's shape
   `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
-- The same code path as the CLI: prompts are built by `minigpt.chat.encode_conversation` (chat)
-  or as `<|endoftext|>` + text (completions, the ids of `generate --raw`), tokens come from `cli.sample_ids` (the KV-cache sampler, stopped at
-  <|endoftext|>), text from `cli.TextStream`. So a request with `seed` (or temperature 0) answers
+- The same code path as the CLI: prompts are built by `minigpt.template.encode_conversation` (chat)
+  or as `<|endoftext|>` + text (completions, the ids of `generate --raw`), tokens come from `engine.sample_ids` (the KV-cache sampler, stopped at
+  <|endoftext|>), text from `engine.TextStream`. So a request with `seed` (or temperature 0) answers
   exactly what `minigpt generate` prints with the same settings. OpenAI has no top_k: it is off.
 - One model, one worker thread: every generation runs on a single-thread executor, so requests are
   served one at a time in arrival order, never sharing the KV cache or the seeded generator, while
@@ -45,7 +45,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minigpt.cli import Loaded, TextStream, make_generator, sample_ids
+from minigpt.engine import Loaded, Sampling, TextStream, make_generator, sample_ids
 
 log = logging.getLogger("minigpt.serve")
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -184,10 +184,10 @@ def run_job(m: Loaded, job: Job, emit) -> None:
             if flush(final=False):
                 raise Cancelled
 
-    args = type("Args", (), dict(max_new_tokens=job.max_tokens, temperature=job.req.temperature,
-                                 top_k=0, top_p=job.req.top_p, repetition_penalty=1.0))
+    settings = Sampling(max_new_tokens=job.max_tokens, temperature=job.req.temperature, top_k=0,
+                        top_p=job.req.top_p, repetition_penalty=1.0, seed=job.req.seed)
     try:
-        sample_ids(m, job.ids, args, make_generator(job.req.seed, m.device), on_token)
+        sample_ids(m, job.ids, settings, make_generator(settings.seed, m.device), on_token)
         flush(final=True)
     except Cancelled:  # a stop string (already flushed), or the client left
         if job.cancel.is_set():
@@ -305,7 +305,7 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        from minigpt.chat import encode_conversation
+        from minigpt.template import encode_conversation
 
         req, raw = await parse(request, ChatRequest)
         if not m.is_chat:

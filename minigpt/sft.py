@@ -6,7 +6,7 @@ Design choices
   Inputs are `x = ids[:-1]`, targets `y = ids[1:]`, and `y = -100` wherever `mask[1:] == 0`, so
   the cross-entropy (`ignore_index=-100`) sees response tokens only: prompt tokens are context,
   never targets, and padding is neither.
-- Too-long examples are cut with `chat.truncate_example(ids, mask, block_size + 1)` (+1 because
+- Too-long examples are cut with `template.truncate_example(ids, mask, block_size + 1)` (+1 because
   x and y are the window shifted by one): it removes tokens from the end of the user segment, never
   from the response. An example whose response alone cannot fit is dropped. Both are counted and
   reported per split, so nothing is lost silently.
@@ -41,7 +41,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from minigpt.chat import truncate_example
+from minigpt.template import truncate_example
 from minigpt.encode import read_sft
 from minigpt.model import IGNORE
 

@@ -11,7 +11,7 @@ Design choices
   across vocabulary sizes.
 - Text is encoded as *ordinary* text (`encode_text`): a literal "<|endoftext|>" inside a document
   or a user message becomes plain byte-level tokens, never the special id. Special ids are only
-  ever inserted by code (encode appends EOT, `minigpt.chat` places the role tokens). The
+  ever inserted by code (encode appends EOT, `minigpt.template` places the role tokens). The
   `tokenizers` switch for this (`encode_special_tokens`) is not saved in tokenizer.json, so the
   saved file behaves like any Hugging Face tokenizer (it parses special tokens in a string).
 - `decode` keeps special tokens: skipping them (the `tokenizers` default) would silently change
@@ -21,14 +21,13 @@ Design choices
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from minigpt.files import FormatError, atomic_write_bytes, read_objects, str_field
 
 EOT = "<|endoftext|>"  # ends a document, and an assistant turn
 PAD = "<|pad|>"  # batch padding; never a target
@@ -72,19 +71,10 @@ def check_special_tokens(tok: Tokenizer, where: str = "tokenizer") -> None:
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
-    """Write tokenizer.json atomically: a temporary file in the same directory, then os.replace."""
+    """Write tokenizer.json atomically (`minigpt.files.atomic_write_bytes`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(tok.to_str(pretty=True))  # what `Tokenizer.save` writes
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a reader sees the old file or the new one, never a torn one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, tok.to_str(pretty=True).encode("utf-8"))  # what `Tokenizer.save` writes
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -108,6 +98,17 @@ def tokenizer_hash(path: str | Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     except OSError as e:
         raise TokenizerError(f"{path}: cannot read tokenizer file ({e.strerror})") from None
+
+
+def same_tokenizer(got: str | None, want: str | None, mismatch: str,
+                   error: type[Exception] = TokenizerError, optional: bool = False) -> None:
+    """The one tokenizer-identity check: files made with two tokenizers agree only when their
+    `tokenizer_hash`es are equal. Raises `error(mismatch)` otherwise; `optional`: a missing `want`
+    (None: a model directory written without a hash) is accepted."""
+    if optional and want is None:
+        return
+    if got != want:
+        raise error(mismatch)
 
 
 def special_id(tok: Tokenizer, token: str) -> int:
@@ -154,39 +155,11 @@ def decode(tok: Tokenizer, ids: Sequence[int]) -> str:
     return tok.decode(list(ids), skip_special_tokens=False)
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, int, dict]]:
-    """Stream a JSONL file: (line number, line size in bytes, object) per non-blank line.
-
-    Read in binary (json parses bytes directly, and byte sizes drive progress bars). It lives
-    here because the tokenizer stage's DVC deps name this file; encode uses it too.
-    """
-    path = Path(path)
-    try:
-        f = path.open("rb")
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot open ({e.strerror})") from None
-    with f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise TokenizerError(f"{path}:{number}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise TokenizerError(f"{path}:{number}: expected a JSON object")
-            yield number, len(line), obj
-
-
-def str_field(path: str | Path, number: int, obj: dict, key: str) -> str:
-    """`obj[key]`, which must be a string; the error names the file, line and key."""
-    value = obj.get(key)
-    if not isinstance(value, str):
-        raise TokenizerError(f"{path}:{number}: field {key!r} must be a string (got {value!r:.40})")
-    return value
-
-
 def iter_texts(path: str | Path, key: str = "text") -> Iterator[str]:
     """The `key` field of every line of a JSONL file, streamed (training text for the tokenizer)."""
-    for number, _, obj in iter_jsonl(path):
-        yield str_field(path, number, obj, key)
+    try:
+        for where, _, obj in read_objects(path):
+            yield str_field(where, obj, key)
+    except FormatError as e:  # this stage's documented wording for a broken line
+        problem = "not valid JSON" if e.problem == "invalid JSON" else e.problem
+        raise TokenizerError(f"{e.where}: {problem}" + (f" ({e.detail})" if e.detail else "")) from None

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minigpt: the code DVC tracks
 
 from minigpt.config import load_params  # noqa: E402
-from minigpt.encode import CORPORA, SplitStats, encode_corpus, set_threads  # noqa: E402
+from minigpt.encode import CORPORA, TokenStats, encode_corpus, set_threads  # noqa: E402
 from minigpt.stage import corpus_arg, run_stage  # noqa: E402
 
 TOKENIZER = Path("data/tokenizer/tokenizer.json")
@@ -25,13 +25,13 @@ PROCESSED = Path("data/processed")
 OUT_ROOT = Path("data/tokens")
 
 
-def run(corpus: str) -> list[SplitStats]:
+def run(corpus: str) -> list[TokenStats]:
     cfg = load_params().encode
     set_threads(cfg.num_threads)  # before the first batch encode: the thread pool is built once
     return encode_corpus(corpus, PROCESSED / corpus, TOKENIZER, OUT_ROOT / corpus, cfg.batch_size)
 
 
-def summary(corpus: str, stats: list[SplitStats], seconds: float) -> str:
+def summary(corpus: str, stats: list[TokenStats], seconds: float) -> str:
     unit = "documents" if corpus == "pretrain" else "examples"
     parts = [f"{s.split} {s.tokens:,} tokens / {s.items:,} {unit}" for s in stats]
     tokens = sum(s.tokens for s in stats)

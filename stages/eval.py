@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minigpt: the code DVC tracks
 
-from minigpt.checkpoint import atomic_write_bytes  # noqa: E402
+from minigpt.files import atomic_write_bytes  # noqa: E402
 from minigpt.config import load_params  # noqa: E402
 from minigpt.evaluate import run_eval  # noqa: E402
 from minigpt.stage import run_stage  # noqa: E402

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minigpt: the code DVC tracks
 
 from minigpt import sft  # noqa: E402
-from minigpt.chat import TEMPLATE_NAME  # noqa: E402
+from minigpt.template import TEMPLATE_NAME  # noqa: E402
 from minigpt.checkpoint import atomic_write_json, load_model, sha256_file  # noqa: E402
 from minigpt.config import load_params  # noqa: E402
 from minigpt.encode import read_meta  # noqa: E402

@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minigpt: the code DVC tracks
 
 from minigpt.config import load_params  # noqa: E402
-from minigpt.data import SPLITS, process_pretrain, process_sft  # noqa: E402
+from minigpt.data import process_pretrain, process_sft  # noqa: E402
+from minigpt.sources import SPLITS  # noqa: E402
 from minigpt.stage import corpus_arg, run_stage  # noqa: E402
 
 CORPORA = ("pretrain", "sft")

@@ -21,8 +21,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minigpt import cli
-from minigpt.chat import TEMPLATE_NAME, encode_conversation, encode_prompt, user_content
+from minigpt import cli, engine
+from minigpt.template import TEMPLATE_NAME, encode_conversation, encode_prompt, user_content
 from minigpt.checkpoint import load_model, save_model
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import (EOT, PAD, SPECIAL_TOKENS, decode, encode_text, save_tokenizer,
@@ -193,7 +193,7 @@ def test_text_stream_holds_back_partial_characters(env):
     text = "naïve 日本語 🙂 ok"
     ids = encode_text(env.tok, text)
     assert len(ids) > len(text.encode()) // 2  # the corpus has none of these: mostly byte tokens
-    stream = cli.TextStream(env.tok)
+    stream = engine.TextStream(env.tok)
     pieces = [stream.push(i) for i in ids] + [stream.finish()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
@@ -305,12 +305,12 @@ def test_fit_conversation_keeps_system_and_last_user(env):
         turns += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
     turns.append({"role": "user", "content": "last question"})
     messages = list(turns)
-    ids, dropped = cli.fit_conversation(env.tok, messages, limit=1)  # nothing fits: drop all it may
+    ids, dropped = engine.fit_conversation(env.tok, messages, limit=1)  # nothing fits: drop all it may
     assert dropped == 4
     assert messages == [turns[0], turns[-1]]
     assert ids == encode_conversation(env.tok, messages)
     messages = list(turns)
-    _, dropped = cli.fit_conversation(env.tok, messages, limit=10_000)
+    _, dropped = engine.fit_conversation(env.tok, messages, limit=10_000)
     assert dropped == 0 and messages == turns
 
 

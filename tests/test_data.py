@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from minigpt.config import PretrainDataConfig, SFTDataConfig
-from minigpt.data import (
-    DataError, article_text, assign_split, atomic_directory, detokenize, detokenize_line,
-    is_title, process_pretrain, process_sft, read_jsonl, resolve_source, split_of,
-    stable_fraction, wikitext_articles,
-)
-import minigpt.data as data
+from minigpt.data import assign_split, process_pretrain, process_sft, stable_fraction
+from minigpt.files import atomic_directory
+from minigpt.sources import DataError, read_jsonl, resolve_source, split_of
+from minigpt.wikitext import article_text, detokenize, detokenize_line, is_title, wikitext_articles
+import minigpt.sources as sources
+import minigpt.wikitext as wikitext
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -203,7 +203,7 @@ def test_detokenize_real_validation_file():
             text = text.replace(f" {token} ", char)
         return "".join(text.split())
 
-    source = "".join(visible(data.heading_text(l) or l) for a in articles for l in a)
+    source = "".join(visible(wikitext.heading_text(l) or l) for a in articles for l in a)
     assert visible(joined) == source
 
 
@@ -351,7 +351,7 @@ def test_hub_rows_through_a_fake_dataset(tmp_path, monkeypatch):
         return {"train": FakeSplit(hub_rows), "validation": FakeSplit(hub_rows[:15]),
                 "test": FakeSplit(hub_rows[15:])}
 
-    monkeypatch.setattr(data, "load_dataset", fake_load)
+    monkeypatch.setattr(sources, "load_dataset", fake_load)
     cfg = PretrainDataConfig(revision="abc123")
     stats = process_pretrain(cfg, tmp_path / "out")
     assert calls == [(("Salesforce/wikitext", "wikitext-2-raw-v1"), {"revision": "abc123"})]
@@ -582,7 +582,7 @@ def test_hub_unreachable_is_one_helpful_line(tmp_path, monkeypatch):
         raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub "
                               "(LocalEntryNotFoundError)\nsecond line")
 
-    monkeypatch.setattr(data, "load_dataset", offline)
+    monkeypatch.setattr(sources, "load_dataset", offline)
     with pytest.raises(DataError) as err:
         process_pretrain(PretrainDataConfig(), tmp_path / "out")
     msg = str(err.value)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import minigpt.encode as enc
-from minigpt.chat import encode_example
+from minigpt.template import encode_example
 from minigpt.encode import (EncodeError, encode_corpus, flatten_with_eot, read_meta, read_sft,
                             read_tokens, set_threads, token_dtype)
 from minigpt.tokenizer import (EOT, decode, load_tokenizer, save_tokenizer, tokenizer_hash,

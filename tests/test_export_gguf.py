@@ -17,7 +17,7 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
 
 from minigpt import cli  # noqa: E402
-from minigpt.chat import CHAT_TEMPLATE_JINJA, encode_prompt  # noqa: E402
+from minigpt.template import CHAT_TEMPLATE_JINJA, encode_prompt  # noqa: E402
 from minigpt.checkpoint import load_model  # noqa: E402
 from minigpt.sample import generate  # noqa: E402
 from minigpt.tokenizer import EOT, PAD, save_tokenizer, train_tokenizer  # noqa: E402

@@ -25,7 +25,8 @@ import yaml
 
 from minigpt.checkpoint import CheckpointError, load_model, save_model
 from minigpt.config import ConfigError, PretrainDataConfig, load_params
-from minigpt.data import DataError, process_pretrain, read_records
+from minigpt.data import process_pretrain
+from minigpt.sources import DataError, read_records
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import encode_text, save_tokenizer, tokenizer_hash, train_tokenizer
 

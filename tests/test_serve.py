@@ -175,10 +175,10 @@ def test_stop_string_cuts_the_answer(servers):
 
 
 def test_multi_turn_and_system_message_use_the_chat_template(servers):
-    """The server encodes conversations with minigpt.chat, like `minigpt chat`: check against the
+    """The server encodes conversations with minigpt.template, like `minigpt chat`: check against the
     sampler on the same ids."""
-    from minigpt.chat import encode_conversation
-    from minigpt.cli import load, sample_ids
+    from minigpt.template import encode_conversation
+    from minigpt.engine import load, sample_ids
     from minigpt.tokenizer import decode
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},

@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from minigpt.chat import (CHAT_TEMPLATE_JINJA, encode_conversation, encode_example, encode_examples,
-                          encode_prompt, example_messages, render,
-                          truncate_example)
+from minigpt.template import (CHAT_TEMPLATE_JINJA, encode_conversation, encode_example,
+                              encode_examples, encode_prompt, example_messages, render,
+                              truncate_example)
 from minigpt.tokenizer import decode, encode_text, train_tokenizer
 
 USER_ID, ASSISTANT_ID, EOT_ID = 3, 4, 0

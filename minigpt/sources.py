@@ -1,0 +1,402 @@
+"""Where the corpora come from: a hub id or a local path, resolved to rows per split.
+
+Design choices
+- One rule decides hub vs local: a `source` that exists on disk is local; one that looks like a
+  path (starts with `./`, `../`, `/`, `~`, `raw/`, has more than one `/`, or ends in a data-file
+  extension) but does not exist is an error ("source not found: PATH"); anything else is a
+  Hugging Face hub id.
+  A failed hub load becomes one line saying the hub could not be reached and that `source` may be a
+  local path, because offline is by far the most common cause. Offline fails fast: before a hub
+  load, a 2 s TCP probe of the endpoint (skipped under HF_HUB_OFFLINE=1) decides; unreachable ->
+  `datasets` runs in offline mode, so a cached dataset still loads and a missing one fails at once
+  (measured: 36 s of retries before against an unreachable HF_ENDPOINT).
+- Local files use the hub's own formats, so a downloaded dataset works unchanged: `.txt`/`.raw` are
+  read like the HF `text` builder (each line a row, newline removed, `text_column` not needed),
+  `.jsonl`/`.json` (JSON lines, or one JSON array) and `.parquet` need the configured column(s).
+  JSON is parsed here line by line rather than by `datasets`, so a broken line is reported as
+  `FILE:LINE: invalid JSON (...)` instead of an Arrow traceback.
+- In a directory, splits are recognised from file (or folder) names as `datasets` does:
+  `train|training`, `validation|valid|val|dev`, `test|testing|eval|evaluation` between
+  `-._ 0-9/` separators (`wiki.train.raw`, `train-00000-of-00001.parquet`). If no name carries a
+  split, every file is train. A file whose split cannot be told, in a directory where others can,
+  is an error rather than silently skipped. Hidden files, `*.md` and `*.dvc` are ignored.
+- Local text is decoded strictly: a byte that is not UTF-8 is an error naming `FILE:LINE` (and
+  the byte), a leading UTF-8 byte-order mark is dropped (it is an encoding marker, not text),
+  and a NUL character (U+0000, raw or `\u0000` in JSON) is refused with `FILE:LINE`: it is
+  never prose, usually a binary or UTF-16 file read by mistake, and passing it on would put
+  garbage in the corpus. A `.json` file may hold one (or several) pretty-printed JSON objects
+  instead of lines or an array; each object is one record.
+- The rows are lazy: `pretrain_rows` / `sft_records` open and check the source at once (so a bad
+  source fails before any work), but read it only as `minigpt.data` consumes it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+from tqdm import tqdm
+
+from minigpt.config import PretrainDataConfig, SFTDataConfig
+from minigpt.files import SPLITS, FormatError, open_text, read_json, utf8_text
+
+SFT_FIELDS = ("instruction", "context", "response")
+
+# The keywords `datasets` uses to find splits in file names (datasets.data_files.SPLIT_KEYWORDS).
+SPLIT_KEYWORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+TEXT_SUFFIXES = (".txt", ".raw")
+JSON_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+PRETRAIN_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
+SFT_SUFFIXES = JSON_SUFFIXES + PARQUET_SUFFIXES
+# Files a data directory may hold besides data: READMEs and DVC pointers.
+IGNORED_SUFFIXES = (".md", ".dvc")
+# Suffixes that make a missing `source` read as a mistyped path rather than a hub id.
+PATH_SUFFIXES = PRETRAIN_SUFFIXES + (".csv", ".tsv", ".gz", ".zip", ".xz", ".zst", ".arrow",
+                                     ".tokens")
+
+
+class DataError(ValueError):
+    """A problem with the input data or source; the message is one line meant for the user."""
+
+
+def _one_line(exc: BaseException) -> str:
+    """First line of an exception's message, prefixed with its type (for wrapped errors)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Hub or local, files and their splits
+# --------------------------------------------------------------------------------------------
+
+def load_dataset(*args: Any, **kwargs: Any) -> Any:
+    """`datasets.load_dataset`, imported lazily: `datasets` takes seconds to import and local
+    sources never need it. (Tests monkeypatch this name.) Offline first: see `hub_offline`."""
+    offline = hub_offline()
+    import datasets
+
+    if offline:  # the hub libraries read the flag at import time: set it where they keep it
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+        datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as e:
+        if offline and _OFFLINE_WHY:
+            raise HubUnreachable(_OFFLINE_WHY) from e
+        raise
+
+
+class HubUnreachable(ConnectionError):
+    """The hub could not be reached and the dataset is not in the local cache."""
+
+
+_OFFLINE_WHY = ""  # why `hub_offline` went offline (empty when the user asked for it)
+
+
+def hub_offline(timeout: float = 2.0) -> bool:
+    """True when hub loads must use the local cache only: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is
+    set, or a TCP connection to the endpoint (HF_ENDPOINT, default huggingface.co) fails within
+    `timeout` seconds (not probed behind an HTTP(S) proxy). Offline, `datasets` loads a cached dataset or fails at once, instead of
+    retrying HTTP requests for ~30 s; a user who downloaded once can work without a network."""
+    global _OFFLINE_WHY
+    from urllib.parse import urlsplit
+
+    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if any(v.strip().upper() in ("1", "ON", "YES", "TRUE") for v in flags):
+        _OFFLINE_WHY = ""
+        return True
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                       "ALL_PROXY", "all_proxy")):
+        return False  # behind a proxy a direct connection proves nothing: let `datasets` try
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError as e:
+        _OFFLINE_WHY = (f"the hub ({endpoint}) is unreachable ({_one_line(e)}) and the dataset "
+                        f"is not in the local cache")
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for any hub library imported later in this process
+        return True
+    return False
+
+
+def _looks_like_path(source: str) -> bool:
+    """Would a user who wrote `source` have meant a file or directory? Hub ids are `name` or
+    `owner/name`, without a data-file extension."""
+    s = source.strip()
+    if s.startswith(("./", "../", "/", "~", "raw/", ".\\")) or "\\" in s:
+        return True
+    if s.count("/") > 1:
+        return True
+    return s.lower().endswith(PATH_SUFFIXES)
+
+
+def resolve_source(source: str) -> Optional[Path]:
+    """The local path `source` names, or None when it is a hub id.
+
+    An existing path is always local; a path-like string that does not exist is an error (a hub
+    lookup of "raw/pretrain" would only fail later with a confusing message)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if _looks_like_path(source):
+        raise DataError(f"source not found: {source}")
+    return None
+
+
+def _hub_error(source: str, exc: BaseException, example: str) -> DataError:
+    if isinstance(exc, HubUnreachable):
+        return DataError(f"could not load {source!r}: {exc}; `source` can also be a local path "
+                         f"such as {example} (see README)")
+    return DataError(
+        f"could not load {source!r} from the Hugging Face hub ({_one_line(exc)}); the hub may be "
+        f"unreachable: `source` can also be a local path such as {example} (see README)")
+
+
+def split_of(relative: str | PurePosixPath) -> Optional[str]:
+    """The split a file belongs to, from the words in its path relative to the source directory
+    (`wiki.valid.raw` -> validation), or None when no split keyword appears."""
+    path = PurePosixPath(relative)
+    stem = str(path.with_suffix("")) if path.suffix else str(path)
+    words = set(re.split(r"[-._ 0-9/]+", stem.lower()))
+    found = [split for split, keywords in SPLIT_KEYWORDS.items() if words & set(keywords)]
+    if len(found) > 1:
+        raise DataError(f"{relative}: name matches several splits ({', '.join(found)}); rename it")
+    return found[0] if found else None
+
+
+def data_files(path: Path, suffixes: Sequence[str]) -> list[Path]:
+    """The data files of a local source: the file itself, or every data file under a directory
+    (sorted, so the row order never depends on the file system)."""
+    if path.is_file():
+        _check_suffix(path, suffixes)
+        return [path]
+    files = []
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path)
+        if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.suffix.lower() in IGNORED_SUFFIXES:
+            continue
+        _check_suffix(p, suffixes)
+        files.append(p)
+    if not files:
+        raise DataError(f"{path}: no data files ({', '.join(suffixes)})")
+    return files
+
+
+def _check_suffix(path: Path, suffixes: Sequence[str]) -> None:
+    if path.suffix.lower() not in suffixes:
+        raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'!r} "
+                        f"(use {', '.join(suffixes)})")
+
+
+def local_splits(path: Path, suffixes: Sequence[str]) -> dict[str, list[Path]]:
+    """Group a local source's files by split. One file, or no split words in any name: all train."""
+    files = data_files(path, suffixes)
+    if path.is_file():
+        return {"train": files}
+    tagged = {f: split_of(f.relative_to(path).as_posix()) for f in files}
+    if all(split is None for split in tagged.values()):
+        return {"train": files}
+    untagged = [f for f, split in tagged.items() if split is None]
+    if untagged:
+        raise DataError(f"{untagged[0]}: cannot tell its split; name files like wiki.train.raw, "
+                        f"wiki.valid.raw, wiki.test.raw (train / valid|validation|dev / test)")
+    splits = {s: [f for f, t in tagged.items() if t == s] for s in SPLITS}
+    splits = {s: fs for s, fs in splits.items() if fs}
+    if "train" not in splits:
+        raise DataError(f"{path}: no train file (found {', '.join(splits)}); name one like "
+                        f"wiki.train.raw")
+    return splits
+
+
+# --------------------------------------------------------------------------------------------
+# Reading local files
+# --------------------------------------------------------------------------------------------
+
+def _as_text(value: Any, where: str, column: str) -> str:
+    """A cell as a string: null means empty; anything else that is not a string is an error."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: column {column!r} is not a string (got {type(value).__name__})")
+    if "\x00" in value:
+        raise DataError(f"{where}: column {column!r} holds a NUL character (U+0000); remove it")
+    return value
+
+
+def _select(record: Any, columns: Sequence[str], where: str, hint: str) -> dict[str, str]:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for column in columns:
+        if column not in record:
+            found = ", ".join(map(str, record)) or "none"
+            raise DataError(f"{where}: no column {column!r} (found: {found}){hint}")
+    return {c: _as_text(record[c], where, c) for c in columns}
+
+
+def _parquet_records(path: Path, columns: Sequence[str], hint: str) -> Iterator[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own ArrowInvalid for a non-parquet file
+        raise DataError(f"{path}: not a readable parquet file ({_one_line(e)})") from None
+    names = pf.schema_arrow.names
+    for column in columns:
+        if column not in names:
+            raise DataError(f"{path}: no column {column!r} (found: {', '.join(names)}){hint}")
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=list(columns)):
+        for record in batch.to_pylist():
+            row += 1
+            yield f"{path}: row {row}", record
+
+
+def read_records(path: Path, columns: Sequence[str], hint: str = "") -> Iterator[dict[str, str]]:
+    """Rows of a local .jsonl/.json/.parquet file, reduced to `columns` (all strings; null -> "").
+
+    Errors name the file and, for JSON lines, the line: `FILE:LINE: invalid JSON (...)`."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in PARQUET_SUFFIXES:
+            for where, record in _parquet_records(path, columns, hint):
+                yield {c: _as_text(record[c], where, c) for c in columns}
+        else:
+            for where, _, record in read_json(path):
+                yield _select(record, columns, where, hint)
+    except UnicodeDecodeError as e:  # parquet strings are decoded by pyarrow
+        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except FormatError as e:
+        raise DataError(str(e)) from None
+
+
+def read_text_lines(path: Path) -> Iterator[str]:
+    """Lines of a text file without their line ending, like the HF `text` builder's rows
+    (a leading BOM dropped; bad UTF-8 and NUL characters are errors naming the line)."""
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                utf8_text(line, f"{path}:{lineno}")
+            except FormatError as e:
+                raise DataError(str(e)) from None
+            if "\x00" in line:
+                raise DataError(f"{path}:{lineno}: NUL character (U+0000) in text; remove it "
+                                "(is this a binary or UTF-16 file?)")
+            yield line.rstrip("\n")
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict]:
+    """Records of a JSONL file such as `data/processed/*/train.jsonl` (for later stages)."""
+    try:
+        for _, _, record in read_json(path):
+            yield record
+    except FormatError as e:
+        raise DataError(str(e)) from None
+
+
+def progress(rows: Iterable, desc: str, total: Optional[int] = None) -> Iterator:
+    """`rows` with a progress bar that appears when iteration starts (one bar at a time).
+    disable=None: a bar on a terminal, silence in logs and tests (no carriage-return noise)."""
+    yield from tqdm(rows, desc=desc, total=total, unit=" rows", disable=None, mininterval=0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Rows per split
+# --------------------------------------------------------------------------------------------
+
+def pretrain_rows(cfg: PretrainDataConfig) -> dict[str, Iterable[str]]:
+    """The source's rows (strings) per split it provides, lazily: `train` always, plus
+    `validation`/`test` when the source has them."""
+    path = resolve_source(cfg.source)
+    if path is None:
+        return _hub_pretrain_rows(cfg)
+    hint = " (set process.pretrain.text_column)"
+    out: dict[str, Iterable[str]] = {}
+    for split, files in local_splits(path, PRETRAIN_SUFFIXES).items():
+        out[split] = progress(_local_rows(files, cfg.text_column, hint), desc=f"{split}")
+    return out
+
+
+def _local_rows(files: Sequence[Path], column: str, hint: str) -> Iterator[str]:
+    for f in files:
+        if f.suffix.lower() in TEXT_SUFFIXES:
+            yield from read_text_lines(f)
+        else:
+            for record in read_records(f, [column], hint):
+                yield record[column]
+
+
+def _hub_pretrain_rows(cfg: PretrainDataConfig) -> dict[str, Iterable[str]]:
+    try:
+        ds = load_dataset(cfg.source, cfg.name, revision=cfg.revision)
+    except Exception as e:
+        raise _hub_error(cfg.source, e, "raw/pretrain") from None
+    out: dict[str, Iterable[str]] = {}
+    for name in ds:
+        split = split_of(str(name))
+        if split is None or split in out:
+            continue  # e.g. an "unsupervised" split: not ours to guess about
+        if cfg.text_column not in ds[name].column_names:
+            found = ", ".join(ds[name].column_names)
+            raise DataError(f"{cfg.source} [{name}]: no column {cfg.text_column!r} (found: "
+                            f"{found}) (set process.pretrain.text_column)")
+        out[split] = progress(_hub_column(ds[name], cfg.text_column), desc=split,
+                               total=len(ds[name]))
+    if "train" not in out:
+        raise DataError(f"{cfg.source}: no train split (found: {', '.join(map(str, ds))})")
+    return out
+
+
+def _hub_column(dataset: Any, column: str) -> Iterator[str]:
+    for batch in dataset.iter(batch_size=1000):
+        for value in batch[column]:
+            yield value or ""
+
+
+def sft_records(cfg: SFTDataConfig) -> dict[str, Iterator[dict[str, str]]]:
+    """Rows as {instruction, context, response} strings (context "" when not mapped or null),
+    before any cleaning, per split the source provides: the hub's `train` split, or a local
+    source's named split files (`train.jsonl`, `test.jsonl`, ...; one file or unnamed ones: train)."""
+    columns = {f: cfg.columns[f] for f in SFT_FIELDS if f in cfg.columns}
+    # Resolved and opened now, not on first iteration, so source errors surface immediately.
+    path = resolve_source(cfg.source)
+    if path is None:
+        splits = {"train": _hub_sft_records(cfg, list(columns.values()))}
+    else:
+        hint = " (map it with process.sft.columns)"
+        splits = {split: (r for f in files for r in read_records(f, list(columns.values()), hint))
+                  for split, files in local_splits(path, SFT_SUFFIXES).items()}
+    return {split: ({f: record[columns[f]] if f in columns else "" for f in SFT_FIELDS}
+                    for record in progress(records, desc=f"sft {split}"))
+            for split, records in splits.items()}
+
+
+def _hub_sft_records(cfg: SFTDataConfig, columns: list[str]) -> Iterator[dict[str, str]]:
+    try:
+        ds = load_dataset(cfg.source, split="train", revision=cfg.revision)
+    except Exception as e:
+        raise _hub_error(cfg.source, e, "raw/sft/databricks-dolly-15k.jsonl") from None
+    for column in columns:
+        if column not in ds.column_names:
+            raise DataError(f"{cfg.source}: no column {column!r} (found: "
+                            f"{', '.join(ds.column_names)}) (map it with process.sft.columns)")
+    return _hub_records(ds, columns, cfg.source)
+
+
+def _hub_records(ds: Any, columns: list[str], source: str) -> Iterator[dict[str, str]]:
+    for batch in ds.iter(batch_size=1000):
+        for i in range(len(batch[columns[0]])):
+            yield {c: _as_text(batch[c][i], source, c) for c in columns}
