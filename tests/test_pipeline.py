@@ -149,6 +149,7 @@ def test_sft_param_change_reruns_only_the_sft_side(repo):
     assert ran == {"process@sft", "encode@sft", "finetune", "eval"}, out
 
 
+@pytest.mark.slow  # 40 s: re-trains everything after the vocabulary change
 def test_vocab_change_reruns_tokenizer_and_both_encodes(repo):
     _set_params(repo, {"tokenizer": {"vocab_size": 420}})
     assert _stale(repo) == {"tokenizer"}
@@ -235,6 +236,7 @@ def _weights(path: Path) -> bytes:
     return (path / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow  # 40 s; tests/test_train.py checks the same property on `fit` in CI
 def test_longer_pretrain_budget_equals_a_fresh_run(repo):
     _set_params(repo, {"pretrain": {"max_steps": 8}})
     _dvc(repo, "repro", "pretrain")
