@@ -61,13 +61,13 @@ from minigpt.config import EvalConfig
 from minigpt.encode import read_meta, read_sft, read_tokens
 from minigpt.runtime import DeviceError, autocast, eval_dtype, resolve_device
 from minigpt.sample import generate
+from minigpt.scores import echo_baseline, text_scores
 from minigpt.model import IGNORE
 from minigpt.sft import build_split, collate
 from minigpt.files import read_objects, str_field
 from minigpt.tokenizer import EOT, PAD, SPECIAL_TOKENS, decode, same_tokenizer
 
 LN2 = math.log(2.0)
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 EOT_ID, PAD_ID = SPECIAL_TOKENS.index(EOT), SPECIAL_TOKENS.index(PAD)  # fixed ids (FORMATS.md)
 TOKENS_PER_BATCH = {"cpu": 8192, "cuda": 65536, "mps": 16384}  # window batch size, in tokens
 SFT_BATCH = 16  # examples per batch for the SFT loss
@@ -205,36 +205,6 @@ def loss_metrics(total_nll: float, n_tokens: int) -> dict:
     """Mean loss and perplexity of a (sum, count) pair."""
     loss = total_nll / n_tokens if n_tokens else float("nan")
     return {"loss": loss, "perplexity": math.exp(loss) if n_tokens else float("nan")}
-
-
-# ----------------------------------------------------------------------------- text scores
-
-
-def echo_baseline(instruction: str, context: str = "") -> str:
-    """The trivial answer: repeat the question (and its context). Scores below this mean nothing."""
-    return f"{instruction}\n\n{context}" if context else instruction
-
-
-def text_scores(predictions: Sequence[str], references: Sequence[str]) -> dict:
-    """ROUGE-1/2/L F1 (mean over examples, [0, 1]) and corpus BLEU / chrF ([0, 100])."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not predictions:
-        return {"examples": 0}
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    sums = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for pred, ref in zip(predictions, references):
-        scores = scorer.score(ref, pred)  # (target, prediction)
-        for key in ROUGE_TYPES:
-            sums[key] += scores[key].fmeasure
-    out = {key: sums[key] / len(predictions) for key in ROUGE_TYPES}
-    out["bleu"] = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
-    out["chrf"] = sacrebleu.corpus_chrf(list(predictions), [list(references)]).score
-    out["examples"] = len(predictions)
-    return out
 
 
 def rounded(obj, digits: int = 6):

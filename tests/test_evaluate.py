@@ -21,6 +21,7 @@ import yaml
 
 from minigpt import evaluate as ev
 from minigpt.model import IGNORE
+from minigpt.scores import echo_baseline, text_scores
 
 
 class BigramStub:
@@ -199,28 +200,28 @@ def test_sft_rows_mask_prompt_targets_and_collate_pads():
 
 def test_text_scores_identical_and_disjoint():
     refs = ["The capital of France is Paris.", "Drink water, sleep well and exercise daily."]
-    same = ev.text_scores(refs, refs)
+    same = text_scores(refs, refs)
     for key in ("rouge1", "rouge2", "rougeL"):
         assert same[key] == pytest.approx(1.0)
     assert same["bleu"] == pytest.approx(100.0) and same["chrf"] == pytest.approx(100.0)
     assert same["examples"] == 2
-    none = ev.text_scores(["zebra quokka", "xylophone"], refs)
+    none = text_scores(["zebra quokka", "xylophone"], refs)
     for key in ("rouge1", "rouge2", "rougeL", "bleu"):
         assert none[key] == pytest.approx(0.0)
     assert none["chrf"] < 5.0  # chrF counts character n-grams: disjoint words may share a letter
 
 
 def test_text_scores_stem_and_handle_empty_answers():
-    s = ev.text_scores(["cats running"], ["cat runs"])
+    s = text_scores(["cats running"], ["cat runs"])
     assert s["rouge1"] == pytest.approx(1.0)  # use_stemmer=True
-    empty = ev.text_scores([""], ["something"])
+    empty = text_scores([""], ["something"])
     assert empty["rouge1"] == 0.0 and empty["bleu"] == 0.0
 
 
 def test_echo_baseline_repeats_instruction_and_context():
-    assert ev.echo_baseline("Name a fruit.") == "Name a fruit."
-    assert ev.echo_baseline("Summarise.", "Paris is big.") == "Summarise.\n\nParis is big."
-    s = ev.text_scores([ev.echo_baseline("What is the capital of France?")], ["Paris is the capital of France."])
+    assert echo_baseline("Name a fruit.") == "Name a fruit."
+    assert echo_baseline("Summarise.", "Paris is big.") == "Summarise.\n\nParis is big."
+    s = text_scores([echo_baseline("What is the capital of France?")], ["Paris is the capital of France."])
     assert 0.0 < s["rouge1"] < 1.0
 
 
