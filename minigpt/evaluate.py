@@ -37,17 +37,21 @@ Design choices (and why)
 - Scores keep their libraries' native scales: ROUGE F1 in [0, 1] (`rouge_score`, stemming on, the
   mean over examples; its tokenizer keeps only ASCII letters and digits), BLEU and chrF in
   [0, 100] (`sacrebleu` corpus scores, default tokenization).
-- Cost (quick start: 4x4x256, block 256, ~350k test tokens, stride 128, 2-core CPU shared with
-  other jobs): the sliding window is ~700k token-forwards per model and dominates; greedy
-  decoding runs on one CPU thread (see `one_cpu_thread`). A larger `eval.stride` or a
-  `eval.max_tokens` cap trades context or coverage for time.
+- Speed on CPU: windows go through one worker thread per core, each on one intra-op thread
+  (`summed_batches`; the ops of a 1,024-token batch are too small to share two threads well), and
+  the test answers are decoded as one ragged batch (`sample.greedy_batch`), one intra-op thread.
+  The sliding window is ~700k token-forwards per model on the quick start and dominates; a larger
+  `eval.stride` or an `eval.max_tokens` cap trades context or coverage for time. Measured with
+  `python bench/eval_throughput.py` (numbers in its docstring).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -60,7 +64,7 @@ from minigpt.template import encode_prompt, truncate_example
 from minigpt.config import EvalConfig
 from minigpt.encode import read_meta, read_sft, read_tokens
 from minigpt.runtime import DeviceError, autocast, eval_dtype, resolve_device
-from minigpt.sample import generate
+from minigpt.sample import greedy_batch
 from minigpt.scores import echo_baseline, text_scores
 from minigpt.model import IGNORE
 from minigpt.sft import build_split, collate
@@ -69,7 +73,7 @@ from minigpt.tokenizer import EOT, PAD, SPECIAL_TOKENS, decode, same_tokenizer
 
 LN2 = math.log(2.0)
 EOT_ID, PAD_ID = SPECIAL_TOKENS.index(EOT), SPECIAL_TOKENS.index(PAD)  # fixed ids (FORMATS.md)
-TOKENS_PER_BATCH = {"cpu": 8192, "cuda": 65536, "mps": 16384}  # window batch size, in tokens
+TOKENS_PER_BATCH = {"cpu": 1024, "cuda": 65536, "mps": 16384}  # window batch size, in tokens
 SFT_BATCH = 16  # examples per batch for the SFT loss
 
 
@@ -113,15 +117,15 @@ def summed_loss(model: Callable, x: torch.Tensor, y: torch.Tensor) -> tuple[floa
     return float(loss) * n, n
 
 
-@torch.inference_mode()
 def sliding_window_nll(model: Callable, tokens, block_size: int, stride: int, batch_size: int,
                        device: torch.device | str = "cpu", max_tokens: int = 0,
-                       progress: bool = False) -> tuple[float, int]:
+                       progress: bool = False, workers: int = 0) -> tuple[float, int]:
     """Total NLL (nats) of tokens[1:] under `model`, and how many tokens that is.
 
     `tokens` is a 1-D array/tensor (a memmap is fine: windows are copied one batch at a time).
     `max_tokens` > 0 scores only the first max_tokens targets. Windows are batched `batch_size`
-    at a time; all have the same length, so a batch is one (B, W) tensor.
+    at a time; all have the same length, so a batch is one (B, W) tensor. `workers`: see
+    `summed_batches`.
     """
     device = torch.device(device)
     tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
@@ -129,25 +133,53 @@ def sliding_window_nll(model: Callable, tokens, block_size: int, stride: int, ba
     if max_tokens > 0:
         n_targets = min(n_targets, max_tokens)
     plan = window_plan(n_targets, block_size, stride)
-    if not plan:
-        return 0.0, 0
     width = min(block_size, n_targets)
     offsets = np.arange(width + 1)
-    total, count = 0.0, 0
-    batches = tqdm(range(0, len(plan), batch_size), desc="perplexity", unit="batch", leave=False,
-                   disable=None if progress else True)  # None: only on a terminal
-    for start in batches:
-        chunk = plan[start : start + batch_size]
+
+    def batch(chunk: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.stack([tokens[b + offsets] for b, _ in chunk]).astype(np.int64)
         xy = torch.from_numpy(rows).to(device)
         x, y = xy[:, :-1], xy[:, 1:].clone()
         for i, (_, first) in enumerate(chunk):
             y[i, :first] = IGNORE  # already scored by an earlier window
-        with autocast(device, eval_dtype(device)):
-            nll, n = summed_loss(model, x, y)
-        total += nll
-        count += n
-    return total, count
+        return x, y
+
+    chunks = [plan[i : i + batch_size] for i in range(0, len(plan), batch_size)]
+    return summed_batches(model, map(batch, chunks), len(chunks), device, "perplexity", progress,
+                          workers)
+
+
+def summed_batches(model: Callable, batches: Iterator, n: int, device: torch.device, desc: str,
+                   progress: bool, workers: int = 0) -> tuple[float, int]:
+    """(sum of NLL, targets) over (x, y) batches, summed in order (the same total every run).
+
+    On CPU the batches are spread over one worker thread per core, each running its ops on one
+    intra-op thread (torch releases the GIL inside ops): at this model size a batch's ops are
+    too small for two threads to share well. Measured (bench/eval_throughput.py, 2-core AVX2
+    EPYC, quick-start model): see that script's docstring. `workers` 0 = one per intra-op
+    thread on CPU, 1 on other devices; 1 = the batches in turn on torch's intra-op threads."""
+    if workers <= 0:
+        workers = torch.get_num_threads() if device.type == "cpu" else 1
+
+    def score(xy: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, int]:
+        with torch.inference_mode(), autocast(device, eval_dtype(device)):  # both are per thread
+            return summed_loss(model, *xy)
+
+    bar = tqdm(total=n, desc=desc, unit="batch", leave=False,
+               disable=None if progress else True)  # None: only on a terminal
+    results: list[tuple[float, int]] = []
+    with bar, one_cpu_thread(device) if workers > 1 else nullcontext(), \
+            ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()  # a few batches in flight, not the whole split in memory
+        for xy in batches:
+            pending.append(pool.submit(score, xy))
+            if len(pending) > 2 * workers:
+                results.append(pending.popleft().result())
+                bar.update()
+        for future in pending:
+            results.append(future.result())
+            bar.update()
+    return sum(r[0] for r in results), sum(r[1] for r in results)
 
 
 def lm_metrics(total_nll: float, n_tokens: int, n_bytes: float, n_words: float) -> dict:
@@ -176,7 +208,6 @@ def sft_rows(examples: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np
     return rows
 
 
-@torch.inference_mode()
 def masked_nll(model: Callable, examples: Sequence[tuple[np.ndarray, np.ndarray]], batch_size: int,
                device: torch.device | str = "cpu", pad_id: int = PAD_ID,
                progress: bool = False) -> tuple[float, int, int]:
@@ -189,15 +220,10 @@ def masked_nll(model: Callable, examples: Sequence[tuple[np.ndarray, np.ndarray]
     device = torch.device(device)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     order = [i for i in order if len(examples[i][0]) >= 2 and np.asarray(examples[i][1][1:]).any()]
-    total, count = 0.0, 0
-    batches = tqdm(range(0, len(order), batch_size), desc="sft loss", unit="batch", leave=False,
-                   disable=None if progress else True)
-    for start in batches:
-        x, y = collate(sft_rows([examples[i] for i in order[start : start + batch_size]]), pad_id)
-        with autocast(device, eval_dtype(device)):
-            nll, n = summed_loss(model, x.to(device), y.to(device))
-        total += nll
-        count += n
+    starts = range(0, len(order), batch_size)
+    batches = (collate(sft_rows([examples[i] for i in order[s : s + batch_size]]), pad_id) for s in starts)
+    batches = ((x.to(device), y.to(device)) for x, y in batches)
+    total, count = summed_batches(model, batches, len(starts), device, "sft loss", progress)
     return total, count, len(order)
 
 
@@ -244,11 +270,9 @@ def fit_prompt(ids: Sequence[int], max_len: int) -> list[int]:
     return [int(i) for i in cut[0]]
 
 
-def greedy_answer(model: Callable, tok, ids: Sequence[int], max_new_tokens: int) -> str:
-    """The model's greedy answer to prompt `ids`, as text, without the closing <|endoftext|>."""
-    device = model.tok_emb.weight.device
-    with autocast(device, eval_dtype(device)):
-        new = list(generate(model, list(ids), max_new_tokens, temperature=0.0, stop_ids=[EOT_ID]))
+def answer_text(tok, new: Sequence[int]) -> str:
+    """A generated answer as text, without the closing <|endoftext|>."""
+    new = list(new)
     if new and new[-1] == EOT_ID:
         new = new[:-1]
     return decode(tok, new).strip()
@@ -272,17 +296,16 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def greedy_answers(model: Callable, tok, prompts: Sequence[tuple[str, str]], max_new_tokens: int,
-                   desc: str = "generate", progress: bool = False) -> list[str]:
-    """Greedy answers to (instruction, context) prompts in the chat template."""
+def greedy_answers(model: Callable, tok, prompts: Sequence[tuple[str, str]],
+                   max_new_tokens: int) -> list[str]:
+    """Greedy answers to (instruction, context) prompts in the chat template, decoded as one
+    ragged batch (`sample.greedy_batch`: the same tokens as one prompt at a time)."""
     budget = prompt_budget(model.config.block_size, max_new_tokens)
-    answers = []
-    with one_cpu_thread(model.tok_emb.weight.device):
-        for instruction, context in tqdm(prompts, desc=desc, unit="answer", leave=False,
-                                         disable=None if progress else True):
-            ids = fit_prompt(encode_prompt(tok, instruction, context), budget)
-            answers.append(greedy_answer(model, tok, ids, max_new_tokens))
-    return answers
+    ids = [fit_prompt(encode_prompt(tok, instruction, context), budget) for instruction, context in prompts]
+    device = model.tok_emb.weight.device
+    with one_cpu_thread(device), autocast(device, eval_dtype(device)):
+        new = greedy_batch(model, ids, max_new_tokens, stop_ids=[EOT_ID])
+    return [answer_text(tok, n) for n in new]
 
 
 # ----------------------------------------------------------------------------- the eval stage
@@ -395,11 +418,10 @@ def evaluate_model(model: Callable, tok, data: EvalData, cfg: EvalConfig, device
     metrics["sft"] = evaluate_sft_loss(model, data, device)
     seconds["sft"], start = time.perf_counter() - start, time.perf_counter()
     questions = [(q["instruction"], q["context"]) for q in data.questions]
-    answers = greedy_answers(model, tok, questions, cfg.max_new_tokens, "answer test", progress=True)
+    answers = greedy_answers(model, tok, questions, cfg.max_new_tokens)
     if answers:
         metrics["gen"] = text_scores(answers, [q["response"] for q in data.questions])
-    samples = greedy_answers(model, tok, [(p, "") for p in cfg.prompts], cfg.max_new_tokens,
-                             "samples", progress=True)
+    samples = greedy_answers(model, tok, [(p, "") for p in cfg.prompts], cfg.max_new_tokens)
     seconds["generate"] = time.perf_counter() - start
     return metrics, answers, samples
 

@@ -25,6 +25,8 @@ Design choices (and why)
   is bound by per-op dispatch at this size, so the attention is written for few ops: RoPE is a
   flip and a multiply-add applied to q, k and v at once (identity on v), and one copy stores k|v.
   Positions never exceed block_size; the sampler slides its window (re-prefills) instead.
+  Ragged rows (`KVCache.lengths`): rows of different prompts decode together, each writing and
+  reading at its own length; a mask hides the other rows' longer tails (`sample.greedy_batch`).
 - Init as GPT-2/nanoGPT: normal(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layer).
 """
 
@@ -102,12 +104,16 @@ class KVCache:
     """Preallocated keys and values of every layer: kv is (n_layer, B, 2 * n_head, max_len, head_dim),
     keys in the first n_head heads, values in the last, so one copy writes both.
 
-    `pos` is the number of positions already written; GPT.forward advances it."""
+    `pos` is the number of positions already written; GPT.forward advances it. `lengths`, when
+    set (int64 (B,)), gives each row its own length instead: a decode step (T = 1) writes row b's
+    token at position lengths[b] and attends to its positions 0..lengths[b]; `pos` is then the
+    longest row's length."""
 
     def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device=None, dtype=None):
         self.kv = torch.zeros(n_layer, batch_size, 2 * n_head, max_len, head_dim, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
+        self.lengths: Tensor | None = None
 
     def reset(self) -> None:
         self.pos = 0  # stale entries beyond pos are never read
@@ -153,7 +159,15 @@ class Attention(nn.Module):
         qkv = qkv.view(B, T, 3 * H, self.head_dim).transpose(1, 2)  # (B, 3H, T, hd)
         q, kv = qkv[:, :H], qkv[:, H:]
         mask, causal, dtype = None, T > 1, q.dtype
-        if cache is not None:  # write the new keys/values, attend over everything so far
+        if cache is not None and cache.lengths is not None:  # ragged rows, one new token each
+            lengths, seen = cache.lengths, cache.pos + 1
+            cache.kv[layer, torch.arange(B, device=x.device), :, lengths] = kv[:, :, 0]
+            kv = cache.kv[layer, :, :, :seen]
+            mask = (torch.arange(seen, device=x.device) <= lengths[:, None])[:, None, None]
+            causal = False
+            if q.dtype != kv.dtype:
+                q = q.to(kv.dtype)
+        elif cache is not None:  # write the new keys/values, attend over everything so far
             pos = cache.pos
             cache.kv[layer, :, :, pos : pos + T] = kv
             kv = cache.kv[layer, :, :, : pos + T]
@@ -265,6 +279,8 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int | Non
             return _LinearCrossEntropy.apply(h, w, targets, dtype, chunk)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     wc = w.to(dtype)
+    if not h.is_cuda:  # no gradients to keep: smaller chunks keep the logits in cache (eval: ~1.15x)
+        chunk = min(chunk, 256)
     for i in range(0, targets.numel(), chunk):
         logits = (h[i : i + chunk].to(dtype) @ wc.t()).float()
         total += F.cross_entropy(logits, targets[i : i + chunk], reduction="sum")
@@ -311,6 +327,11 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]  # shared by all layers
+        ragged = cache is not None and cache.lengths is not None
+        if ragged:  # each row at its own position: (B, 1, 3, 1, head_dim) tables
+            if T != 1:
+                raise ValueError(f"ragged rows decode one token at a time (got {T})")
+            cos, sin = self.rope_cos[cache.lengths][:, None], self.rope_sin[cache.lengths][:, None]
         if cos.dtype != dtype:
             cos, sin = cos.to(dtype), sin.to(dtype)
         for i, block in enumerate(self.layers):
@@ -319,6 +340,8 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         if cache is not None:
             cache.pos += T
+            if ragged:
+                cache.lengths += 1
             return self._cap(F.linear(x[:, -1:], self.tok_emb.weight)), None
         if targets is not None and cap > 0:  # the chunked loss has no tanh: plain logits
             logits = self._cap(F.linear(x, self.tok_emb.weight).float())

@@ -10,6 +10,10 @@ Design choices
   one (bench/generate_throughput.py --num_samples 8, seed config, 2-core AVX2 EPYC: 8 samples
   cost ~3 single-sample runs). All rows have the same length, so the window slides for all of
   them at once and no padding or masks are needed. `generate` is the N = 1 case.
+- `greedy_batch` answers many different prompts at once (the eval stage's test questions): each
+  prompt is prefilled alone, exactly as `generate` would, and its keys/values copied into its row
+  of one cache; every step then decodes all unfinished rows in one forward, each row at its own
+  position (`KVCache.lengths`, a mask instead of padding). Finished rows leave the batch.
 - Positions never exceed block_size (RoPE tables stop there). When the context fills up, the
   sampler keeps the most recent 3/4 of the window and re-prefills it, then continues token by
   token: one batched prefill every block_size/4 tokens instead of a full forward per token.
@@ -176,5 +180,57 @@ def generate_batch(model, ids: list[int], max_new_tokens: int, num_samples: int,
             else:  # window full: re-prefill the most recent tokens (rows have equal lengths)
                 cache.reset()
                 logits, _ = model(torch.tensor([slide(h) for h in history], device=device), cache=cache)
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int,
+                 stop_ids: Iterable[int] = ()) -> list[list[int]]:
+    """Greedy continuations of several prompts, decoded as one ragged batch; `generate`'s
+    tokens for each (temperature 0), up to float rounding in the batched matmuls.
+
+    A row stops after a stop id (included) or max_new_tokens. A prompt too long to leave room
+    for max_new_tokens in the context (the window would slide) is decoded alone by `generate`."""
+    _check(0.0, None, None, 1.0, max_new_tokens)
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+    block, stop = model.config.block_size, set(int(s) for s in stop_ids)
+    out: list[list[int]] = [[] for _ in prompts]
+    rows = [i for i, p in enumerate(prompts) if len(p) + max_new_tokens <= block]
+    for i in sorted(set(range(len(prompts))) - set(rows)):
+        out[i] = generate(model, prompts[i], max_new_tokens, temperature=0.0, stop_ids=stop)
+    if not rows or max_new_tokens == 0:
+        return out
+    device = model.tok_emb.weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        cache, one = model.new_cache(len(rows), device=device), model.new_cache(1, device=device)
+        firsts = []
+        for r, i in enumerate(rows):  # prefill alone: the same numbers as `generate`
+            one.reset()
+            logits, _ = model(torch.tensor([prompts[i]], device=device), cache=one)
+            cache.kv[:, r, :, : one.pos] = one.kv[:, 0, :, : one.pos]
+            firsts.append(logits[:, -1])
+        nxt = torch.cat(firsts).float().argmax(-1, keepdim=True)
+        lengths = [len(prompts[i]) for i in rows]
+        while True:
+            keep = []
+            for r, token in enumerate(nxt.view(-1).tolist()):  # the one host sync per step
+                out[rows[r]].append(token)
+                if not (token in stop or len(out[rows[r]]) == max_new_tokens):
+                    keep.append(r)
+            if not keep:
+                return out
+            if len(keep) < len(rows):  # finished rows leave the batch
+                index = torch.tensor(keep, device=device)
+                cache.kv, nxt = cache.kv.index_select(1, index), nxt[index]
+                rows, lengths = [rows[r] for r in keep], [lengths[r] for r in keep]
+            cache.lengths = torch.tensor(lengths, device=device)
+            cache.pos = max(lengths)
+            logits, _ = model(nxt, cache=cache)
+            lengths = [n + 1 for n in lengths]
+            nxt = logits[:, -1].float().argmax(-1, keepdim=True)
     finally:
         model.train(was_training)

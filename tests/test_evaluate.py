@@ -101,8 +101,29 @@ def test_sliding_window_scores_each_token_exactly_once(stride, batch):
 def test_sliding_window_batches_windows():
     tokens = np.arange(200) % 20
     model = BigramStub(20)
-    ev.sliding_window_nll(model, tokens, block_size=8, stride=4, batch_size=10)
+    ev.sliding_window_nll(model, tokens, block_size=8, stride=4, batch_size=10, workers=1)
     assert model.calls == math.ceil(len(ev.window_plan(199, 8, 4)) / 10)
+
+
+def test_worker_threads_give_the_single_thread_totals():
+    """The eval stage spreads batches over one worker thread per core: the same sums (in order)
+    as one batch after another, for the sliding window and the SFT loss."""
+    model = tiny_gpt(block_size=16)
+    tokens = np.random.default_rng(2).integers(0, 50, size=400)
+    one = ev.sliding_window_nll(model, tokens, 16, 5, 3, workers=1)
+    for workers in (2, 3):
+        nll, n = ev.sliding_window_nll(model, tokens, 16, 5, 3, workers=workers)
+        assert n == one[1] and nll == pytest.approx(one[0], rel=1e-6)
+    rng = np.random.default_rng(3)
+    examples = [(rng.integers(0, 50, k), (np.arange(k) >= k // 2).astype(np.uint8)) for k in range(4, 17)]
+    a = ev.masked_nll(model, examples, 2, pad_id=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # workers default to the intra-op threads: one means no pool
+    try:
+        b = ev.masked_nll(model, examples, 2, pad_id=1)
+    finally:
+        torch.set_num_threads(before)
+    assert a[1:] == b[1:] and a[0] == pytest.approx(b[0], rel=1e-6)
 
 
 def test_sliding_window_max_tokens_caps_the_targets():

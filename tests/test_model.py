@@ -124,6 +124,31 @@ def test_kv_cache_prefill_decode_and_chunked_prefill_match_full_forward():
         model(x[:, :1], cache=cache)
 
 
+def test_ragged_cache_rows_decode_at_their_own_positions():
+    """Rows of different lengths in one cache (KVCache.lengths): each step's logits equal a full
+    forward over that row's own tokens, and a row never sees another row's longer tail."""
+    model = tiny().eval()
+    x, _ = batch(3)
+    lens = [3, 9, 6]
+    with torch.no_grad():
+        cache, one = model.new_cache(3), model.new_cache(1)
+        for r, n in enumerate(lens):  # prefill alone, then copy into the row
+            one.reset()
+            model(x[r : r + 1, :n], cache=one)
+            cache.kv[:, r, :, :n] = one.kv[:, 0, :, :n]
+        cache.kv[:, 0, :, 3:] = 1e4  # garbage past row 0's length must stay masked
+        for step in range(4):
+            cache.lengths, cache.pos = torch.tensor([n + step for n in lens]), max(lens) + step
+            new = torch.stack([x[r, n + step] for r, n in enumerate(lens)])[:, None]
+            got = model(new, cache=cache)[0][:, -1]
+            assert cache.lengths.tolist() == [n + step + 1 for n in lens]
+            for r, n in enumerate(lens):
+                want = model(x[r : r + 1, : n + step + 1])[0][0, -1]
+                torch.testing.assert_close(got[r], want, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="one token at a time"):
+            model(x[:, :2], cache=cache)
+
+
 def test_cache_in_other_dtype_than_weights():
     model = tiny().eval()
     x, _ = batch(1)

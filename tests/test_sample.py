@@ -7,7 +7,7 @@ import torch
 
 from minigpt.model import GPT, GPTConfig
 from minigpt.sample import (KEEP_FRACTION, apply_repetition_penalty, filter_top_k, filter_top_p, generate,
-                            generate_batch)
+                            generate_batch, greedy_batch)
 
 V, BLOCK = 97, 16
 
@@ -171,3 +171,25 @@ def test_batch_rows_stop_independently(model):
         generate_batch(model, PROMPT, 3, 2, on_token=print)
     with pytest.raises(ValueError, match="num_samples"):
         generate_batch(model, PROMPT, 3, 0)
+
+
+# --- ragged greedy batches (the eval stage's answers) ------------------------------------------
+
+
+def test_greedy_batch_equals_one_prompt_at_a_time(model):
+    """Prompts of different lengths, rows stopping at different steps (so rows leave the batch),
+    and one prompt too long for the answer to fit (decoded alone): each row is `generate`'s."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, V, (n,), generator=g).tolist() for n in (1, 3, 7, 2, 5, 12, 4)]
+    n = 5
+    alone = [generate(model, p, n, temperature=0.0) for p in prompts]
+    stops = {alone[1][1], alone[4][3]}  # tokens some rows emit early
+    want = [generate(model, p, n, temperature=0.0, stop_ids=stops) for p in prompts]
+    assert len({len(w) for w in want}) > 1  # rows really finish at different steps
+    assert greedy_batch(model, prompts, n, stop_ids=stops) == want
+    assert greedy_batch(model, prompts, n) == alone
+    assert prompts[5] and len(prompts[5]) + n > BLOCK  # the fallback row
+    assert greedy_batch(model, prompts, 0) == [[] for _ in prompts]
+    assert greedy_batch(model, [], 4) == []
+    with pytest.raises(ValueError, match="at least one token"):
+        greedy_batch(model, [[1], []], 3)

@@ -1,0 +1,145 @@
+"""Eval-stage throughput: the sliding-window perplexity pass and the greedy test answers.
+
+    python bench/eval_throughput.py [--tokens 40000] [--prompts 50] [--new 96] [--repeats 3]
+                                    [--model out/pretrain] [--test data/tokens/pretrain/test.bin]
+
+The quick-start model shape from params.yaml (random init, vocab 8192) unless --model names a
+trained model directory; random tokens unless --test names a token file. Three sides, run in
+turn within each repeat (medians compared, so other load hits all of them alike):
+- `minigpt`: `evaluate.sliding_window_nll` as the eval stage runs it (one worker thread per core,
+  each on one intra-op thread, 1,024-token batches) and `sample.greedy_batch` (all prompts as one
+  ragged batch);
+- `before`: the previous path, same functions with workers=1 and 32-window batches (8,192 tokens)
+  on torch's intra-op threads, and one `sample.generate` per prompt on one thread;
+- `transformers`: the same weights exported and loaded as LlamaForCausalLM, Hugging Face's
+  "perplexity of fixed-length models" loop (labels -100 outside the scored part) over the same
+  window batches as `before`, and `generate()` per prompt (greedy, KV cache).
+Prints seconds, `ratio N.NNx` of minigpt against each, and whether NLL and tokens agree.
+Needs transformers for the third side (skipped with a note when it is missing).
+
+Measured (2-core AMD EPYC, AVX2 only, no AVX-512/bf16; quick-start 4x4x128, block 256,
+vocab 8192, 40k tokens stride 128, 50 prompts x 96 new tokens): see the issue-13 note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from generate_throughput import alternate, tiny_tokenizer  # noqa: E402
+from minigpt.config import load_params  # noqa: E402
+from minigpt.evaluate import IGNORE, one_cpu_thread, sliding_window_nll, window_plan  # noqa: E402
+from minigpt.model import GPT, GPTConfig  # noqa: E402
+from minigpt.sample import generate, greedy_batch  # noqa: E402
+
+
+def hf_nll(model, tokens: np.ndarray, block: int, stride: int, batch: int) -> float:
+    """HF's sliding-window recipe over our window plan (targets -100 where already scored)."""
+    plan = window_plan(len(tokens) - 1, block, stride)
+    offsets, total = np.arange(block + 1), 0.0
+    with torch.inference_mode():
+        for i in range(0, len(plan), batch):
+            chunk = plan[i : i + batch]
+            xy = torch.from_numpy(np.stack([tokens[b + offsets] for b, _ in chunk]).astype(np.int64))
+            x, y = xy[:, :-1], xy[:, 1:].clone()
+            for r, (_, first) in enumerate(chunk):
+                y[r, :first] = IGNORE  # scored by an earlier window
+            logits = model(x).logits.float()  # HF computes every position's logits
+            total += float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE, reduction="sum"))
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=40000, help="targets scored by the LM pass")
+    ap.add_argument("--prompts", type=int, default=50)
+    ap.add_argument("--new", type=int, default=96, help="new tokens per answer")
+    ap.add_argument("--stride", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", type=Path, help="a trained model directory (default: random init)")
+    ap.add_argument("--test", type=Path, help="a token file (default: random tokens)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    if args.model:
+        from minigpt.checkpoint import load_model
+
+        model = load_model(args.model, torch.device("cpu"))[0]
+    else:
+        shape = load_params(ROOT / "params.yaml").model
+        model = GPT(GPTConfig.from_params(shape, 8192))
+    model.eval()
+    c = model.config
+    rng = np.random.default_rng(0)
+    if args.test:
+        from minigpt.encode import read_tokens
+
+        tokens = np.asarray(read_tokens(args.test)[: args.tokens + 1])
+    else:
+        tokens = rng.integers(0, c.vocab_size, args.tokens + 1).astype(np.uint16)
+    budget = c.block_size - args.new
+    prompts = [rng.integers(1, c.vocab_size, int(n)).tolist()
+               for n in rng.integers(budget // 4, budget + 1, args.prompts)]
+    print(f"model {c.n_layer}x{c.n_head}x{c.n_embd} block {c.block_size} vocab {c.vocab_size}, "
+          f"{args.tokens:,} tokens stride {args.stride}, {args.prompts} prompts x {args.new} new, "
+          f"torch threads {torch.get_num_threads()}")
+
+    def before_gen():
+        with one_cpu_thread(torch.device("cpu")):
+            return [generate(model, p, args.new, temperature=0.0) for p in prompts]
+
+    lm = {"minigpt": lambda: sliding_window_nll(model, tokens, c.block_size, args.stride, 1024 // c.block_size)[0],
+          "before": lambda: sliding_window_nll(model, tokens, c.block_size, args.stride, 32, workers=1)[0]}
+    gen = {"minigpt": lambda: greedy_batch(model, prompts, args.new),
+           "before": before_gen}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            from transformers import AutoModelForCausalLM
+            from transformers.utils import logging
+
+            from minigpt.export import export_hf
+
+            logging.set_verbosity_error()
+            ckpt = Path(tmp) / "ckpt"
+            ckpt.mkdir()
+            tiny_tokenizer(ckpt / "tokenizer.json")
+            export_hf(model, ckpt / "tokenizer.json", Path(tmp) / "hf", chat_template=None, eos_id=0, pad_id=None)
+            hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", torch_dtype=torch.float32).eval()
+
+            def hf_gen():
+                out = []
+                with torch.inference_mode():
+                    for p in prompts:
+                        ids = torch.tensor([p])
+                        g = hf.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new,
+                                        do_sample=False, use_cache=True, pad_token_id=0)
+                        out.append(g[0, len(p):].tolist())
+                return out
+
+            lm["transformers"] = lambda: hf_nll(hf, tokens, c.block_size, args.stride, 32)
+            gen["transformers"] = hf_gen
+        except ImportError as e:
+            print(f"transformers side skipped ({e})")
+        for name, fns in (("perplexity pass", lm), ("greedy answers", gen)):
+            wall, cpu, outs = alternate(fns, args.repeats)
+            print(f"{name}: " + ", ".join(f"{k} {wall[k]:.2f}s ({cpu[k]:.2f} CPU-s)" for k in fns))
+            for k in fns:
+                if k == "minigpt":
+                    continue
+                if name == "perplexity pass":
+                    agree = f"NLL rel. diff {abs(outs[k] - outs['minigpt']) / abs(outs[k]):.1e}"
+                else:
+                    agree = f"same tokens: {outs[k] == outs['minigpt']}"
+                print(f"  vs {k}: ratio {wall[k] / wall['minigpt']:.2f}x ({agree})")
+
+
+if __name__ == "__main__":
+    main()
