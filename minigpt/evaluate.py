@@ -39,7 +39,7 @@ Design choices (and why)
   [0, 100] (`sacrebleu` corpus scores, default tokenization).
 - Speed on CPU: windows go through one worker thread per core, each on one intra-op thread
   (`summed_batches`; the ops of a 1,024-token batch are too small to share two threads well), and
-  the test answers are decoded as one ragged batch (`sample.greedy_batch`), one intra-op thread.
+  the test answers are decoded as one ragged batch (`sample.greedy_batch`).
   The sliding window is ~700k token-forwards per model on the quick start and dominates; a larger
   `eval.stride` or an `eval.max_tokens` cap trades context or coverage for time. Measured with
   `python bench/eval_throughput.py` (numbers in its docstring).
@@ -51,7 +51,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -63,7 +63,7 @@ from tqdm import tqdm
 from minigpt.template import encode_prompt, truncate_example
 from minigpt.config import EvalConfig
 from minigpt.encode import read_meta, read_sft, read_tokens
-from minigpt.runtime import DeviceError, autocast, eval_dtype, resolve_device
+from minigpt.runtime import DeviceError, autocast, eval_dtype, one_cpu_thread, resolve_device
 from minigpt.sample import greedy_batch
 from minigpt.scores import echo_baseline, text_scores
 from minigpt.model import IGNORE
@@ -278,24 +278,6 @@ def answer_text(tok, new: Sequence[int]) -> str:
     return decode(tok, new).strip()
 
 
-@contextmanager
-def one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Decode on one intra-op thread on CPU, restoring the setting afterwards.
-
-    A decode step is a few hundred tiny ops; with two threads each parallel region (attention,
-    small matmuls) waits for both to be scheduled. Measured on the 2-core dev box with other
-    work running: 64 ms/token with 2 threads, 10.5 ms/token with 1 (4x256 model, 160-token prompt)."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def greedy_answers(model: Callable, tok, prompts: Sequence[tuple[str, str]],
                    max_new_tokens: int) -> list[str]:
     """Greedy answers to (instruction, context) prompts in the chat template, decoded as one
@@ -303,7 +285,7 @@ def greedy_answers(model: Callable, tok, prompts: Sequence[tuple[str, str]],
     budget = prompt_budget(model.config.block_size, max_new_tokens)
     ids = [fit_prompt(encode_prompt(tok, instruction, context), budget) for instruction, context in prompts]
     device = model.tok_emb.weight.device
-    with one_cpu_thread(device), autocast(device, eval_dtype(device)):
+    with autocast(device, eval_dtype(device)):
         new = greedy_batch(model, ids, max_new_tokens, stop_ids=[EOT_ID])
     return [answer_text(tok, n) for n in new]
 

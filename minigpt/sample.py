@@ -4,7 +4,8 @@ Design choices
 - One prefill of the prompt, then one token per step through the model's preallocated `KVCache`:
   at this model size a decode step is bound by per-step Python/dispatch overhead, not by FLOPs or
   bandwidth, so the loop does as little as possible per token: no re-allocation, no sort when
-  greedy, the sampled token fed back as a tensor, one host sync (`.tolist()`) per token.
+  greedy, the sampled token fed back as a tensor, one host sync (`.tolist()`) per token, and on
+  CPU one intra-op thread (`runtime.one_cpu_thread`: two threads are slower on such small ops).
 - `generate_batch` draws N samples of one prompt as one batch: the prompt is prefilled once and
   its keys/values copied to every row; a step for N rows reads the weights once, like a step for
   one (bench/generate_throughput.py --num_samples 8, seed config, 2-core AVX2 EPYC: 8 samples
@@ -30,6 +31,8 @@ from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
+
+from minigpt.runtime import one_cpu_thread
 
 KEEP_FRACTION = 0.75  # of block_size, kept when the window slides
 
@@ -140,46 +143,47 @@ def generate_batch(model, ids: list[int], max_new_tokens: int, num_samples: int,
     was_training = model.training
     model.eval()
     try:
-        prompt = history[0] if len(history[0]) <= block else slide(history[0])
-        cache = model.new_cache(B, device=device)
-        one = cache if B == 1 else model.new_cache(1, device=device)
-        logits, _ = model(torch.tensor([prompt], device=device), cache=one)
-        if B > 1:  # the prompt's keys/values, once, for every row
-            cache.kv[:, :, :, : one.pos] = one.kv[:, :, :, : one.pos]
-            cache.pos = one.pos
-            logits = logits.expand(B, -1, -1)
-        out: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        while True:
-            x = logits[:, -1].float()
-            if penalize:
-                x = apply_repetition_penalty(x, seen, repetition_penalty)
-            if greedy:
-                nxt = x.argmax(-1, keepdim=True)
-            else:
-                x = x / temperature
-                if top_k is not None:
-                    x = filter_top_k(x, top_k)
-                if top_p is not None:
-                    x = filter_top_p(x, top_p)
-                nxt = torch.multinomial(x.softmax(-1), 1, generator=generator)
-            tokens = nxt.view(-1).tolist()  # the one host sync per step
-            for r, token in enumerate(tokens):
-                history[r].append(token)  # stopped rows too: every row keeps the same length
-                if not done[r]:
-                    out[r].append(token)
-                    done[r] = token in stop or len(out[r]) == max_new_tokens
-            if on_token is not None:
-                on_token(tokens[0])
-            if all(done):
-                return out
-            if penalize:
-                seen.scatter_(1, nxt, True)
-            if cache.pos < block:
-                logits, _ = model(nxt, cache=cache)
-            else:  # window full: re-prefill the most recent tokens (rows have equal lengths)
-                cache.reset()
-                logits, _ = model(torch.tensor([slide(h) for h in history], device=device), cache=cache)
+        with one_cpu_thread(device):  # decode steps are dispatch-bound: one thread (runtime)
+            prompt = history[0] if len(history[0]) <= block else slide(history[0])
+            cache = model.new_cache(B, device=device)
+            one = cache if B == 1 else model.new_cache(1, device=device)
+            logits, _ = model(torch.tensor([prompt], device=device), cache=one)
+            if B > 1:  # the prompt's keys/values, once, for every row
+                cache.kv[:, :, :, : one.pos] = one.kv[:, :, :, : one.pos]
+                cache.pos = one.pos
+                logits = logits.expand(B, -1, -1)
+            out: list[list[int]] = [[] for _ in range(B)]
+            done = [False] * B
+            while True:
+                x = logits[:, -1].float()
+                if penalize:
+                    x = apply_repetition_penalty(x, seen, repetition_penalty)
+                if greedy:
+                    nxt = x.argmax(-1, keepdim=True)
+                else:
+                    x = x / temperature
+                    if top_k is not None:
+                        x = filter_top_k(x, top_k)
+                    if top_p is not None:
+                        x = filter_top_p(x, top_p)
+                    nxt = torch.multinomial(x.softmax(-1), 1, generator=generator)
+                tokens = nxt.view(-1).tolist()  # the one host sync per step
+                for r, token in enumerate(tokens):
+                    history[r].append(token)  # stopped rows too: every row keeps the same length
+                    if not done[r]:
+                        out[r].append(token)
+                        done[r] = token in stop or len(out[r]) == max_new_tokens
+                if on_token is not None:
+                    on_token(tokens[0])
+                if all(done):
+                    return out
+                if penalize:
+                    seen.scatter_(1, nxt, True)
+                if cache.pos < block:
+                    logits, _ = model(nxt, cache=cache)
+                else:  # window full: re-prefill the most recent tokens (rows have equal lengths)
+                    cache.reset()
+                    logits, _ = model(torch.tensor([slide(h) for h in history], device=device), cache=cache)
     finally:
         model.train(was_training)
 
@@ -206,31 +210,32 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int,
     was_training = model.training
     model.eval()
     try:
-        cache, one = model.new_cache(len(rows), device=device), model.new_cache(1, device=device)
-        firsts = []
-        for r, i in enumerate(rows):  # prefill alone: the same numbers as `generate`
-            one.reset()
-            logits, _ = model(torch.tensor([prompts[i]], device=device), cache=one)
-            cache.kv[:, r, :, : one.pos] = one.kv[:, 0, :, : one.pos]
-            firsts.append(logits[:, -1])
-        nxt = torch.cat(firsts).float().argmax(-1, keepdim=True)
-        lengths = [len(prompts[i]) for i in rows]
-        while True:
-            keep = []
-            for r, token in enumerate(nxt.view(-1).tolist()):  # the one host sync per step
-                out[rows[r]].append(token)
-                if not (token in stop or len(out[rows[r]]) == max_new_tokens):
-                    keep.append(r)
-            if not keep:
-                return out
-            if len(keep) < len(rows):  # finished rows leave the batch
-                index = torch.tensor(keep, device=device)
-                cache.kv, nxt = cache.kv.index_select(1, index), nxt[index]
-                rows, lengths = [rows[r] for r in keep], [lengths[r] for r in keep]
-            cache.lengths = torch.tensor(lengths, device=device)
-            cache.pos = max(lengths)
-            logits, _ = model(nxt, cache=cache)
-            lengths = [n + 1 for n in lengths]
-            nxt = logits[:, -1].float().argmax(-1, keepdim=True)
+        with one_cpu_thread(device):  # decode steps are dispatch-bound: one thread (runtime)
+            cache, one = model.new_cache(len(rows), device=device), model.new_cache(1, device=device)
+            firsts = []
+            for r, i in enumerate(rows):  # prefill alone: the same numbers as `generate`
+                one.reset()
+                logits, _ = model(torch.tensor([prompts[i]], device=device), cache=one)
+                cache.kv[:, r, :, : one.pos] = one.kv[:, 0, :, : one.pos]
+                firsts.append(logits[:, -1])
+            nxt = torch.cat(firsts).float().argmax(-1, keepdim=True)
+            lengths = [len(prompts[i]) for i in rows]
+            while True:
+                keep = []
+                for r, token in enumerate(nxt.view(-1).tolist()):  # the one host sync per step
+                    out[rows[r]].append(token)
+                    if not (token in stop or len(out[rows[r]]) == max_new_tokens):
+                        keep.append(r)
+                if not keep:
+                    return out
+                if len(keep) < len(rows):  # finished rows leave the batch
+                    index = torch.tensor(keep, device=device)
+                    cache.kv, nxt = cache.kv.index_select(1, index), nxt[index]
+                    rows, lengths = [rows[r] for r in keep], [lengths[r] for r in keep]
+                cache.lengths = torch.tensor(lengths, device=device)
+                cache.pos = max(lengths)
+                logits, _ = model(nxt, cache=cache)
+                lengths = [n + 1 for n in lengths]
+                nxt = logits[:, -1].float().argmax(-1, keepdim=True)
     finally:
         model.train(was_training)
