@@ -52,9 +52,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
-# atomic_save, atomic_write_bytes and sha256_file are imported for the callers that know them here
-from minigpt.files import (atomic_directory, atomic_save, atomic_write_bytes,  # noqa: F401
-                           atomic_write_json, fsync_dir, fsync_file, public, sha256_file)
+from minigpt.files import (atomic_directory, atomic_write_json, fsync_dir, fsync_file, public,
+                           sha256_file)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Callable
 
 
@@ -39,3 +40,14 @@ def corpus_arg(argv: list[str] | None, script: str, corpora: tuple[str, ...]) ->
         print(f"usage: python stages/{script} {'|'.join(corpora)}", file=sys.stderr)
         return None
     return argv[0]
+
+
+def run_corpus_stage(argv: list[str] | None, script: str, corpora: tuple[str, ...],
+                     run: Callable[[str], object], summary: Callable[[str, object, float], str]) -> int:
+    """main() of a foreach stage (`python stages/SCRIPT pretrain|sft`): run(corpus), then print
+    summary(corpus, its result, wall seconds)."""
+    corpus = corpus_arg(argv, script, corpora)
+    if corpus is None:
+        return 2
+    start = time.perf_counter()
+    return run_stage(lambda: summary(corpus, run(corpus), time.perf_counter() - start))

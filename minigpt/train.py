@@ -40,8 +40,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from minigpt.checkpoint import (CheckpointError, atomic_write_bytes, load_state,
-                                lock_scratch, read_state_meta, save_model, save_state, unwrap)
+from minigpt.checkpoint import (CheckpointError, load_state, lock_scratch, read_state_meta,
+                                save_model, save_state, unwrap)
+from minigpt.files import atomic_write_bytes
 from minigpt.model import IGNORE
 from minigpt.optim import build_optimizer, lr_at, set_lr
 from minigpt.runtime import Runtime
@@ -112,7 +113,7 @@ def run_identity(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, meta: di
 
 def file_digests(paths: Iterable[str | Path]) -> dict[str, str]:
     """{path: SHA-256} of a stage's input files, for the run fingerprint (`fit(inputs=...)`)."""
-    from minigpt.checkpoint import sha256_file
+    from minigpt.files import sha256_file
 
     return {str(p): sha256_file(p) for p in paths}
 

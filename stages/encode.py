@@ -11,14 +11,13 @@ writes `data/tokens/<corpus>/` (docs/FORMATS.md) all at once or not at all. Any 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minigpt: the code DVC tracks
 
 from minigpt.config import load_params  # noqa: E402
 from minigpt.encode import CORPORA, TokenStats, encode_corpus, set_threads  # noqa: E402
-from minigpt.stage import corpus_arg, run_stage  # noqa: E402
+from minigpt.stage import run_corpus_stage  # noqa: E402
 
 TOKENIZER = Path("data/tokenizer/tokenizer.json")
 PROCESSED = Path("data/processed")
@@ -42,11 +41,7 @@ def summary(corpus: str, stats: list[TokenStats], seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    corpus = corpus_arg(argv, "encode.py", CORPORA)
-    if corpus is None:
-        return 2
-    start = time.perf_counter()
-    return run_stage(lambda: summary(corpus, run(corpus), time.perf_counter() - start))
+    return run_corpus_stage(argv, "encode.py", CORPORA, run, summary)
 
 
 if __name__ == "__main__":

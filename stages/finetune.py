@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from minigpt import sft  # noqa: E402
 from minigpt.template import TEMPLATE_NAME  # noqa: E402
-from minigpt.checkpoint import atomic_write_json, load_model, sha256_file  # noqa: E402
+from minigpt.checkpoint import load_model  # noqa: E402
+from minigpt.files import atomic_write_json, sha256_file  # noqa: E402
 from minigpt.config import load_params  # noqa: E402
 from minigpt.encode import read_meta  # noqa: E402
 from minigpt.finetune import check_tokenizer, data_report, with_dropout  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minigpt: the code DVC tracks
 
-from minigpt.checkpoint import atomic_write_json  # noqa: E402
+from minigpt.files import atomic_write_json  # noqa: E402
 from minigpt.config import load_params  # noqa: E402
 from minigpt.encode import check_tokenizer_hash, read_meta  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402

@@ -11,7 +11,6 @@ MINIGPT_DEBUG=1 to get the traceback instead.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minigpt: the code DVC tracks
@@ -19,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from minigpt.config import load_params  # noqa: E402
 from minigpt.data import process_pretrain, process_sft  # noqa: E402
 from minigpt.sources import SPLITS  # noqa: E402
-from minigpt.stage import corpus_arg, run_stage  # noqa: E402
+from minigpt.stage import run_corpus_stage  # noqa: E402
 
 CORPORA = ("pretrain", "sft")
 OUT_ROOT = Path("data/processed")
@@ -41,11 +40,7 @@ def summary(corpus: str, stats: dict, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    corpus = corpus_arg(argv, "process.py", CORPORA)
-    if corpus is None:
-        return 2
-    start = time.perf_counter()
-    return run_stage(lambda: summary(corpus, run(corpus), time.perf_counter() - start))
+    return run_corpus_stage(argv, "process.py", CORPORA, run, summary)
 
 
 if __name__ == "__main__":

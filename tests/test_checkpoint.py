@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from minigpt import checkpoint as ck
+from minigpt import files
 from minigpt.checkpoint import CheckpointError
 from minigpt.model import GPT, GPTConfig
 from minigpt.optim import adamw
@@ -58,22 +59,22 @@ def meta_for(tokenizer_file: Path) -> dict:
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
     path = tmp_path / "f.json"
-    ck.atomic_write_bytes(path, b"one")
-    ck.atomic_write_bytes(path, b"two")
+    files.atomic_write_bytes(path, b"one")
+    files.atomic_write_bytes(path, b"two")
     assert path.read_bytes() == b"two"
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
 
 def test_atomic_save_failure_keeps_old_file(tmp_path):
     path = tmp_path / "f.bin"
-    ck.atomic_write_bytes(path, b"old")
+    files.atomic_write_bytes(path, b"old")
 
     def broken(tmp: Path) -> None:
         tmp.write_bytes(b"half")
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        ck.atomic_save(path, broken)
+        files.atomic_save(path, broken)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
