@@ -171,9 +171,9 @@ class ModelConfig:
 
     n_layer: int = 4
     """Transformer blocks."""
-    n_head: int = 4
+    n_head: int = 2
     """Attention heads; must divide n_embd."""
-    n_embd: int = 128
+    n_embd: int = 64
     """Residual stream width."""
     block_size: int = 256
     """Context length in tokens."""
@@ -216,7 +216,7 @@ class TrainConfig:
     """Sequences per micro-batch per process."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    max_steps: int = 200
+    max_steps: int = 350
     """Optimizer steps to train for (the budget)."""
     lr: float = 3e-3
     """Peak learning rate (AdamW's; with optimizer muon, that of the embedding/head and norms)."""
@@ -242,11 +242,11 @@ class TrainConfig:
     """AdamW beta2."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
-    eval_interval: int = 50
+    eval_interval: int = 70
     """Steps between validation-loss evaluations (and at the end)."""
     eval_batches: int = 10
     """Validation batches per evaluation."""
-    save_interval: int = 100
+    save_interval: int = 175
     """Steps between resumable checkpoints (and at the end)."""
     log_interval: int = 10
     """Steps between log lines."""
@@ -292,6 +292,7 @@ class FinetuneConfig(TrainConfig):
     schedule: str = "cosine"  # fine-tuning keeps the pre-issue-14 recipe (not benchmarked)
     optimizer: str = "adamw"
     eval_interval: int = 25
+    save_interval: int = 100
     dropout: float = 0.1
     """Dropout during fine-tuning (overrides the pre-trained model's)."""
     patience: int = 4

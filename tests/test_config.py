@@ -31,7 +31,7 @@ def _with(section: str, key: str, value):
     ("process.pretrain", "validation_fraction", -0.1, "process.pretrain.validation_fraction"),
     ("process.sft", "test_fraction", 0.96, "must sum to less than 1"),
     ("model", "block_size", 4, "model.block_size"),
-    ("model", "n_head", 3, "model.n_embd: must be divisible by n_head=3"),
+    ("model", "n_head", 5, "model.n_embd: must be divisible by n_head=5"),
     ("model", "dropout", 1.5, "model.dropout"),
     ("pretrain", "lr", 0, "pretrain.lr"),
     ("pretrain", "dtype", "fp8", "pretrain.dtype"),
