@@ -285,7 +285,7 @@ class TrainConfig:
 class FinetuneConfig(TrainConfig):
     """`finetune`: instruction tuning; the training loop's knobs plus SFT-specific ones."""
 
-    lr: float = 3e-4
+    lr: float = 1e-3
     max_steps: int = 100
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1

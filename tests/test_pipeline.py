@@ -37,7 +37,7 @@ TINY_PARAMS = {
     "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
     "pretrain": {"device": "cpu", "batch_size": 4, "max_steps": 6, "warmup_steps": 2,
                  "eval_interval": 3, "eval_batches": 2, "save_interval": 3, "log_interval": 2},
-    "finetune": {"device": "cpu", "batch_size": 4, "max_steps": 4, "warmup_steps": 1,
+    "finetune": {"device": "cpu", "batch_size": 4, "max_steps": 4, "warmup_steps": 1, "lr": 0.0003,
                  "eval_interval": 2, "eval_batches": 2, "save_interval": 2, "log_interval": 2},
     "eval": {"device": "cpu", "stride": 16, "max_tokens": 2000, "generate_examples": 2,
              "max_new_tokens": 8, "prompts": ["What is the capital of France?"]},
