@@ -44,6 +44,9 @@ from minigpt.evaluate import IGNORE, sliding_window_nll, window_plan  # noqa: E4
 from minigpt.runtime import one_cpu_thread  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.sample import generate, greedy_batch  # noqa: E402
+from minigpt.tokenizer import EOT, SPECIAL_TOKENS  # noqa: E402
+
+EOT_ID = SPECIAL_TOKENS.index(EOT)  # every side stops there, as the eval stage does
 
 
 def hf_nll(model, tokens: np.ndarray, block: int, stride: int, batch: int) -> float:
@@ -99,11 +102,11 @@ def main() -> None:
 
     def before_gen():
         with one_cpu_thread(torch.device("cpu")):
-            return [generate(model, p, args.new, temperature=0.0) for p in prompts]
+            return [generate(model, p, args.new, temperature=0.0, stop_ids=[EOT_ID]) for p in prompts]
 
     lm = {"minigpt": lambda: sliding_window_nll(model, tokens, c.block_size, args.stride, 1024 // c.block_size)[0],
           "before": lambda: sliding_window_nll(model, tokens, c.block_size, args.stride, 32, workers=1)[0]}
-    gen = {"minigpt": lambda: greedy_batch(model, prompts, args.new),
+    gen = {"minigpt": lambda: greedy_batch(model, prompts, args.new, stop_ids=[EOT_ID]),
            "before": before_gen}
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -116,7 +119,7 @@ def main() -> None:
             ckpt = Path(tmp) / "ckpt"
             ckpt.mkdir()
             tiny_tokenizer(ckpt / "tokenizer.json")
-            export_hf(model, ckpt / "tokenizer.json", Path(tmp) / "hf", chat_template=None, eos_id=0, pad_id=None)
+            export_hf(model, ckpt / "tokenizer.json", Path(tmp) / "hf", chat_template=None, eos_id=EOT_ID, pad_id=None)
             hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", torch_dtype=torch.float32).eval()
 
             def hf_gen():
@@ -124,8 +127,8 @@ def main() -> None:
                 with torch.inference_mode():
                     for p in prompts:
                         ids = torch.tensor([p])
-                        g = hf.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new,
-                                        do_sample=False, use_cache=True, pad_token_id=0)
+                        g = hf.generate(ids, max_new_tokens=args.new, do_sample=False, use_cache=True,
+                                        eos_token_id=EOT_ID, pad_token_id=EOT_ID)
                         out.append(g[0, len(p):].tolist())
                 return out
 
