@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from minigpt.export import export_hf  # noqa: E402
+from minigpt.runtime import cpu_has_bf16  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.sample import generate, generate_batch  # noqa: E402
 
@@ -52,15 +53,6 @@ def tiny_tokenizer(path: Path) -> None:
                             trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.save(str(path))
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: without them CPU bf16 matmuls are emulated and far slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def alternate(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
@@ -109,7 +101,7 @@ def main() -> None:
     x = torch.tensor([prompt])
     print(f"{L} layers, {H} heads, {C} wide, vocab {V}; batch 1, prompt {args.prompt}, "
           f"{args.new} new tokens, {torch.get_num_threads()} threads")
-    dtypes = args.dtypes if args.dtypes != "auto" else "fp32,bf16" if cpu_has_fast_bf16() else "fp32"
+    dtypes = args.dtypes if args.dtypes != "auto" else "fp32,bf16" if cpu_has_bf16() else "fp32"
     for name in dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
         ours.to(dtype)

@@ -400,10 +400,11 @@ def evaluate_model(model: Callable, tok, data: EvalData, cfg: EvalConfig, device
     metrics["sft"] = evaluate_sft_loss(model, data, device)
     seconds["sft"], start = time.perf_counter() - start, time.perf_counter()
     questions = [(q["instruction"], q["context"]) for q in data.questions]
-    answers = greedy_answers(model, tok, questions, cfg.max_new_tokens)
+    # the test questions and the fixed prompts in one batch
+    replies = greedy_answers(model, tok, questions + [(p, "") for p in cfg.prompts], cfg.max_new_tokens)
+    answers, samples = replies[: len(questions)], replies[len(questions) :]
     if answers:
         metrics["gen"] = text_scores(answers, [q["response"] for q in data.questions])
-    samples = greedy_answers(model, tok, [(p, "") for p in cfg.prompts], cfg.max_new_tokens)
     seconds["generate"] = time.perf_counter() - start
     return metrics, answers, samples
 

@@ -202,8 +202,9 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int,
     block, stop = model.config.block_size, set(int(s) for s in stop_ids)
     out: list[list[int]] = [[] for _ in prompts]
     rows = [i for i, p in enumerate(prompts) if len(p) + max_new_tokens <= block]
-    for i in sorted(set(range(len(prompts))) - set(rows)):
-        out[i] = generate(model, prompts[i], max_new_tokens, temperature=0.0, stop_ids=stop)
+    for i, p in enumerate(prompts):
+        if len(p) + max_new_tokens > block:
+            out[i] = generate(model, p, max_new_tokens, temperature=0.0, stop_ids=stop)
     if not rows or max_new_tokens == 0:
         return out
     device = model.tok_emb.weight.device
@@ -219,7 +220,8 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int,
                 cache.kv[:, r, :, : one.pos] = one.kv[:, 0, :, : one.pos]
                 firsts.append(logits[:, -1])
             nxt = torch.cat(firsts).float().argmax(-1, keepdim=True)
-            lengths = [len(prompts[i]) for i in rows]
+            cache.lengths = torch.tensor([len(prompts[i]) for i in rows], device=device)
+            cache.pos = max(len(prompts[i]) for i in rows)  # the model advances both per step
             while True:
                 keep = []
                 for r, token in enumerate(nxt.view(-1).tolist()):  # the one host sync per step
@@ -230,12 +232,12 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int,
                     return out
                 if len(keep) < len(rows):  # finished rows leave the batch
                     index = torch.tensor(keep, device=device)
-                    cache.kv, nxt = cache.kv.index_select(1, index), nxt[index]
-                    rows, lengths = [rows[r] for r in keep], [lengths[r] for r in keep]
-                cache.lengths = torch.tensor(lengths, device=device)
-                cache.pos = max(lengths)
+                    cache.kv, cache.lengths, nxt = (cache.kv.index_select(1, index),
+                                                    cache.lengths[index], nxt[index])
+                    rows = [rows[r] for r in keep]
+                    # a row's cache holds its prompt and all its tokens but the newest
+                    cache.pos = max(len(prompts[i]) + len(out[i]) - 1 for i in rows)
                 logits, _ = model(nxt, cache=cache)
-                lengths = [n + 1 for n in lengths]
                 nxt = logits[:, -1].float().argmax(-1, keepdim=True)
     finally:
         model.train(was_training)

@@ -205,15 +205,15 @@ class _Run:
     flops_per_token: float = 0.0
 
 
-def _save(run: _Run, ckpt_dir: Path, curves_dir: Path) -> None:
-    """Commit a resumable checkpoint (rank 0 writes; every rank contributes RNG/data state)."""
+def _save(run: _Run, ckpt_dir: Path) -> None:
+    """Commit a resumable checkpoint (rank 0 writes; every rank contributes RNG/data state).
+    The curves need no write here: the loop rewrites them whenever a row is added."""
     rngs, data = _gather(_rng_state(run.rt), run.rt), _gather(run.source.state_dict(), run.rt)
     if not run.rt.is_main:
         return
     state = {"step": run.h.step, "history": dataclasses.asdict(run.h), "rng": rngs, "data": data}
     extra = {BEST_FILE: run.best} if run.best is not None else None
     save_state(ckpt_dir, run.raw, run.optimizer, state, run.identity, extra)
-    _write_curves(run, curves_dir)
 
 
 def _write_curves(run: _Run, curves_dir: Path) -> None:
@@ -441,7 +441,7 @@ def _loop(run: _Run, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience
         if h.step % cfg.save_interval == 0 or last or h.stopped_early:
             h.wall_time += time.perf_counter() - start
             start = time.perf_counter()
-            _save(run, ckpt_dir, curves_dir)
+            _save(run, ckpt_dir)
             last_saved = h.step
     bar.close()  # the last step (and an early stop) always saves: nothing is left to write
     h.wall_time += time.perf_counter() - start

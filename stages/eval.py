@@ -15,14 +15,13 @@ and exit status 2; MINIGPT_DEBUG=1 shows the traceback instead.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minigpt: the code DVC tracks
 
-from minigpt.files import atomic_write_bytes  # noqa: E402
+from minigpt.files import atomic_write_json  # noqa: E402
 from minigpt.config import load_params  # noqa: E402
 from minigpt.evaluate import run_eval  # noqa: E402
 from minigpt.stage import run_stage  # noqa: E402
@@ -32,12 +31,6 @@ TOKENS = Path("data/tokens")
 PROCESSED = Path("data/processed")
 METRICS = Path("metrics/eval.json")
 SAMPLES = Path("metrics/samples.json")
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"  # readable diffs, UTF-8 as is
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def summary(m: dict, phases: dict, seconds: float) -> str:
@@ -62,8 +55,9 @@ def run(start: float) -> str:
     cfg = load_params().eval
     phases: dict = {}
     metrics, samples = run_eval(cfg, MODELS, TOKENS, PROCESSED, phases)
-    write_json(METRICS, metrics)
-    write_json(SAMPLES, samples)
+    METRICS.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(METRICS, metrics)  # pretty-printed: readable `git diff`s
+    atomic_write_json(SAMPLES, samples)
     return summary(metrics, phases, time.perf_counter() - start)
 
 
