@@ -17,6 +17,10 @@ Design choices (and why)
   in chunks, computing logits, loss and both gradients while a chunk is still in cache, in the
   autocast dtype for matmuls and fp32 for the softmax. At vocab 30k the LM head is half the FLOPs
   and its logits are the largest activation, so this is the biggest single speed and memory win.
+  Inside a chunk the softmax runs in fp32 blocks of SOFTMAX_LOGITS and writes the gradient back
+  over the chunk's (bf16) logits: full-chunk fp32 temporaries (67 MB each) cost more in page
+  faults and cache misses than the math (seed config, bf16, Zen 5: the loss went from 975 to
+  ~600 ms per 2,048 rows; `python bench/train_throughput.py --dtype bf16 --profile`).
   Rows whose target is -100 (SFT prompts, padding) are skipped before the head, not after.
   That is the CPU path; on a GPU, launch overhead dominates at this size, so the plain fused
   cross-entropy over full logits is used instead (and compiles without graph breaks).
@@ -47,6 +51,7 @@ from minigpt.config import head_size_problem
 if TYPE_CHECKING:
     from minigpt.config import ModelConfig
 
+SOFTMAX_LOGITS = 2**21  # fp32 logits per softmax block of the chunked loss (8 MB: in cache)
 IGNORE = -100  # the targets' "not a target" id (cross-entropy ignore_index): SFT prompts, padding
 
 
@@ -223,42 +228,49 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Mean CE of (h @ w.T) against targets (-100 = ignored), chunked over rows; the gradients are
     computed in forward while each chunk's logits are hot, so backward only scales them.
 
-    Never holds more than `chunk` rows of logits. Matmuls run in `dtype` (bf16 under autocast),
-    softmax and loss in fp32."""
+    Never holds more than `chunk` rows of logits, in `dtype` (bf16 under autocast): the matmuls
+    run in it, the softmax walks the chunk `rows` at a time in fp32 (cache-sized) and writes the
+    gradient back over the logits, so no full-size fp32 copy or temporary is ever made."""
 
     @staticmethod
-    def forward(ctx, h, w, targets, dtype, chunk):
+    def forward(ctx, h, w, targets, dtype, chunk, rows):
         hc, wc = h.to(dtype), w.to(dtype)  # cast the (vocab, C) matrix once, not per chunk
         valid = targets != IGNORE
-        n = valid.sum().clamp(min=1)  # a tensor: no host sync
+        n = valid.sum()
+        scale = (valid / n.clamp(min=1))[:, None]  # fp32: applied to the small (rows, C) side
+        dense = not torch.compiler.is_compiling() and bool(valid.all())
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(hc)
+        grad_h = torch.empty_like(h)
         grad_w = None  # fp32 accumulator, created by the first chunk's product
+        logits = torch.empty(min(chunk, targets.numel()), w.shape[0], dtype=dtype, device=h.device)
         for i in range(0, targets.numel(), chunk):
-            hi, vi = hc[i : i + chunk], valid[i : i + chunk, None]
-            ti = targets[i : i + chunk, None].clamp(min=0)
-            logits = (hi @ wc.t()).float()
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            loss += ((lse - logits.gather(1, ti)) * vi).sum()
-            g = logits.sub_(lse).exp_()  # softmax, in place
-            g.scatter_add_(1, ti, torch.full_like(lse, -1.0))
-            g = g.mul_(vi / n).to(dtype)
-            grad_h[i : i + chunk] = g @ wc
+            hi, ti = hc[i : i + chunk], targets[i : i + chunk, None].clamp(min=0)
+            vi = valid[i : i + chunk, None]
+            g = torch.mm(hi, wc.t(), out=logits[: hi.shape[0]])
+            for j in range(0, g.shape[0], rows):  # softmax - onehot, in place over the logits
+                gj, tj = g[j : j + rows], ti[j : j + rows]
+                logp = torch.log_softmax(gj, dim=-1, dtype=torch.float32)
+                target = logp.gather(1, tj)
+                loss -= (target * vi[j : j + rows]).sum()
+                torch.exp(logp, out=gj)
+                gj.scatter_(1, tj, torch.expm1(target).to(dtype))  # p - 1 exactly, not in bf16
+            grad_h[i : i + chunk] = (g @ wc).to(h.dtype) * scale[i : i + chunk]
+            hi = hi if dense else hi * vi  # ignored rows (only under compile) give no gradient
             if grad_w is None:
                 grad_w = (g.t() @ hi).float()
             elif dtype == torch.float32:
                 grad_w.addmm_(g.t(), hi)
             else:  # bf16 product, fp32 accumulation across chunks
                 grad_w += g.t() @ hi
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.h_dtype, ctx.w_dtype = h.dtype, w.dtype
-        return loss / valid.sum()  # nan when every target is ignored, like F.cross_entropy
+        ctx.save_for_backward(grad_h, grad_w.mul_(1 / n.clamp(min=1)))
+        ctx.w_dtype = w.dtype
+        return loss / n  # nan when every target is ignored, like F.cross_entropy
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         # in place: the saved gradients are ours and used once (a second backward is an error anyway)
-        return grad_h.mul_(grad_out).to(ctx.h_dtype), grad_w.mul_(grad_out).to(ctx.w_dtype), None, None, None
+        return grad_h.mul_(grad_out), grad_w.mul_(grad_out).to(ctx.w_dtype), None, None, None, None
 
 
 def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int | None = None) -> Tensor:
@@ -268,7 +280,8 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int | Non
     chunk: rows per chunk; default ~16M logits on CPU (cache-sized, measured fastest at vocab 30k),
     ~128M on GPUs (there a few large matmuls beat many small ones)."""
     if chunk is None:
-        chunk = max(256, (2**27 if h.is_cuda else 2**24) // w.shape[0])
+        chunk = max(256, (2**27 if h.is_cuda else 2**25) // w.shape[0])
+    rows = max(1, SOFTMAX_LOGITS // w.shape[0])
     if not torch.compiler.is_compiling():  # eager: drop ignored rows before the head (SFT prompts)
         keep = targets != IGNORE
         if not bool(keep.all()) and bool(keep.any()):
@@ -276,7 +289,7 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int | Non
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
     if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
         with torch.autocast(h.device.type, enabled=False):
-            return _LinearCrossEntropy.apply(h, w, targets, dtype, chunk)
+            return _LinearCrossEntropy.apply(h, w, targets, dtype, chunk, rows)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     wc = w.to(dtype)
     if not h.is_cuda:  # no gradients to keep: smaller chunks keep the logits in cache (eval: ~1.15x)

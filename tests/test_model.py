@@ -75,10 +75,32 @@ def test_linear_cross_entropy_chunking_and_grad_scaling():
     from minigpt.model import _LinearCrossEntropy
 
     ref = F.cross_entropy(h @ w.t(), t)
-    masked = _LinearCrossEntropy.apply(h, w, t, torch.float32, 4)
+    masked = _LinearCrossEntropy.apply(h, w, t, torch.float32, 4, 3)
     torch.testing.assert_close(masked, ref)
     torch.testing.assert_close(torch.autograd.grad(masked, h)[0], torch.autograd.grad(ref, h)[0])
     torch.testing.assert_close(linear_cross_entropy(h, w, t), ref)
+
+
+def test_linear_cross_entropy_bf16_matches_autocast_cross_entropy():
+    # the bf16 path (matmuls in bf16, softmax in fp32 blocks written back over bf16 logits) against
+    # autograd through F.cross_entropy of the same bf16 logits
+    torch.manual_seed(0)
+    h = torch.randn(64, 32, requires_grad=True)
+    w = (torch.randn(300, 32) * 0.3).requires_grad_()
+    t = torch.randint(0, 300, (64,))
+    t[5] = IGNORE
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy((h @ w.t()).float(), t)
+    gh, gw = torch.autograd.grad(ref, (h, w))
+    from minigpt.model import _LinearCrossEntropy
+
+    for chunk, rows in ((64, 64), (24, 7)):
+        loss = _LinearCrossEntropy.apply(h, w, t, torch.bfloat16, chunk, rows)
+        h2, w2 = torch.autograd.grad(loss, (h, w))
+        assert loss.dtype == torch.float32 and h2.dtype == w2.dtype == torch.float32
+        torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(h2, gh, atol=2e-4, rtol=2e-2)
+        torch.testing.assert_close(w2, gw, atol=2e-4, rtol=2e-2)
 
 
 def test_bf16_autocast_loss_close_to_fp32():
