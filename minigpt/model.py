@@ -119,6 +119,7 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
         self.lengths: Tensor | None = None
+        self.weights_t: dict[nn.Module, Tensor] = {}  # (in, out) copies of the weights, CPU decoding
 
     def reset(self) -> None:
         self.pos = 0  # stale entries beyond pos are never read
@@ -146,6 +147,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.addcmul(x * cos, flipped, sin)
 
 
+def _linear(x: Tensor, lin: nn.Module, cache: KVCache | None) -> Tensor:
+    """lin(x) (a bias-free Linear, or the tied head's Embedding), through the cache's (in, out)
+    copy of the weight when it holds one."""
+    wt = cache.weights_t.get(lin) if cache is not None else None
+    return x @ wt if wt is not None else F.linear(x, lin.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -158,7 +166,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
         H = self.n_head
-        qkv = apply_rope(self.qkv(x).view(B, T, 3, H, self.head_dim), cos, sin)
+        qkv = apply_rope(_linear(x, self.qkv, cache).view(B, T, 3, H, self.head_dim), cos, sin)
         if self.qk_norm:  # RoPE is a rotation, so norming after it equals norming before
             qkv = torch.cat((F.rms_norm(qkv[:, :, :2], (self.head_dim,)), qkv[:, :, 2:]), dim=2)
         qkv = qkv.view(B, T, 3 * H, self.head_dim).transpose(1, 2)  # (B, 3H, T, hd)
@@ -187,7 +195,7 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)
         if y.dtype != dtype:
             y = y.to(dtype)
-        y = self.proj(y)
+        y = _linear(y, self.proj, cache)
         return F.dropout(y, p, True) if p > 0 else y
 
 
@@ -202,12 +210,12 @@ class MLP(nn.Module):
         self.down = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, cache: KVCache | None = None):
         if self.relu2:
-            y = self.down(F.relu(self.up(x)).square())
+            y = _linear(F.relu(_linear(x, self.up, cache)).square(), self.down, cache)
         else:
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-            y = self.down(F.silu(gate) * up)
+            gate, up = _linear(x, self.gate_up, cache).chunk(2, dim=-1)
+            y = _linear(F.silu(gate) * up, self.down, cache)
         return F.dropout(y, self.dropout, True) if self.training and self.dropout > 0 else y
 
 
@@ -221,7 +229,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, layer=0):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(self.mlp_norm(x), cache)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -355,7 +363,7 @@ class GPT(nn.Module):
             cache.pos += T
             if ragged:
                 cache.lengths += 1
-            return self._cap(F.linear(x[:, -1:], self.tok_emb.weight)), None
+            return self._cap(_linear(x[:, -1:], self.tok_emb, cache)), None
         if targets is not None and cap > 0:  # the chunked loss has no tanh: plain logits
             logits = self._cap(F.linear(x, self.tok_emb.weight).float())
             return None, F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=IGNORE)
@@ -388,14 +396,23 @@ class GPT(nn.Module):
         n = self.num_params(non_embedding=True) + c.vocab_size * c.n_embd
         return 6.0 * n + 12.0 * c.n_layer * c.n_embd * c.block_size
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None,
+                  like: KVCache | None = None) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to max_len (default block_size) tokens.
 
-        dtype defaults to the autocast dtype when autocast is on, else the weights' dtype."""
+        dtype defaults to the autocast dtype when autocast is on, else the weights' dtype. On CPU
+        in fp32 without autocast the cache also holds (in, out) copies of every matmul weight
+        (`weights_t`; shared with `like` when given) that the cached forward reads instead."""
         c, w = self.config, self.tok_emb.weight
-        device = device if device is not None else w.device
+        device = torch.device(device if device is not None else w.device)
+        autocast = torch.is_autocast_enabled(device.type)
         if dtype is None:
-            on = torch.is_autocast_enabled(torch.device(device).type)
-            dtype = torch.get_autocast_dtype(torch.device(device).type) if on else w.dtype
+            dtype = torch.get_autocast_dtype(device.type) if autocast else w.dtype
         max_len = min(max_len or c.block_size, c.block_size)
-        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, device, dtype)
+        cache = KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, device, dtype)
+        if like is not None:
+            cache.weights_t = like.weights_t
+        elif device.type == "cpu" and w.dtype == torch.float32 and not autocast:
+            cache.weights_t = {m: m.weight.detach().t().contiguous() for m in self.modules()
+                               if isinstance(m, (nn.Linear, nn.Embedding))}
+        return cache

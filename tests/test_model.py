@@ -127,6 +127,25 @@ def test_causal():
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
+def test_cpu_decode_reads_transposed_weight_copies():
+    model = tiny().eval()
+    x, _ = batch(1)
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+        assert set(cache.weights_t) == set(linears)  # every matmul weight, the tied head included
+        for m, wt in cache.weights_t.items():
+            assert wt.shape == m.weight.shape[::-1] and wt.is_contiguous()
+        assert model.new_cache(2, like=cache).weights_t is cache.weights_t  # shared, not copied
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the copies would be cast every step
+            assert model.new_cache(1).weights_t == {}
+        plain = model.new_cache(1)
+        plain.weights_t = {}
+        a = [model(x[:, :8], cache=cache)[0]] + [model(x[:, i : i + 1], cache=cache)[0] for i in range(8, 12)]
+        b = [model(x[:, :8], cache=plain)[0]] + [model(x[:, i : i + 1], cache=plain)[0] for i in range(8, 12)]
+    torch.testing.assert_close(torch.cat(a), torch.cat(b), atol=1e-5, rtol=1e-5)
+
+
 def test_kv_cache_prefill_decode_and_chunked_prefill_match_full_forward():
     model = tiny().eval()
     x, _ = batch(2)
