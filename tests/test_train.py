@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -553,3 +554,35 @@ def test_muon_matches_torch_muon():
     for p, q, s in zip(ours, ref, start):
         moved = (q - s).abs().max().item()
         assert moved > 0.01 and (p - q).abs().max().item() < 0.05 * moved  # bf16 rounding only
+
+
+_REFAULTS = """
+import resource, sys, torch
+from minigpt.model import linear_cross_entropy
+from minigpt.runtime import keep_freed_memory
+on = sys.argv[1] == "on" and keep_freed_memory()
+h = torch.randn(2048, 128, requires_grad=True)
+w = torch.randn(8192, 128, requires_grad=True)
+t = torch.randint(0, 8192, (2048,))
+def step():  # the chunked loss allocates and frees ~100 MB of logits and gradients per call
+    linear_cross_entropy(h, w, t).backward()
+    h.grad = w.grad = None
+for _ in range(2):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+print(on, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_stops_refaulting_large_tensors():
+    # with glibc's defaults every large tensor is a fresh mmap whose pages fault in again
+    faults = {}
+    for mode in ("off", "on"):
+        out = subprocess.run([sys.executable, "-c", _REFAULTS, mode], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
+        if mode == "on" and out[0] != "True":
+            pytest.skip("not glibc: mallopt unavailable")
+        faults[mode] = int(out[1])
+    assert faults["off"] > 10_000 and faults["on"] < 1_000, faults
