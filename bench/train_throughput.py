@@ -5,8 +5,8 @@
 
 Seed config by default (6 layers, 6 heads, 384 wide, block 256, vocab 30000, batch 8). "Ours" is
 `minigpt.train.train_step`, exactly what `fit` runs per optimizer step: LR set, forward under the
-runtime's autocast, backward, grad-norm clip, the loss/norm sync, AdamW step (foreach on CPU,
-fused on CUDA). "Theirs" is GPT2LMHeadModel (attn sdpa, dropout 0) with the same clip and AdamW.
+runtime's autocast, backward, grad-norm clip, the loss/norm sync, AdamW step (fused). "Theirs"
+is GPT2LMHeadModel (attn sdpa, dropout 0) with the same clip and the same fused AdamW.
 Both models step alternately, so machine noise hits both; after warm-up steps we report the median
 step time as tokens/s, MFU (each model's 6N + 12LCT FLOPs/token over the runtime's peak, see
 minigpt.runtime) and the ratio ours/theirs. `--profile` prints the top ops of one step of each.
@@ -91,8 +91,7 @@ def bench(dtype: str, args) -> dict:
     run = train._Run(raw=ours, model=torch.compile(ours) if args.compile else ours, optimizer=opt,
                      cfg=cfg, rt=rt, source=source, val=[], identity={}, h=train.History())
     their_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95),
-                                  fused=rt.device.type == "cuda" or None,
-                                  foreach=None if rt.device.type == "cuda" else True)
+                                  fused=True)  # as ours (optim.adamw) on CPU and CUDA
     their_model = torch.compile(theirs) if args.compile else theirs
     x, y = source.x.to(rt.device), source.y.to(rt.device)
     steps = {"ours": lambda: train.train_step(run),
@@ -128,7 +127,7 @@ def profile(steps: dict, rt: runtime.Runtime) -> None:
             step()
         key = "self_cuda_time_total" if rt.device.type == "cuda" else "self_cpu_time_total"
         print(f"--- {name}: top ops by self time")
-        print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=40))
+        print(prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=40))
 
 
 def main() -> None:
@@ -141,9 +140,12 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="runtime.keep_freed_memory() first, as the training stages do (both sides)")
     args = ap.parse_args()
+    kept = args.keep_freed_memory and runtime.keep_freed_memory()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, bf16 CPU instructions: "
-          f"{runtime.cpu_has_bf16()}, compile {args.compile}")
+          f"{runtime.cpu_has_bf16()}, compile {args.compile}, freed memory kept: {kept}")
     for dtype in args.dtype:
         r = bench(dtype, args)
         print(f"{r['device']} {r['dtype']}: ours {r['tok_s_ours']:,.0f} tok/s (mfu {100 * r['mfu_ours']:.1f}%, "

@@ -4,8 +4,9 @@ Design choices
 - LR: linear warm-up then cosine (or, schedule `wsd`, flat then a linear decay over the last
   decay_fraction) to lr * min_lr_ratio, a pure function of (step, cfg), so a resume needs no
   scheduler state.
-- AdamW decays matrices (linears, embedding) only, never norm gains; fused on CUDA, foreach on
-  CPU.
+- AdamW decays matrices (linears, embedding) only, never norm gains; fused on CUDA and CPU
+  (seed config on the 2-core Zen 5: 14 ms per CPU step against 46 ms for foreach), foreach
+  elsewhere.
 - Optimizer `muon`: our `Muon` (torch.optim.Muon's update, Newton-Schulz in fp32 on CPU) for the
   blocks' matrices, AdamW for embedding/head and norm gains, stepped as one optimizer
   (`MuonAdamW`); each param group's `lr_ratio` maps the one schedule onto both peaks
@@ -108,11 +109,11 @@ class MuonAdamW:
 def adamw(params, weight_decay: float, lr: float, betas, device_type: str, **group
           ) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (>= 2-D: linears, embedding) only, not on norm gains;
-    fused on CUDA, foreach elsewhere. `group` adds keys to both param groups (`lr_ratio`)."""
+    fused on CUDA and CPU, foreach elsewhere. `group` adds keys to both param groups (`lr_ratio`)."""
     params = [p for p in params if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, **group},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, **group}]
-    fused = device_type == "cuda"
+    fused = device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None,
                              foreach=None if fused else True)
 
