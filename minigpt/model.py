@@ -26,9 +26,11 @@ Design choices (and why)
   That is the CPU path; on a GPU, launch overhead dominates at this size, so the plain fused
   cross-entropy over full logits is used instead (and compiles without graph breaks).
 - KV cache (`KVCache`): one preallocated (layer, batch, k|v heads, position, head_dim) tensor
-  written in place, so decoding one token allocates nothing proportional to the context. Decoding
-  is bound by per-op dispatch at this size, so the attention is written for few ops: RoPE is a
-  flip and a multiply-add applied to q, k and v at once (identity on v), and one copy stores k|v.
+  written in place, so decoding one token allocates nothing proportional to the context. A decode
+  step is a few hundred small ops around GEMVs, so the attention is written for few ops: RoPE is
+  a flip and a multiply-add applied to q, k and v at once (identity on v), and one copy stores
+  k|v. On CPU in fp32 the cache also holds (in, out) copies of the weights (`weights_t`): MKL's
+  GEMV reads them about twice as fast as nn.Linear's (out, in) rows (bench/generate_throughput.py).
   Positions never exceed block_size; the sampler slides its window (re-prefills) instead.
   Ragged rows (`KVCache.lengths`): rows of different prompts decode together, each writing and
   reading at its own length; a mask hides the other rows' longer tails (`sample.greedy_batch`).
