@@ -316,9 +316,16 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)  # also the LM head (tied)
+        # On the meta device (checkpoint.check_weights: shapes only) only the parameters are
+        # made, uninitialised: normal_ or RoPE's math on meta costs ~1.4 s once per process (it
+        # imports torch._dynamo). Elsewhere init is unchanged, so seeds give the same weights.
+        shapes_only = torch.get_default_device().type == "meta"
+        empty = torch.empty(config.vocab_size, config.n_embd) if shapes_only else None
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd, _weight=empty)  # also the head
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        if shapes_only:  # the parameters are all there is to see
+            return
         cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # derived from config: not saved
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -105,6 +105,18 @@ def test_model_dir_round_trip_identical_logits_without_pickle(tmp_path, tokenize
     assert tok.get_vocab_size() > 256
 
 
+def test_load_model_stays_light(tmp_path, tokenizer_file):
+    # the shape check builds the model on the meta device; any init op there imports
+    # torch._dynamo (~1.4 s, most of a short `minigpt generate`), so none may run
+    out = tmp_path / "model"
+    ck.save_model(tiny(), out, tokenizer_file=tokenizer_file, meta=meta_for(tokenizer_file))
+    code = ("import sys; from minigpt.checkpoint import load_model; load_model(sys.argv[1]); "
+            "print('torch._dynamo' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1])
+    assert run.stdout.strip() == "False"
+
+
 def test_save_model_overwrites_existing_directory(tmp_path, tokenizer_file):
     out = tmp_path / "m"
     ck.save_model(tiny(0), out, tokenizer_file=tokenizer_file, meta=meta_for(tokenizer_file))
