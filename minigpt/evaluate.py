@@ -63,8 +63,7 @@ from tqdm import tqdm
 from minigpt.template import encode_prompt, truncate_example
 from minigpt.config import EvalConfig
 from minigpt.encode import read_meta, read_sft, read_tokens
-from minigpt.runtime import (DeviceError, autocast, eval_dtype, keep_freed_memory, one_cpu_thread,
-                             resolve_device)
+from minigpt.runtime import DeviceError, autocast, eval_dtype, one_cpu_thread, resolve_device
 from minigpt.sample import greedy_batch
 from minigpt.scores import echo_baseline, text_scores
 from minigpt.model import IGNORE
@@ -440,8 +439,6 @@ def run_eval(cfg: EvalConfig, model_dirs: dict[str, Path], tokens_dir: Path, pro
         device = resolve_device(cfg.device, where="eval.device")
     except DeviceError as e:
         raise EvalError(str(e)) from None
-    if device.type == "cpu":
-        keep_freed_memory()  # batches allocate the same sizes again and again (runtime)
     data = load_eval_data(tokens_dir, processed_dir, cfg.generate_examples)
     for directory in model_dirs.values():  # fail before minutes of work, not after them
         check_model(read_config(directory), data, cfg, directory)

@@ -249,7 +249,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = targets != IGNORE
         n = valid.sum()
         scale = (valid / n.clamp(min=1))[:, None]  # fp32: applied to the small (rows, C) side
-        dense = not torch.compiler.is_compiling() and bool(valid.all())
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
         grad_w = None  # fp32 accumulator, created by the first chunk's product
@@ -266,7 +265,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.exp(logp, out=gj)
                 gj.scatter_(1, tj, torch.expm1(target).to(dtype))  # p - 1 exactly, not in bf16
             grad_h[i : i + chunk] = (g @ wc).to(h.dtype) * scale[i : i + chunk]
-            hi = hi if dense else hi * vi  # ignored rows (only under compile) give no gradient
+            hi = hi * vi  # ignored rows (left in only under compile) give no gradient
             if grad_w is None:
                 grad_w = (g.t() @ hi).float()
             elif dtype == torch.float32:
@@ -316,6 +315,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        self._weights_t: tuple[list, list, dict] | None = None  # see decode_weights()
         # On the meta device (checkpoint.check_weights: shapes only) only the parameters are
         # made, uninitialised: normal_ or RoPE's math on meta costs ~1.4 s once per process (it
         # imports torch._dynamo). Elsewhere init is unchanged, so seeds give the same weights.
@@ -407,13 +407,27 @@ class GPT(nn.Module):
         n = self.num_params(non_embedding=True) + c.vocab_size * c.n_embd
         return 6.0 * n + 12.0 * c.n_layer * c.n_embd * c.block_size
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None,
-                  like: KVCache | None = None) -> KVCache:
+    def decode_weights(self) -> dict[nn.Module, Tensor]:
+        """(in, out) contiguous copies of every matmul weight (the tied head included), which CPU
+        decoding reads instead of nn.Linear's (out, in) rows. Made once (~80 ms at the seed
+        config, as long as ~25 decode steps) and remade only when a weight has been moved,
+        replaced or updated in place since (its storage or version counter changed)."""
+        mods = [m for m in self.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+        key = [(m.weight.data_ptr(), m.weight._version) for m in mods]
+        if self._weights_t is None or self._weights_t[0] != key:
+            # the key's tensors stay referenced (detach shares storage and version counter), so
+            # a replaced weight's address cannot be reused by a new one and read as unchanged
+            pinned = [m.weight.detach() for m in mods]
+            self._weights_t = (key, pinned, {m: w.t().contiguous() for m, w in zip(mods, pinned)})
+        return self._weights_t[2]
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None
+                  ) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to max_len (default block_size) tokens.
 
         dtype defaults to the autocast dtype when autocast is on, else the weights' dtype. On CPU
-        in fp32 without autocast the cache also holds (in, out) copies of every matmul weight
-        (`weights_t`; shared with `like` when given) that the cached forward reads instead."""
+        in fp32 without autocast the cache also points at `decode_weights()`, which the cached
+        forward reads instead of the weights."""
         c, w = self.config, self.tok_emb.weight
         device = torch.device(device if device is not None else w.device)
         autocast = torch.is_autocast_enabled(device.type)
@@ -421,9 +435,6 @@ class GPT(nn.Module):
             dtype = torch.get_autocast_dtype(device.type) if autocast else w.dtype
         max_len = min(max_len or c.block_size, c.block_size)
         cache = KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, device, dtype)
-        if like is not None:
-            cache.weights_t = like.weights_t
-        elif device.type == "cpu" and w.dtype == torch.float32 and not autocast:
-            cache.weights_t = {m: m.weight.detach().t().contiguous() for m in self.modules()
-                               if isinstance(m, (nn.Linear, nn.Embedding))}
+        if device.type == "cpu" and w.dtype == torch.float32 and not autocast:
+            cache.weights_t = self.decode_weights()
         return cache

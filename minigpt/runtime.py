@@ -22,10 +22,10 @@ Design choices
 - CPU memory (`keep_freed_memory`): glibc hands every allocation over 128 KB-32 MB to mmap and
   returns it on free, so each step's large tensors (logits chunks, activations, gradients) fault
   their pages in again. Measured on the 2-core Zen 5 VM: first touch runs at ~3.5 GB/s against
-  ~25 GB/s for reused memory; keeping freed memory in the heap made the eval stage 30.3 -> 27.0 s
-  and a bf16 seed-config step ~5% faster (transformers' GPT-2 step, which allocates its full
-  logits, 1.9x). Training and evaluation processes on CPU turn it on; the cost is that the
-  process keeps its peak memory.
+  ~25 GB/s for reused memory; the chunked loss faulted ~54k pages per call without it, none with
+  it, and a bf16 seed-config step ran ~10% faster (paired runs, `bench/train_throughput.py
+  --keep-freed-memory`). Training processes on CPU turn it on (the eval stage measured no gain);
+  the cost is that the process keeps its peak memory.
 - MFU = flops_per_token * tokens/s / peak. Peaks used (dense): H100/H200 989e12 bf16, 494e12 tf32;
   A100 312e12 bf16, 156e12 tf32; a Zen 5 AVX-512 core 245e9 fp32 (oneDNN), 480e9 bf16; an
   AVX2-only core 60e9 (120e9 measured on 2 cores through MKL: `python bench/train_throughput.py

@@ -2,15 +2,16 @@
 
 Design choices
 - One prefill of the prompt, then one token per step through the model's preallocated `KVCache`:
-  at this model size a decode step is bound by per-step Python/dispatch overhead, not by FLOPs or
-  bandwidth, so the loop does as little as possible per token: no re-allocation, no sort when
+  at this model size a decode step is a few GEMVs and a few hundred small ops, so the loop does
+  as little as possible per token beyond them: no re-allocation, no sort when
   greedy, the sampled token fed back as a tensor, one host sync (`.tolist()`) per token, and on
   CPU one intra-op thread (`runtime.one_cpu_thread`: two threads are slower on such small ops),
   except for bf16 weights: oneDNN's bf16 GEMV is compute-bound, so both cores pay (Zen 5 with
   AVX512-BF16, seed config: 7.8 vs 9.5 ms/token; fp32 9.2 vs 9.5).
-- On CPU in fp32 the cache carries (in, out) copies of the weights (`GPT.new_cache`): MKL's GEMV
-  over nn.Linear's (out, in) rows streams at ~9 GB/s, over (in, out) at ~17-20 (seed config,
-  Zen 5: 11.7 -> 8.4 ms/token; +1x the weights' memory while decoding).
+- On CPU in fp32 the cache reads (in, out) copies of the weights (`GPT.decode_weights`, kept on
+  the model until a weight changes): MKL's GEMV over nn.Linear's (out, in) rows streams at
+  ~9 GB/s, over (in, out) at ~17-20 (seed config, Zen 5: 11.7 -> 8.4 ms/token; the copies cost
+  the weights' memory once more).
 - `generate_batch` draws N samples of one prompt as one batch: the prompt is prefilled once and
   its keys/values copied to every row; a step for N rows reads the weights once, like a step for
   one (bench/generate_throughput.py --num_samples 8, seed config, 2-core AVX2 EPYC: 8 samples
@@ -158,7 +159,7 @@ def generate_batch(model, ids: list[int], max_new_tokens: int, num_samples: int,
         with _decode_threads(model):
             prompt = history[0] if len(history[0]) <= block else slide(history[0])
             cache = model.new_cache(B, device=device)
-            one = cache if B == 1 else model.new_cache(1, device=device, like=cache)
+            one = cache if B == 1 else model.new_cache(1, device=device)
             logits, _ = model(torch.tensor([prompt], device=device), cache=one)
             if B > 1:  # the prompt's keys/values, once, for every row
                 cache.kv[:, :, :, : one.pos] = one.kv[:, :, :, : one.pos]
@@ -225,7 +226,7 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int,
     try:
         with _decode_threads(model):
             cache = model.new_cache(len(rows), device=device)
-            one = model.new_cache(1, device=device, like=cache)
+            one = model.new_cache(1, device=device)
             firsts = []
             for r, i in enumerate(rows):  # prefill alone: the same numbers as `generate`
                 one.reset()

@@ -136,7 +136,7 @@ def test_cpu_decode_reads_transposed_weight_copies():
         assert set(cache.weights_t) == set(linears)  # every matmul weight, the tied head included
         for m, wt in cache.weights_t.items():
             assert wt.shape == m.weight.shape[::-1] and wt.is_contiguous()
-        assert model.new_cache(2, like=cache).weights_t is cache.weights_t  # shared, not copied
+        assert model.new_cache(2).weights_t is cache.weights_t  # made once, not per cache
         with torch.autocast("cpu", dtype=torch.bfloat16):  # the copies would be cast every step
             assert model.new_cache(1).weights_t == {}
         plain = model.new_cache(1)
@@ -144,6 +144,32 @@ def test_cpu_decode_reads_transposed_weight_copies():
         a = [model(x[:, :8], cache=cache)[0]] + [model(x[:, i : i + 1], cache=cache)[0] for i in range(8, 12)]
         b = [model(x[:, :8], cache=plain)[0]] + [model(x[:, i : i + 1], cache=plain)[0] for i in range(8, 12)]
     torch.testing.assert_close(torch.cat(a), torch.cat(b), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_weights_follow_every_weight_change():
+    # the copies live on the model across caches: a stale one would decode with old weights
+    model = tiny().eval()
+    x, _ = batch(1)
+
+    def decoded():
+        with torch.no_grad():
+            return model(x[:, :6], cache=model.new_cache(1))[0]
+
+    def full():
+        with torch.no_grad():
+            return model(x[:, :6])[0][:, -1:]
+
+    first = model.decode_weights()
+    with torch.no_grad():
+        model.layers[0].mlp.down.weight.mul_(3.0)  # in place, as an optimizer step
+    assert model.decode_weights() is not first
+    torch.testing.assert_close(decoded(), full(), atol=1e-5, rtol=1e-5)
+    model.load_state_dict({k: v * 0.5 for k, v in tiny().state_dict().items()})  # as a resume
+    torch.testing.assert_close(decoded(), full(), atol=1e-5, rtol=1e-5)
+    model.to(torch.bfloat16).float()  # replaced storage, possibly at a freed address
+    torch.testing.assert_close(decoded(), full(), atol=1e-5, rtol=1e-5)
+    kept = model.decode_weights()
+    assert model.decode_weights() is kept  # unchanged weights: no new copies
 
 
 def test_kv_cache_prefill_decode_and_chunked_prefill_match_full_forward():
