@@ -81,6 +81,21 @@ def test_linear_cross_entropy_chunking_and_grad_scaling():
     torch.testing.assert_close(linear_cross_entropy(h, w, t), ref)
 
 
+def test_linear_cross_entropy_without_grad_matches_cross_entropy():
+    # the no-grad CPU fp32 path (one reused logits buffer, logsumexp in place): chunk remainders,
+    # ignored rows, logits large enough that a plain exp would overflow, all rows ignored
+    torch.manual_seed(0)
+    h, w = torch.randn(37, 8) * 30, torch.randn(11, 8)
+    t = torch.randint(0, 11, (37,))
+    t[::4] = IGNORE
+    ref = F.cross_entropy(h @ w.t(), t)
+    with torch.no_grad():
+        for chunk in (5, 37, 256):
+            torch.testing.assert_close(linear_cross_entropy(h, w, t, chunk=chunk), ref)
+        assert torch.isnan(linear_cross_entropy(h, w, torch.full((37,), IGNORE)))
+        assert not torch.isfinite((h @ w.t()).exp()).all()  # the case the max subtraction is for
+
+
 def test_linear_cross_entropy_bf16_matches_autocast_cross_entropy():
     # the bf16 path (matmuls in bf16, softmax in fp32 blocks written back over bf16 logits) against
     # autograd through F.cross_entropy of the same bf16 logits
