@@ -29,8 +29,10 @@ Design choices (and why)
   written in place, so decoding one token allocates nothing proportional to the context. A decode
   step is a few hundred small ops around GEMVs, so the attention is written for few ops: RoPE is
   a flip and a multiply-add applied to q, k and v at once (identity on v), and one copy stores
-  k|v. On CPU in fp32 the cache also holds (in, out) copies of the weights (`weights_t`): MKL's
-  GEMV reads them about twice as fast as nn.Linear's (out, in) rows (bench/generate_throughput.py).
+  k|v. On CPU in fp32 the cache also holds copies of the weights (`weights_t`) as one (in, out/P)
+  slab per intra-op thread: MKL's GEMV reads (in, out) about twice as fast as nn.Linear's
+  (out, in) rows, but on one thread whatever the thread count, while a batch of P slabs (`bmm`)
+  streams on all P threads (bench/generate_throughput.py).
   Positions never exceed block_size; the sampler slides its window (re-prefills) instead.
   Ragged rows (`KVCache.lengths`): rows of different prompts decode together, each writing and
   reading at its own length; a mask hides the other rows' longer tails (`sample.greedy_batch`).
@@ -122,7 +124,7 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
         self.lengths: Tensor | None = None
-        self.weights_t: dict[nn.Module, Tensor] = {}  # (in, out) copies of the weights, CPU decoding
+        self.weights_t: dict[nn.Module, Tensor] = {}  # (P, in, out/P) weight slabs, CPU decoding
 
     def reset(self) -> None:
         self.pos = 0  # stale entries beyond pos are never read
@@ -151,10 +153,26 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def _linear(x: Tensor, lin: nn.Module, cache: KVCache | None) -> Tensor:
-    """lin(x) (a bias-free Linear, or the tied head's Embedding), through the cache's (in, out)
-    copy of the weight when it holds one."""
-    wt = cache.weights_t.get(lin) if cache is not None else None
-    return x @ wt if wt is not None else F.linear(x, lin.weight)
+    """lin(x) (a bias-free Linear, or the tied head's Embedding), through the cache's (P, in,
+    out/P) slabs of the weight when it holds them: one batched matmul, a slab per thread."""
+    slabs = cache.weights_t.get(lin) if cache is not None else None
+    if slabs is None:
+        return F.linear(x, lin.weight)
+    n_slabs, c_in, width = slabs.shape
+    y = torch.bmm(x.reshape(1, -1, c_in).expand(n_slabs, -1, -1), slabs)  # (P, rows, out/P)
+    y = y.transpose(0, 1).reshape(*x.shape[:-1], n_slabs * width)  # a view when rows == 1
+    n_out = lin.weight.shape[0]
+    return y if y.shape[-1] == n_out else y[..., :n_out]  # the last slab's zero padding
+
+
+def _slabs(w: Tensor, n: int) -> Tensor:
+    """w (out, in) as n contiguous (in, ceil(out/n)) slabs, (n, in, ceil(out/n)), zero-padded."""
+    width = -(-w.shape[0] // n)
+    slabs = w.new_zeros(n, w.shape[1], width)
+    for i in range(n):
+        part = w[i * width : (i + 1) * width]
+        slabs[i, :, : part.shape[0]] = part.t()
+    return slabs
 
 
 class Attention(nn.Module):
@@ -421,17 +439,19 @@ class GPT(nn.Module):
         return 6.0 * n + 12.0 * c.n_layer * c.n_embd * c.block_size
 
     def decode_weights(self) -> dict[nn.Module, Tensor]:
-        """(in, out) contiguous copies of every matmul weight (the tied head included), which CPU
-        decoding reads instead of nn.Linear's (out, in) rows. Made once (~80 ms at the seed
-        config, as long as ~25 decode steps) and remade only when a weight has been moved,
-        replaced or updated in place since (its storage or version counter changed)."""
+        """Every matmul weight (the tied head included) as P = torch.get_num_threads() contiguous
+        (in, ceil(out/P)) slabs, (P, in, out/P), the last zero-padded; CPU decoding reads them
+        instead of nn.Linear's (out, in) rows. Made once (~80 ms at the seed config, as long as
+        ~10 decode steps) and remade only when the thread count changed or a weight has been
+        moved, replaced or updated in place since (its storage or version counter changed)."""
         mods = [m for m in self.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
-        key = [(m.weight.data_ptr(), m.weight._version) for m in mods]
+        n_slabs = torch.get_num_threads()
+        key = [n_slabs] + [(m.weight.data_ptr(), m.weight._version) for m in mods]
         if self._weights_t is None or self._weights_t[0] != key:
             # the key's tensors stay referenced (detach shares storage and version counter), so
             # a replaced weight's address cannot be reused by a new one and read as unchanged
             pinned = [m.weight.detach() for m in mods]
-            self._weights_t = (key, pinned, {m: w.t().contiguous() for m, w in zip(mods, pinned)})
+            self._weights_t = (key, pinned, {m: _slabs(w, n_slabs) for m, w in zip(mods, pinned)})
         return self._weights_t[2]
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None

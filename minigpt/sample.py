@@ -4,14 +4,16 @@ Design choices
 - One prefill of the prompt, then one token per step through the model's preallocated `KVCache`:
   at this model size a decode step is a few GEMVs and a few hundred small ops, so the loop does
   as little as possible per token beyond them: no re-allocation, no sort when
-  greedy, the sampled token fed back as a tensor, one host sync (`.tolist()`) per token, and on
-  CPU one intra-op thread (`runtime.one_cpu_thread`: two threads are slower on such small ops),
-  except for bf16 weights: oneDNN's bf16 GEMV is compute-bound, so both cores pay (Zen 5 with
-  AVX512-BF16, seed config: 7.8 vs 9.5 ms/token; fp32 9.2 vs 9.5).
-- On CPU in fp32 the cache reads (in, out) copies of the weights (`GPT.decode_weights`, kept on
-  the model until a weight changes): MKL's GEMV over nn.Linear's (out, in) rows streams at
-  ~9 GB/s, over (in, out) at ~17-20 (seed config, Zen 5: 11.7 -> 8.4 ms/token; the copies cost
-  the weights' memory once more).
+  greedy, the sampled token fed back as a tensor, one host sync (`.tolist()`) per token. It runs
+  on all of torch's threads: the small ops stay on one (below torch's grain size), the GEMVs
+  use all of them (next point; bf16 weights: oneDNN's GEMV is threaded itself).
+- On CPU in fp32 the cache reads copies of the weights (`GPT.decode_weights`, kept on the model
+  until a weight changes) laid out as one (in, out/P) slab per thread: MKL's GEMV over (in, out)
+  streams about twice as fast as over nn.Linear's (out, in) rows but on one thread only, and a
+  batched matmul over P slabs puts every thread on its own slab. Seed config, 2-core AVX2 EPYC:
+  all weights stream in 11.9 ms (one (in, out) copy) vs 6.7 ms (two slabs); decoding 14.8 ->
+  12.0 ms/token (and 16.3 over nn.Linear's rows). Zen 5: (out, in) 11.7 -> (in, out) 8.4
+  ms/token. The copies cost the weights' memory once more.
 - `generate_batch` draws N samples of one prompt as one batch: the prompt is prefilled once and
   its keys/values copied to every row; a step for N rows reads the weights once, like a step for
   one (bench/generate_throughput.py --num_samples 8, seed config, 2-core AVX2 EPYC: 8 samples
@@ -33,21 +35,13 @@ Design choices
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
 from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from minigpt.runtime import one_cpu_thread
 
 KEEP_FRACTION = 0.75  # of block_size, kept when the window slides
-
-
-def _decode_threads(model):
-    """One intra-op thread on CPU, all of torch's for bf16 weights (module docstring)."""
-    w = model.tok_emb.weight
-    return nullcontext() if w.dtype == torch.bfloat16 else one_cpu_thread(w.device)
 
 
 def _check(temperature, top_k, top_p, repetition_penalty, max_new_tokens) -> None:
@@ -156,47 +150,46 @@ def generate_batch(model, ids: list[int], max_new_tokens: int, num_samples: int,
     was_training = model.training
     model.eval()
     try:
-        with _decode_threads(model):
-            prompt = history[0] if len(history[0]) <= block else slide(history[0])
-            cache = model.new_cache(B, device=device)
-            one = cache if B == 1 else model.new_cache(1, device=device)
-            logits, _ = model(torch.tensor([prompt], device=device), cache=one)
-            if B > 1:  # the prompt's keys/values, once, for every row
-                cache.kv[:, :, :, : one.pos] = one.kv[:, :, :, : one.pos]
-                cache.pos = one.pos
-                logits = logits.expand(B, -1, -1)
-            out: list[list[int]] = [[] for _ in range(B)]
-            done = [False] * B
-            while True:
-                x = logits[:, -1].float()
-                if penalize:
-                    x = apply_repetition_penalty(x, seen, repetition_penalty)
-                if greedy:
-                    nxt = x.argmax(-1, keepdim=True)
-                else:
-                    x = x / temperature
-                    if top_k is not None:
-                        x = filter_top_k(x, top_k)
-                    if top_p is not None:
-                        x = filter_top_p(x, top_p)
-                    nxt = torch.multinomial(x.softmax(-1), 1, generator=generator)
-                tokens = nxt.view(-1).tolist()  # the one host sync per step
-                for r, token in enumerate(tokens):
-                    history[r].append(token)  # stopped rows too: every row keeps the same length
-                    if not done[r]:
-                        out[r].append(token)
-                        done[r] = token in stop or len(out[r]) == max_new_tokens
-                if on_token is not None:
-                    on_token(tokens[0])
-                if all(done):
-                    return out
-                if penalize:
-                    seen.scatter_(1, nxt, True)
-                if cache.pos < block:
-                    logits, _ = model(nxt, cache=cache)
-                else:  # window full: re-prefill the most recent tokens (rows have equal lengths)
-                    cache.reset()
-                    logits, _ = model(torch.tensor([slide(h) for h in history], device=device), cache=cache)
+        prompt = history[0] if len(history[0]) <= block else slide(history[0])
+        cache = model.new_cache(B, device=device)
+        one = cache if B == 1 else model.new_cache(1, device=device)
+        logits, _ = model(torch.tensor([prompt], device=device), cache=one)
+        if B > 1:  # the prompt's keys/values, once, for every row
+            cache.kv[:, :, :, : one.pos] = one.kv[:, :, :, : one.pos]
+            cache.pos = one.pos
+            logits = logits.expand(B, -1, -1)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        while True:
+            x = logits[:, -1].float()
+            if penalize:
+                x = apply_repetition_penalty(x, seen, repetition_penalty)
+            if greedy:
+                nxt = x.argmax(-1, keepdim=True)
+            else:
+                x = x / temperature
+                if top_k is not None:
+                    x = filter_top_k(x, top_k)
+                if top_p is not None:
+                    x = filter_top_p(x, top_p)
+                nxt = torch.multinomial(x.softmax(-1), 1, generator=generator)
+            tokens = nxt.view(-1).tolist()  # the one host sync per step
+            for r, token in enumerate(tokens):
+                history[r].append(token)  # stopped rows too: every row keeps the same length
+                if not done[r]:
+                    out[r].append(token)
+                    done[r] = token in stop or len(out[r]) == max_new_tokens
+            if on_token is not None:
+                on_token(tokens[0])
+            if all(done):
+                return out
+            if penalize:
+                seen.scatter_(1, nxt, True)
+            if cache.pos < block:
+                logits, _ = model(nxt, cache=cache)
+            else:  # window full: re-prefill the most recent tokens (rows have equal lengths)
+                cache.reset()
+                logits, _ = model(torch.tensor([slide(h) for h in history], device=device), cache=cache)
     finally:
         model.train(was_training)
 
@@ -224,34 +217,33 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int,
     was_training = model.training
     model.eval()
     try:
-        with _decode_threads(model):
-            cache = model.new_cache(len(rows), device=device)
-            one = model.new_cache(1, device=device)
-            firsts = []
-            for r, i in enumerate(rows):  # prefill alone: the same numbers as `generate`
-                one.reset()
-                logits, _ = model(torch.tensor([prompts[i]], device=device), cache=one)
-                cache.kv[:, r, :, : one.pos] = one.kv[:, 0, :, : one.pos]
-                firsts.append(logits[:, -1])
-            nxt = torch.cat(firsts).float().argmax(-1, keepdim=True)
-            cache.lengths = torch.tensor([len(prompts[i]) for i in rows], device=device)
-            cache.pos = max(len(prompts[i]) for i in rows)  # the model advances both per step
-            while True:
-                keep = []
-                for r, token in enumerate(nxt.view(-1).tolist()):  # the one host sync per step
-                    out[rows[r]].append(token)
-                    if not (token in stop or len(out[rows[r]]) == max_new_tokens):
-                        keep.append(r)
-                if not keep:
-                    return out
-                if len(keep) < len(rows):  # finished rows leave the batch
-                    index = torch.tensor(keep, device=device)
-                    cache.kv, cache.lengths, nxt = (cache.kv.index_select(1, index),
-                                                    cache.lengths[index], nxt[index])
-                    rows = [rows[r] for r in keep]
-                    # a row's cache holds its prompt and all its tokens but the newest
-                    cache.pos = max(len(prompts[i]) + len(out[i]) - 1 for i in rows)
-                logits, _ = model(nxt, cache=cache)
-                nxt = logits[:, -1].float().argmax(-1, keepdim=True)
+        cache = model.new_cache(len(rows), device=device)
+        one = model.new_cache(1, device=device)
+        firsts = []
+        for r, i in enumerate(rows):  # prefill alone: the same numbers as `generate`
+            one.reset()
+            logits, _ = model(torch.tensor([prompts[i]], device=device), cache=one)
+            cache.kv[:, r, :, : one.pos] = one.kv[:, 0, :, : one.pos]
+            firsts.append(logits[:, -1])
+        nxt = torch.cat(firsts).float().argmax(-1, keepdim=True)
+        cache.lengths = torch.tensor([len(prompts[i]) for i in rows], device=device)
+        cache.pos = max(len(prompts[i]) for i in rows)  # the model advances both per step
+        while True:
+            keep = []
+            for r, token in enumerate(nxt.view(-1).tolist()):  # the one host sync per step
+                out[rows[r]].append(token)
+                if not (token in stop or len(out[rows[r]]) == max_new_tokens):
+                    keep.append(r)
+            if not keep:
+                return out
+            if len(keep) < len(rows):  # finished rows leave the batch
+                index = torch.tensor(keep, device=device)
+                cache.kv, cache.lengths, nxt = (cache.kv.index_select(1, index),
+                                                cache.lengths[index], nxt[index])
+                rows = [rows[r] for r in keep]
+                # a row's cache holds its prompt and all its tokens but the newest
+                cache.pos = max(len(prompts[i]) + len(out[i]) - 1 for i in rows)
+            logits, _ = model(nxt, cache=cache)
+            nxt = logits[:, -1].float().argmax(-1, keepdim=True)
     finally:
         model.train(was_training)
