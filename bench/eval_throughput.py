@@ -30,6 +30,15 @@ models: 53.7-59.6 s before (f61a90c), 30.3-34.1 s now (1.7-2.0x), eval.json iden
 perplexity pass is ~24 s of it, at 4 x 256-token windows per 30-40 ms single-thread batch (K=64
 matmuls at ~45 GFLOP/s). bf16 there moves the NLL by 1.3e-6 relative but is no faster at this
 width, so evaluation stays fp32.
+2-core AMD EPYC, AVX2 only, later main (the CPU fp32 head reuses one logits buffer, logsumexp in
+place; decoding on per-thread weight slabs), quick-start 4x2x64, `--repeats 3`: perplexity pass
+2.73 s vs before 4.06 s (1.49x), transformers 6.73 s (2.47x); greedy answers 1.24 s vs 12.33 s
+(9.95x), transformers 23.62 s (19.05x), same tokens. The eval stage on the offline quick start
+(pre-trained on WikiText-2's first 1,000 lines): 58.2/63.3 s before the head change, 54.0/59.2 s
+after (alternating runs on a noisy VM), 50.6 s with the slabs; eval.json and samples.json
+identical. The perplexity pass is ~43 s of it (~21 s per model, 700k token-forwards each): a
+4-window batch is ~55 ms on one thread, of which the LM head's K=64 matmul ~19 ms (28 GFLOP/s)
+and its softmax ~8 ms, attention ~9 ms, the blocks' matmuls ~11 ms.
 """
 
 from __future__ import annotations

@@ -12,21 +12,25 @@ machine hits both alike. bf16 runs the same comparison with weights cast to bflo
 `--num_samples N` (> 1) also times one batched `generate_batch` of N sampled continuations
 against N separate `generate` calls (`batch ratio`). Needs transformers.
 
-Measured (2-core AMD EPYC, AVX2 only, quiet; `--repeats 3 --new 100 --dtypes fp32`):
-- seed config: minigpt 19.6 ms/token, transformers 23.6 ms/token, ratio 1.20x (CPU seconds 2.24x:
-  our sampler decodes on one thread); `--num_samples 8`: one batch 6.28 s vs 8 calls 19.65 s
-  (3.13x). `--tiny`: 7.66 vs 9.89 ms/token, 1.29x.
-- The floor here is memory bandwidth, not dispatch: the tied 30000x384 fp32 head alone is 46 MB
-  read per token, and a lone GEMV over it takes 7.8-8.5 ms (5.4-5.9 GB/s); all weights (88 MB)
-  give ~16 ms/token. bf16 weights halve the head's bytes (5.5 ms) but double the time of the
-  cache-resident block matmuls on AVX2, so fp32 stays the CPU decode dtype.
+Measured (2-core AMD EPYC, AVX2 only, no AVX-512/bf16; `--repeats 3 --new 100 --dtypes fp32`):
+- seed config, weights as one slab per thread (`GPT.decode_weights`): minigpt 12.0-13.4
+  ms/token, transformers 27.3-30.2, ratio 2.25-2.27x, same tokens 100/100; `--num_samples 8`:
+  one batch 5.00 s vs 8 calls 13.56 s (2.71x). Same box, same day: one (in, out) copy on one
+  thread 14.8 vs 27.1 ms/token (1.83x); an older main over nn.Linear's rows 19.6 vs 23.6 (1.20x).
+- Floors here: a plain read streams at 9.3 GB/s on one core, 16.7 on two; all fp32 weights
+  (88 MB) stream through MKL's GEMV in 11.9 ms over one (in, out) copy (on one thread whatever
+  the thread count) and in 6.7 ms as two slabs in one bmm. The same ops on a model of trivial
+  width (6 layers, 48 wide, vocab 64) take 3.6 ms/token: per-op dispatch, ~60 ops per layer at
+  5-15 us each here (reductions such as RMSNorm's mean ~10 us). bf16 weights would halve the
+  bytes, but AVX2 has no bf16 math, so fp32 stays the CPU decode dtype here.
 - 2-core AMD EPYC Zen 5 (avx512f, avx512_bf16; `--repeats 3 --new 100 --num_samples 8`): fp32
   10.11 vs 16.50 ms/token (1.63x; before the cache's (in, out) weight copies 12.67 vs 16.26,
   1.28x), bf16 8.27 vs 11.10 (1.34x; before, on one thread, 0.96x); 8 samples as one batch:
   2.74x (fp32) and 3.92x (bf16) faster than 8 calls. Floors: a plain read streams at 25 GB/s on
   one core, 45 on two (2 ms per token for fp32 weights, 1 ms bf16), but MKL's fp32 GEMV reaches
   9 GB/s over nn.Linear's (out, in) layout and 17-20 over (in, out), oneDNN's bf16 GEMV 8-15:
-  the matmuls take ~5-7 ms of the 8-10 ms per token, and the rest is ~400 small ops.
+  the matmuls take ~5-7 ms of the 8-10 ms per token, and the rest is ~400 small ops. (Measured
+  before the per-thread slabs; not yet re-measured there.)
 """
 
 from __future__ import annotations
