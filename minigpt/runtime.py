@@ -291,7 +291,7 @@ def teardown(rt: Runtime) -> None:
 
 @contextmanager
 def one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run on one intra-op thread on CPU (decode steps, eval workers), restoring the setting after.
+    """Run on one intra-op thread on CPU (eval workers), restoring the setting after.
 
     A decode step is a few hundred tiny ops; with two threads each parallel region (attention,
     small matmuls) waits for both to be scheduled. Measured on the 2-core AVX2 dev box: seed config

@@ -4,9 +4,10 @@ Design choices
 - One prefill of the prompt, then one token per step through the model's preallocated `KVCache`:
   at this model size a decode step is a few GEMVs and a few hundred small ops, so the loop does
   as little as possible per token beyond them: no re-allocation, no sort when
-  greedy, the sampled token fed back as a tensor, one host sync (`.tolist()`) per token. It runs
-  on all of torch's threads: the small ops stay on one (below torch's grain size), the GEMVs
-  use all of them (next point; bf16 weights: oneDNN's GEMV is threaded itself).
+  greedy, the sampled token fed back as a tensor, one host sync (`.tolist()`) per token. Steps
+  run on all of torch's threads or on one, whichever was faster when last timed (`StepThreads`):
+  on an idle machine the GEMVs gain from all threads (next point), but a step waits for its
+  slowest thread, so beside another busy process one thread is ~3x faster.
 - On CPU in fp32 the cache reads copies of the weights (`GPT.decode_weights`, kept on the model
   until a weight changes) laid out as one (in, out/P) slab per thread: MKL's GEMV over (in, out)
   streams about twice as fast as over nn.Linear's (out, in) rows but on one thread only, and a
@@ -34,6 +35,7 @@ Design choices
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Callable, Iterable
 
@@ -42,6 +44,37 @@ from torch import Tensor
 
 
 KEEP_FRACTION = 0.75  # of block_size, kept when the window slides
+PROBE_EVERY = 64  # decode steps between two timings of one thread vs all (`StepThreads`)
+
+
+class StepThreads:
+    """Runs decode steps on one intra-op thread or on all of torch's, whichever was faster when
+    last timed: every PROBE_EVERY steps one step runs on each. All threads stream the weight
+    slabs in parallel, but each matmul waits for its slowest thread, so while another process
+    holds a core they are much slower than one (seed config, 2-core AVX2 EPYC: 10.1 vs 15.4
+    ms/token idle, 40.2 vs 12.8 with a busy process beside). `restore()` puts the count back."""
+
+    def __init__(self, device: torch.device):
+        self.all = torch.get_num_threads() if device.type == "cpu" else 1
+        self.best, self.times, self.step = self.all, {}, 0
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.all)
+
+    def __call__(self, model, *args, **kwargs):
+        if self.all == 1:
+            return model(*args, **kwargs)
+        probe = self.step % PROBE_EVERY
+        n = 1 if probe == 0 else self.all if probe == 1 else self.best
+        self.step += 1
+        torch.set_num_threads(n)
+        start = time.perf_counter()
+        out = model(*args, **kwargs)  # CPU ops are synchronous: this is the step's time
+        if probe < 2:
+            self.times[n] = time.perf_counter() - start
+            if probe == 1:
+                self.best = min(self.times, key=self.times.get)
+        return out
 
 
 def _check(temperature, top_k, top_p, repetition_penalty, max_new_tokens) -> None:
@@ -149,6 +182,7 @@ def generate_batch(model, ids: list[int], max_new_tokens: int, num_samples: int,
 
     was_training = model.training
     model.eval()
+    step = StepThreads(device)
     try:
         prompt = history[0] if len(history[0]) <= block else slide(history[0])
         cache = model.new_cache(B, device=device)
@@ -186,11 +220,13 @@ def generate_batch(model, ids: list[int], max_new_tokens: int, num_samples: int,
             if penalize:
                 seen.scatter_(1, nxt, True)
             if cache.pos < block:
-                logits, _ = model(nxt, cache=cache)
+                logits, _ = step(model, nxt, cache=cache)
             else:  # window full: re-prefill the most recent tokens (rows have equal lengths)
                 cache.reset()
+                step.restore()
                 logits, _ = model(torch.tensor([slide(h) for h in history], device=device), cache=cache)
     finally:
+        step.restore()
         model.train(was_training)
 
 
@@ -216,6 +252,7 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int,
     device = model.tok_emb.weight.device
     was_training = model.training
     model.eval()
+    step = StepThreads(device)
     try:
         cache = model.new_cache(len(rows), device=device)
         one = model.new_cache(1, device=device)
@@ -243,7 +280,8 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int,
                 rows = [rows[r] for r in keep]
                 # a row's cache holds its prompt and all its tokens but the newest
                 cache.pos = max(len(prompts[i]) + len(out[i]) - 1 for i in rows)
-            logits, _ = model(nxt, cache=cache)
+            logits, _ = step(model, nxt, cache=cache)
             nxt = logits[:, -1].float().argmax(-1, keepdim=True)
     finally:
+        step.restore()
         model.train(was_training)

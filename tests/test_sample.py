@@ -1,5 +1,6 @@
 """KV-cache decoding and sampling filters, checked against a plain full-forward reference."""
 
+import time
 import warnings
 
 import pytest
@@ -193,3 +194,32 @@ def test_greedy_batch_equals_one_prompt_at_a_time(model):
     assert greedy_batch(model, [], 4) == []
     with pytest.raises(ValueError, match="at least one token"):
         greedy_batch(model, [[1], []], 3)
+
+
+@pytest.mark.parametrize("slow_threads", ["all", "one"])
+def test_step_threads_keeps_the_faster_thread_count(slow_threads):
+    # a step that is slow on all threads (another process holds a core) or on one (idle machine)
+    from minigpt.sample import PROBE_EVERY, StepThreads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+
+        def fake_step():
+            n = torch.get_num_threads()
+            seen.append(n)
+            time.sleep(0.02 if (n > 1) == (slow_threads == "all") else 0.001)
+
+        step = StepThreads(torch.device("cpu"))
+        for _ in range(PROBE_EVERY + 3):
+            step(fake_step)
+        faster = 1 if slow_threads == "all" else 2
+        assert seen[:2] == [1, 2]  # one timed step on each
+        assert set(seen[2:PROBE_EVERY]) == {faster}
+        assert seen[PROBE_EVERY : PROBE_EVERY + 2] == [1, 2]  # timed again
+        step.restore()
+        assert torch.get_num_threads() == 2
+        assert StepThreads(torch.device("cuda")).all == 1  # GPUs: nothing to choose
+    finally:
+        torch.set_num_threads(before)
