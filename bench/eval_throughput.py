@@ -34,9 +34,10 @@ width, so evaluation stays fp32.
 place; decoding on per-thread weight slabs), quick-start 4x2x64, `--repeats 3`: perplexity pass
 2.73 s vs before 4.06 s (1.49x), transformers 6.73 s (2.47x); greedy answers 1.24 s vs 12.33 s
 (9.95x), transformers 23.62 s (19.05x), same tokens. The eval stage on the offline quick start
-(pre-trained on WikiText-2's first 1,000 lines): 58.2/63.3 s before the head change, 54.0/59.2 s
-after (alternating runs on a noisy VM), 50.6 s with the slabs; eval.json and samples.json
-identical. The perplexity pass is ~43 s of it (~21 s per model, 700k token-forwards each): a
+(pre-trained on WikiText-2's first 1,000 lines), alternating runs on a noisy VM: this session's
+start 53.7 / 61.0 s, now 53.0 / 57.9 s (within the noise: the head's in-process gain, 74.5 ->
+61.2 ms per batch on one thread, mostly vanishes with two workers sharing L3 and memory);
+eval.json and samples.json identical. The perplexity pass is ~43 s of it (~21 s per model, 700k token-forwards each): a
 4-window batch is ~55 ms on one thread, of which the LM head's K=64 matmul ~19 ms (28 GFLOP/s)
 and its softmax ~8 ms, attention ~9 ms, the blocks' matmuls ~11 ms.
 """
