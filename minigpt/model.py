@@ -168,11 +168,8 @@ def _linear(x: Tensor, lin: nn.Module, cache: KVCache | None) -> Tensor:
 def _slabs(w: Tensor, n: int) -> Tensor:
     """w (out, in) as n contiguous (in, ceil(out/n)) slabs, (n, in, ceil(out/n)), zero-padded."""
     width = -(-w.shape[0] // n)
-    slabs = w.new_zeros(n, w.shape[1], width)
-    for i in range(n):
-        part = w[i * width : (i + 1) * width]
-        slabs[i, :, : part.shape[0]] = part.t()
-    return slabs
+    padded = F.pad(w, (0, 0, 0, n * width - w.shape[0]))  # zero rows at the end
+    return padded.view(n, width, w.shape[1]).transpose(1, 2).contiguous()
 
 
 class Attention(nn.Module):

@@ -291,13 +291,9 @@ def teardown(rt: Runtime) -> None:
 
 @contextmanager
 def one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run on one intra-op thread on CPU (eval workers), restoring the setting after.
-
-    A decode step is a few hundred tiny ops; with two threads each parallel region (attention,
-    small matmuls) waits for both to be scheduled. Measured on the 2-core AVX2 dev box: seed config
-    (6x6x384, vocab 30k) 20.9 ms/token on one thread vs 25.6 ms on two, quiet machine
-    (bench/generate_throughput.py --threads 1 vs 2); 4x256 model with other work running: 10.5 vs
-    64 ms/token."""
+    """Run on one intra-op thread on CPU, restoring the setting after: the eval workers, one per
+    core, each running small ops whose parallel regions would wait for a second thread to be
+    scheduled (evaluate.summed_batches). Decoding chooses per step instead (sample.StepThreads)."""
     if device.type != "cpu":
         yield
         return

@@ -56,10 +56,11 @@ class StepThreads:
 
     def __init__(self, device: torch.device):
         self.all = torch.get_num_threads() if device.type == "cpu" else 1
-        self.best, self.times, self.step = self.all, {}, 0
+        self.best, self.times, self.step, self.now = self.all, {}, 0, self.all
 
     def restore(self) -> None:
         torch.set_num_threads(self.all)
+        self.now = self.all
 
     def __call__(self, model, *args, **kwargs):
         if self.all == 1:
@@ -67,7 +68,9 @@ class StepThreads:
         probe = self.step % PROBE_EVERY
         n = 1 if probe == 0 else self.all if probe == 1 else self.best
         self.step += 1
-        torch.set_num_threads(n)
+        if n != self.now:  # only on a change: most steps keep the count
+            torch.set_num_threads(n)
+            self.now = n
         start = time.perf_counter()
         out = model(*args, **kwargs)  # CPU ops are synchronous: this is the step's time
         if probe < 2:
