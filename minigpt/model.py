@@ -208,8 +208,17 @@ class Attention(nn.Module):
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
                 causal = False
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, kv[:, :H], kv[:, H:], attn_mask=mask, dropout_p=p,
-                                           is_causal=causal)
+        if cache is not None and T == 1 and not q.is_cuda:
+            # a CPU decode step: plain matmuls and softmax, whose results do not depend on the
+            # thread count (the flash kernel splits its work by it), so a step gives the same
+            # numbers whichever count `sample.StepThreads` picks (+~20 us per layer)
+            att = (q @ kv[:, :H].transpose(-1, -2)) * self.head_dim**-0.5
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            y = att.softmax(-1) @ kv[:, H:]
+        else:
+            y = F.scaled_dot_product_attention(q, kv[:, :H], kv[:, H:], attn_mask=mask, dropout_p=p,
+                                               is_causal=causal)
         y = y.transpose(1, 2).reshape(B, T, C)
         if y.dtype != dtype:
             y = y.to(dtype)

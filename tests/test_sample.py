@@ -223,3 +223,29 @@ def test_step_threads_keeps_the_faster_thread_count(slow_threads):
         assert StepThreads(torch.device("cuda")).all == 1  # GPUs: nothing to choose
     finally:
         torch.set_num_threads(before)
+
+
+def test_decode_steps_give_the_same_numbers_on_any_thread_count(model):
+    # StepThreads switches the count by timing: a step's logits must not depend on it
+    # (the eval stage's answers and seeded samples are a function of their inputs)
+    x = torch.randint(0, V, (3, BLOCK))
+    before = torch.get_num_threads()
+    got = {}
+    try:
+        with torch.inference_mode():
+            for threads in (1, 2, 3):
+                torch.set_num_threads(2)  # the same slabs for every run
+                cache = model.new_cache(3)
+                model(x[:, :6], cache=cache)
+                torch.set_num_threads(threads)
+                got[threads] = torch.cat([model(x[:, i : i + 1], cache=cache)[0] for i in range(6, BLOCK)])
+                cache.reset()
+                torch.set_num_threads(2)
+                cache.lengths = torch.tensor([3, 4, 5])  # ragged rows (greedy_batch)
+                cache.pos = 5
+                torch.set_num_threads(threads)
+                got[threads, "ragged"] = model(x[:, 6:7], cache=cache)[0]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[1], got[2]) and torch.equal(got[1], got[3])
+    assert torch.equal(got[1, "ragged"], got[2, "ragged"]) and torch.equal(got[1, "ragged"], got[3, "ragged"])
