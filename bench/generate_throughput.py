@@ -17,7 +17,8 @@ Measured (2-core AMD EPYC, AVX2 only, no AVX-512/bf16; `--repeats 3 --new 100 --
   ms/token, transformers 27.3-30.2, ratio 2.25-2.27x, same tokens 100/100; `--num_samples 8`:
   one batch 5.00 s vs 8 calls 13.56 s (2.71x); `--tiny`: 4.89 vs 10.16 ms/token (2.08x).
   Same box, same day: one (in, out) copy on one thread 14.8 vs 27.1 ms/token (1.83x); an
-  older main over nn.Linear's rows 19.6 vs 23.6 (1.20x).
+  older main over nn.Linear's rows 19.6 vs 23.6 (1.20x). With the thread-invariant decode
+  attention (plain matmuls instead of the flash kernel): 12.93 vs 26.08 ms/token, 2.02x.
 - Floors here: a plain read streams at 9.3 GB/s on one core, 16.7 on two; all fp32 weights
   (88 MB) stream through MKL's GEMV in 11.9 ms over one (in, out) copy (on one thread whatever
   the thread count) and in 6.7 ms as two slabs in one bmm. The same ops on a model of trivial
