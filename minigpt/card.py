@@ -5,7 +5,8 @@ Design choices
   directory's config.json (architecture, stage, `training` summary) and, when present, the
   project's fixed artifact paths (docs/FORMATS.md): data/processed/{pretrain,sft}/stats.json
   (source, revision, sizes), data/tokens/{pretrain,sft}/{split}.json (token counts) and
-  metrics/{pretrain,finetune,eval}.json. Missing files leave their section saying so.
+  metrics/{pretrain,finetune}.json and metrics/eval/{pretrain,finetune}.json. Missing files leave
+  their section saying so.
 - Those files are untrusted input: only these fixed names under the project directory are read
   (never a path named inside a file), each at most 1 MB, and only plain numbers and short strings
   are rendered (markdown-escaped), so a hostile stats file cannot inject a link or a huge card.
@@ -24,6 +25,8 @@ MAX_FILE = 1 << 20
 LICENSES = {"wikitext": "CC BY-SA 3.0", "dolly": "CC BY-SA 3.0"}
 METRIC_KEYS = ("steps", "tokens", "train_loss", "val_loss", "best_val_loss", "best_step",
                "tokens_per_s")
+EVAL_KEYS = (("lm", "perplexity"), ("lm", "bits_per_byte"), ("lm", "word_perplexity"),
+             ("sft", "loss"), ("gen", "rougeL"), ("gen", "bleu"), ("gen", "chrf"))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -140,11 +143,18 @@ def model_card(config: dict, num_params: int, name: str, project_dir: str | Path
         lines.append("")
     else:
         lines += ["No `metrics/*.json` found.", ""]
-    ev = _read_json(project / "metrics" / "eval.json")
-    if ev:
-        lines += ["Evaluation (`metrics/eval.json`):", ""]
-        lines += [f"- {_text(k, 60)}: {_text(v)}" for k, v in ev.items()
-                  if isinstance(v, (int, float, str)) and not isinstance(v, bool)][:40]
+    evals = {k: _read_json(project / "metrics" / "eval" / f"{k}.json") for k in ("pretrain", "finetune")}
+    rows = [(k, m) for k, m in evals.items() if m]
+    baseline = next((m["baseline"] for _, m in rows if isinstance(m.get("baseline"), dict)), None)
+    if baseline:
+        rows.append(("echo baseline", baseline))
+    if rows:
+        lines += ["Evaluation (`metrics/eval/*.json`: WikiText test split, Dolly test split):", "",
+                  "| model | " + " | ".join(".".join(k) for k in EVAL_KEYS) + " |",
+                  "|---|" + "---:|" * len(EVAL_KEYS)]
+        for k, m in rows:
+            cells = [m.get(a).get(b) if isinstance(m.get(a), dict) else None for a, b in EVAL_KEYS]
+            lines.append(f"| {k} | " + " | ".join(_text(v) for v in cells) + " |")
         lines.append("")
 
     lines += [

@@ -327,7 +327,7 @@ class EvalConfig:
         "Give me three tips for staying healthy.",
         "Explain what a neural network is in one sentence.",
     ])
-    """Fixed prompts whose answers go to metrics/samples.json."""
+    """Fixed prompts whose answers go to metrics/samples/{pretrain,finetune}.json."""
 
     def validate(self, prefix: str) -> None:
         _check(_device_ok(self.device),

@@ -43,6 +43,9 @@ Design choices (and why)
   The sliding window is ~700k token-forwards per model on the quick start and dominates; a larger
   `eval.stride` or an `eval.max_tokens` cap trades context or coverage for time. Measured with
   `python bench/eval_throughput.py` (numbers in its docstring).
+- One model per call (`run_eval`), one DVC stage per model (`eval@pretrain`, `eval@finetune`):
+  an experiment that changes only fine-tuning re-scores only the fine-tuned model, since the
+  pre-trained one's deps did not change (quick start, 2-core AVX2: ~26 s instead of ~58 s).
 """
 
 from __future__ import annotations
@@ -295,7 +298,7 @@ def greedy_answers(model: Callable, tok, prompts: Sequence[tuple[str, str]],
 
 @dataclass
 class EvalData:
-    """Everything the models are evaluated on (docs/FORMATS.md paths), read once for both."""
+    """Everything a model is evaluated on (docs/FORMATS.md paths)."""
 
     tokens: np.ndarray
     """Pre-training test stream with one <|endoftext|> prepended (see the module docstring)."""
@@ -308,7 +311,7 @@ class EvalData:
     questions: list[dict] = field(default_factory=list)
     """The first `generate_examples` SFT test rows: instruction, context, response."""
     tokenizer_hash: str = ""
-    """The tokenizer the token files were made with; both models must match it."""
+    """The tokenizer the token files were made with; the model must match it."""
 
 
 def read_split_size(stats_path: Path, split: str = "test") -> tuple[int, int]:
@@ -428,11 +431,13 @@ def check_model(config: dict, data: EvalData, cfg: EvalConfig, where: Path) -> N
         raise EvalError(f"eval.stride: {cfg.stride} exceeds the model's block_size ({block}, {where})")
 
 
-def run_eval(cfg: EvalConfig, model_dirs: dict[str, Path], tokens_dir: Path, processed_dir: Path,
+def run_eval(cfg: EvalConfig, model_dir: Path, tokens_dir: Path, processed_dir: Path,
              seconds: dict | None = None) -> tuple[dict, dict]:
-    """Evaluate every model directory -> (metrics for eval.json, samples for samples.json).
+    """Evaluate one model directory -> (metrics for its eval json, {prompt: answer}).
 
-    `seconds`, when given, receives {model name: {phase: wall seconds}}."""
+    One model per call (the eval stage is a foreach over the two models), so an experiment that
+    changes only fine-tuning re-scores only the fine-tuned model: DVC skips the other.
+    `seconds`, when given, receives {phase: wall seconds}."""
     from minigpt.checkpoint import load_model, read_config
 
     try:
@@ -440,25 +445,15 @@ def run_eval(cfg: EvalConfig, model_dirs: dict[str, Path], tokens_dir: Path, pro
     except DeviceError as e:
         raise EvalError(str(e)) from None
     data = load_eval_data(tokens_dir, processed_dir, cfg.generate_examples)
-    for directory in model_dirs.values():  # fail before minutes of work, not after them
-        check_model(read_config(directory), data, cfg, directory)
-    metrics: dict = {}
-    answers: dict[str, list[str]] = {}
-    windows = set()
-    for name, directory in model_dirs.items():
-        model, tok, _ = load_model(directory, device)
-        windows.add(model.config.block_size)
-        phases = {}
-        metrics[name], _, answers[name] = evaluate_model(model, tok, data, cfg, device, phases)
-        if seconds is not None:
-            seconds[name] = phases
-        del model
+    check_model(read_config(model_dir), data, cfg, model_dir)  # fail before minutes of work
+    model, tok, _ = load_model(model_dir, device)
+    metrics, _, answers = evaluate_model(model, tok, data, cfg, device, seconds)
     metrics["baseline"] = baseline_scores(data)
     n_targets = len(data.tokens) - 1
     scored = min(n_targets, cfg.max_tokens) if cfg.max_tokens else n_targets
     metrics["settings"] = {  # strings and booleans show in `dvc metrics show` too
         "method": "sliding_window",
-        "window": windows.pop() if len(windows) == 1 else "/".join(map(str, sorted(windows))),
+        "window": model.config.block_size,
         "stride": cfg.stride,
         "eot_scored": True,
         "tokens_scored": scored,
@@ -469,6 +464,4 @@ def run_eval(cfg: EvalConfig, model_dirs: dict[str, Path], tokens_dir: Path, pro
         "words": data.n_words * scored / n_targets,
         "generate_examples": len(data.questions),
     }
-    samples = {prompt: {name: answers[name][i] for name in model_dirs}
-               for i, prompt in enumerate(cfg.prompts)}
-    return rounded(metrics), samples
+    return rounded(metrics), dict(zip(cfg.prompts, answers))

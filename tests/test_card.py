@@ -44,7 +44,9 @@ def project(tmp_path) -> Path:
     _write(tmp_path / "data/tokens/sft/train.json", {"dtype": "uint16", "count": 3_100_456})
     _write(tmp_path / "metrics/pretrain.json", {"steps": 5000, "tokens": 20_480_000, "val_loss": 4.012})
     _write(tmp_path / "metrics/finetune.json", {"steps": 1200, "best_val_loss": 3.2109})
-    _write(tmp_path / "metrics/eval.json", {"val_ppl": 55.3, "rougeL": 0.213})
+    _write(tmp_path / "metrics/eval/finetune.json",
+           {"lm": {"perplexity": 55.3, "bits_per_byte": 1.25}, "sft": {"loss": 2.5},
+            "gen": {"rougeL": 0.213, "bleu": 4.5, "chrf": 20.1}, "baseline": {"gen": {"rougeL": 0.1}}})
     return tmp_path
 
 
@@ -67,7 +69,9 @@ def test_card_describes_model_data_training_and_licenses(project, capsys):
     assert "| train | 14,011 | 2,400,000 | 13,000,000 | 3,100,456 |" in card
     assert "| pretrain | 5,000 | 20,480,000 | - | 4.012 |" in card
     assert "| finetune | 1,200 | - | - | - | 3.2109 |" in card
-    assert "- val\\_ppl: 55.3" in card and "- rougeL: 0.213" in card
+    assert "| model | lm.perplexity | lm.bits_per_byte | lm.word_perplexity |" in card
+    assert "| finetune | 55.3 | 1.25 | - | 2.5 | 0.213 | 4.5 | 20.1 |" in card
+    assert "| echo baseline | - | - | - | - | 0.1 | - | - |" in card
     assert "stage `finetune`, 1,200 steps, 4,915,200 tokens, on cuda" in card
     assert card.count("CC BY-SA 3.0") >= 2 and "## Intended use and limits" in card
     assert "README.md" in capsys.readouterr().err
@@ -75,13 +79,17 @@ def test_card_describes_model_data_training_and_licenses(project, capsys):
 
 def test_card_without_project_files_and_with_hostile_ones(project, tmp_path):
     for f in ["data/processed/sft/stats.json", "metrics/pretrain.json", "metrics/finetune.json",
-              "metrics/eval.json"]:
+              "metrics/eval/finetune.json"]:
         (project / f).unlink()
     _write(project / "data/processed/pretrain/stats.json",
            {"source": "[click](http://evil.example)\n# injected", "train": {"documents": "x" * 5000}})
     (project / "data/tokens/pretrain/train.json").write_text("{not json")
+    _write(project / "metrics/eval/pretrain.json",
+           {"lm": "[click](http://evil.example)", "gen": {"rougeL": "x" * 5000, "bleu": [1, 2]},
+            "baseline": ["not a mapping"]})
     assert export(project) == 0
     card = (project / "hf" / "README.md").read_text()
+    assert "| pretrain | - | - | - | - | " in card and "echo baseline" not in card
     assert "[click](" not in card and "\n# injected" not in card and "x" * 200 not in card
     assert "no `data/processed/sft/stats.json` found" in card and "No `metrics/*.json` found." in card
     assert "see the dataset's own license" in card and "license: cc-by-sa-3.0" not in card

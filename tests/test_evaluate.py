@@ -332,22 +332,29 @@ def _stage():
     return module
 
 
+def _outputs(workspace: Path) -> dict[str, str]:
+    return {str(p.relative_to(workspace)): p.read_text()
+            for d in ("metrics/eval", "metrics/samples") for p in sorted((workspace / d).glob("*.json"))}
+
+
 def test_eval_stage_end_to_end(workspace, capsys):
     stage = _stage()
-    assert stage.main() == 0, capsys.readouterr().err
-    first = {name: (workspace / "metrics" / name).read_text() for name in ("eval.json", "samples.json")}
-    m = json.loads(first["eval.json"])
-    assert list(m) == ["pretrain", "finetune", "baseline", "settings"]
-
-    s = m["settings"]
-    count = json.loads((workspace / "data/tokens/pretrain/test.json").read_text())["count"]
-    assert s["tokens_scored"] == s["tokens_total"] == count  # every token, EOTs included
-    assert (s["method"], s["window"], s["stride"], s["eot_scored"]) == ("sliding_window", 32, 8, True)
-    assert (s["fraction_scored"], s["sizes_scaled"]) == (1.0, False)
-    stats = json.loads((workspace / "data/processed/pretrain/stats.json").read_text())["test"]
-    assert (s["bytes"], s["words"]) == (stats["bytes"], stats["words"])
-
     for name in ("pretrain", "finetune"):
+        assert stage.main([name]) == 0, capsys.readouterr().err
+        assert f"eval@{name}: ppl" in capsys.readouterr().out
+    first = _outputs(workspace)
+    assert sorted(first) == ["metrics/eval/finetune.json", "metrics/eval/pretrain.json",
+                             "metrics/samples/finetune.json", "metrics/samples/pretrain.json"]
+    count = json.loads((workspace / "data/tokens/pretrain/test.json").read_text())["count"]
+    stats = json.loads((workspace / "data/processed/pretrain/stats.json").read_text())["test"]
+    m = {name: json.loads(first[f"metrics/eval/{name}.json"]) for name in ("pretrain", "finetune")}
+    for name in ("pretrain", "finetune"):
+        assert list(m[name]) == ["lm", "sft", "gen", "baseline", "settings"]
+        s = m[name]["settings"]
+        assert s["tokens_scored"] == s["tokens_total"] == count  # every token, EOTs included
+        assert (s["method"], s["window"], s["stride"], s["eot_scored"]) == ("sliding_window", 32, 8, True)
+        assert (s["fraction_scored"], s["sizes_scaled"]) == (1.0, False)
+        assert (s["bytes"], s["words"]) == (stats["bytes"], stats["words"])
         lm, sft, gen = m[name]["lm"], m[name]["sft"], m[name]["gen"]
         assert 4.0 < lm["loss"] < 7.0  # random init: about ln(vocab)
         assert lm["perplexity"] == pytest.approx(math.exp(lm["loss"]), rel=1e-4)
@@ -358,44 +365,50 @@ def test_eval_stage_end_to_end(workspace, capsys):
         assert sft["examples"] + sft["dropped"] == 12 and sft["tokens"] > 0 and sft["loss"] > 0
         assert gen["examples"] == 3
         assert set(gen) == {"rouge1", "rouge2", "rougeL", "bleu", "chrf", "examples"}
+        assert m[name]["baseline"]["gen"]["examples"] == 3 and m[name]["baseline"]["gen"]["rouge1"] > 0
+        samples = json.loads(first[f"metrics/samples/{name}.json"])
+        assert list(samples) == PROMPTS and all(isinstance(v, str) for v in samples.values())
     assert m["pretrain"]["lm"]["loss"] != m["finetune"]["lm"]["loss"]
-    assert m["baseline"]["gen"]["examples"] == 3 and m["baseline"]["gen"]["rouge1"] > 0
+    assert m["pretrain"]["baseline"] == m["finetune"]["baseline"]
 
-    samples = json.loads(first["samples.json"])
-    assert list(samples) == PROMPTS
-    assert all(set(v) == {"pretrain", "finetune"} and isinstance(v["finetune"], str)
-               for v in samples.values())
-    assert "eval: pretrain ppl" in capsys.readouterr().out
+    # deterministic: a second run writes the same bytes; each item writes only its own files
+    (workspace / "metrics/eval/pretrain.json").unlink()
+    assert stage.main(["finetune"]) == 0
+    assert not (workspace / "metrics/eval/pretrain.json").exists()
+    assert stage.main(["pretrain"]) == 0
+    assert first == _outputs(workspace)
 
-    # deterministic: a second run writes the same bytes
-    assert stage.main() == 0
-    assert first == {name: (workspace / "metrics" / name).read_text() for name in first}
+
+def test_eval_stage_needs_one_model_name(workspace, capsys):
+    assert _stage().main(["both"]) == 2
+    assert "usage: python stages/eval.py pretrain|finetune" in capsys.readouterr().err
+    assert not (workspace / "metrics").exists()
 
 
 def test_eval_stage_max_tokens_scales_bytes_and_words(workspace):
     (workspace / "params.yaml").write_text(yaml.safe_dump(
         {"eval": {**EVAL, "max_tokens": 100, "generate_examples": 0, "prompts": []}}))
-    assert _stage().main() == 0
-    m = json.loads((workspace / "metrics/eval.json").read_text())
+    assert _stage().main(["finetune"]) == 0
+    m = json.loads((workspace / "metrics/eval/finetune.json").read_text())
     s = m["settings"]
     assert s["tokens_scored"] == 100 and s["sizes_scaled"] is True and s["fraction_scored"] == pytest.approx(100 / s["tokens_total"], rel=1e-5)
     stats = json.loads((workspace / "data/processed/pretrain/stats.json").read_text())["test"]
     assert s["bytes"] == pytest.approx(stats["bytes"] * s["fraction_scored"], rel=1e-5)
-    lm = m["finetune"]["lm"]
+    lm = m["lm"]
     assert lm["bits_per_byte"] == pytest.approx(lm["loss"] * 100 / math.log(2) / s["bytes"], rel=1e-4)
-    assert "gen" not in m["finetune"] and m["baseline"] == {}
-    assert json.loads((workspace / "metrics/samples.json").read_text()) == {}
+    assert "gen" not in m and m["baseline"] == {}
+    assert json.loads((workspace / "metrics/samples/finetune.json").read_text()) == {}
 
 
-@pytest.mark.parametrize("breakage,message", [
-    (lambda ws: shutil.rmtree(ws / "out/finetune"), "out/finetune: model directory not found"),
-    (lambda ws: (ws / "data/processed/pretrain/stats.json").unlink(), "stats.json: not found"),
-    (lambda ws: (ws / "params.yaml").write_text(yaml.safe_dump({"eval": {**EVAL, "stride": 64}})),
+@pytest.mark.parametrize("item,breakage,message", [
+    ("finetune", lambda ws: shutil.rmtree(ws / "out/finetune"), "out/finetune: model directory not found"),
+    ("pretrain", lambda ws: (ws / "data/processed/pretrain/stats.json").unlink(), "stats.json: not found"),
+    ("pretrain", lambda ws: (ws / "params.yaml").write_text(yaml.safe_dump({"eval": {**EVAL, "stride": 64}})),
      "eval.stride: 64 exceeds the model's block_size (32, out/pretrain)"),
 ])
-def test_eval_stage_errors_are_one_line(workspace, capsys, breakage, message):
+def test_eval_stage_errors_are_one_line(workspace, capsys, item, breakage, message):
     breakage(workspace)
-    assert _stage().main() == 2
+    assert _stage().main([item]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
-    assert not (workspace / "metrics/eval.json").exists()
+    assert not (workspace / "metrics").exists()

@@ -5,7 +5,7 @@ One module-scoped repo is built and reproduced once (its local sources tracked w
 order: every stage's outputs exist, a second `dvc repro` is a no-op, a parameter change re-runs
 exactly the stages that read it, `dvc exp run -S` / `dvc exp show` / `dvc metrics diff` compare
 runs, going back to a trained params set is restored from DVC's run-cache without training, a
-queued grid trains only finetune/eval, and a longer pretrain budget gives a fresh run's weights.
+queued grid trains only finetune and evaluates only the fine-tuned model, and a longer pretrain budget gives a fresh run's weights.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["process@pretrain", "process@sft", "tokenizer", "encode@pretrain", "encode@sft",
-          "pretrain", "finetune", "eval"]
+          "pretrain", "finetune", "eval@pretrain", "eval@finetune"]
 WORDS = ("the a of and river city music band album war king team game season film song game "
          "was is in on at by for with from first new old north south early late great small "
          "station church school party army league road bridge island forest").split()
@@ -133,7 +133,8 @@ def test_repro_builds_every_artifact(repo):
                  "data/tokenizer/tokenizer.json", "data/tokens/pretrain/train.bin",
                  "data/tokens/sft/train.mask.bin", "out/pretrain/model.safetensors",
                  "out/finetune/config.json", "metrics/pretrain.json", "metrics/finetune.json",
-                 "metrics/eval.json", "metrics/samples.json"]:
+                 "metrics/eval/pretrain.json", "metrics/eval/finetune.json",
+                 "metrics/samples/pretrain.json", "metrics/samples/finetune.json"]:
         assert (repo / path).is_file(), path
     assert _stale(repo) == set()
     second = _dvc(repo, "repro").stdout
@@ -145,8 +146,8 @@ def test_sft_param_change_reruns_only_the_sft_side(repo):
     assert _stale(repo) == {"process@sft"}
     out = _dvc(repo, "repro").stdout
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-    # encode@sft always re-runs; finetune/eval re-run because the sft tokens changed.
-    assert ran == {"process@sft", "encode@sft", "finetune", "eval"}, out
+    # encode@sft always re-runs; finetune and both evals re-run because the sft tokens changed.
+    assert ran == {"process@sft", "encode@sft", "finetune", "eval@pretrain", "eval@finetune"}, out
 
 
 @pytest.mark.slow  # 40 s: re-trains everything after the vocabulary change
@@ -179,13 +180,15 @@ def test_experiment_reruns_only_finetune_and_eval_and_is_comparable(repo):
     _run(repo, "git", "commit", "-qm", "baseline")
     out = _dvc(repo, "exp", "run", "-S", "finetune.lr=0.003").stdout
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"finetune", "eval"}, out
+    assert ran == {"finetune", "eval@finetune"}, out  # the pre-trained model is not re-scored
+    assert "Stage 'eval@pretrain' didn't change, skipping" in out, out
     shown = _metric_sets(json.loads(_dvc(repo, "exp", "show", "--json").stdout))
     finetune = [json.dumps(m["metrics/finetune.json"], sort_keys=True) for m in shown]
     assert len(set(finetune)) >= 2, "baseline and experiment should have different finetune metrics"
     diff = json.loads(_dvc(repo, "metrics", "diff", "--json").stdout or "{}")
-    assert "metrics/finetune.json" in diff and "metrics/eval.json" in diff
+    assert "metrics/finetune.json" in diff and "metrics/eval/finetune.json" in diff
     assert "metrics/pretrain.json" not in diff  # pretrain did not run again
+    assert "metrics/eval/pretrain.json" not in diff
 
 
 def test_going_back_to_trained_params_restores_from_run_cache(repo):
@@ -194,7 +197,7 @@ def test_going_back_to_trained_params_restores_from_run_cache(repo):
     proc = _dvc(repo, "exp", "run", "-S", "finetune.lr=0.0003")  # the baseline's value
     out = proc.stdout + proc.stderr
     assert "Stage 'finetune' is cached - skipping run" in out, out
-    assert "Stage 'eval' is cached - skipping run" in out, out
+    assert "Stage 'eval@finetune' is cached - skipping run" in out, out
     assert "Running stage" not in out and "finetune: masked val loss" not in out, out
     assert scratch.stat().st_mtime_ns == before  # no training touched the scratch state
     assert _stale(repo) == set()
@@ -227,7 +230,7 @@ def test_queued_grid_trains_only_finetune_and_eval(repo):
     logs = _queued_logs(repo)
     for name, log in logs.items():
         ran = {s for s in STAGES if f"Running stage '{s}'" in log}
-        assert ran == {"finetune", "eval"}, f"{name}:\n{log}"
+        assert ran == {"finetune", "eval@finetune"}, f"{name}:\n{log}"
     shown = json.dumps(json.loads(_dvc(repo, "exp", "show", "--json").stdout))
     assert '"lr": 0.001' in shown and '"lr": 0.002' in shown
 
