@@ -94,6 +94,9 @@ def test_linear_cross_entropy_without_grad_matches_cross_entropy():
             torch.testing.assert_close(linear_cross_entropy(h, w, t, chunk=chunk), ref)
         assert torch.isnan(linear_cross_entropy(h, w, torch.full((37,), IGNORE)))
         assert not torch.isfinite((h @ w.t()).exp()).all()  # the case the max subtraction is for
+        long_h, long_t = torch.randn(150, 8) * 30, torch.randint(0, 11, (150,))  # default chunks: 64
+        torch.testing.assert_close(linear_cross_entropy(long_h, w, long_t),
+                                   F.cross_entropy(long_h @ w.t(), long_t))
 
 
 def test_linear_cross_entropy_bf16_matches_autocast_cross_entropy():
