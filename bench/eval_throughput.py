@@ -17,29 +17,24 @@ turn within each repeat (medians compared, so other load hits all of them alike)
 Prints seconds, `ratio N.NNx` of minigpt against each, and whether NLL and tokens agree.
 Needs transformers for the third side (skipped with a note when it is missing).
 
-Measured (2-core AMD EPYC, AVX2 only, no AVX-512/bf16, quiet machine; quick-start 4x4x128,
-block 256, vocab 8192, random init, 20k tokens stride 128, 50 prompts x 96 new tokens):
-perplexity pass minigpt 2.64 s, before 3.73 s (1.41x), transformers 5.13 s (1.94x); greedy
-answers minigpt 2.11 s, before 20.79 s (9.83x), transformers generate() 36.85 s (17.4x), the same
-tokens on all three sides. The whole eval stage on the quick start's trained models (350k test
-tokens): 187 s before, 102 s after (1.85x), eval.json and samples.json byte-identical.
-2-core AMD EPYC Zen 5 (avx512f, avx512_bf16), quick-start 4x2x64 (`--repeats 3`): perplexity
-pass 1.69 s vs before 1.83 s (1.08x), transformers 3.81 s (2.25x); greedy answers 0.93 s vs
-4.83 s (5.17x), transformers 11.47 s (12.3x). The eval stage on the offline quick start's trained
-models: 53.7-59.6 s before (f61a90c), 30.3-34.1 s now (1.7-2.0x), eval.json identical; the
-perplexity pass is ~24 s of it, at 4 x 256-token windows per 30-40 ms single-thread batch (K=64
-matmuls at ~45 GFLOP/s). bf16 there moves the NLL by 1.3e-6 relative but is no faster at this
-width, so evaluation stays fp32.
-2-core AMD EPYC, AVX2 only, later main (the CPU fp32 head reuses one logits buffer, logsumexp in
-place; decoding on per-thread weight slabs), quick-start 4x2x64, `--repeats 3`: perplexity pass
-2.73 s vs before 4.06 s (1.49x), transformers 6.73 s (2.47x); greedy answers 1.24 s vs 12.33 s
-(9.95x), transformers 23.62 s (19.05x), same tokens. The eval stage on the offline quick start
-(pre-trained on WikiText-2's first 1,000 lines), alternating runs on a noisy VM: this session's
-start 53.7 / 61.0 s, now 53.0 / 57.9 s (within the noise: the head's in-process gain, 74.5 ->
-61.2 ms per batch on one thread, mostly vanishes with two workers sharing L3 and memory);
-eval.json and samples.json identical. The perplexity pass is ~43 s of it (~21 s per model, 700k token-forwards each): a
-4-window batch is ~55 ms on one thread, of which the LM head's K=64 matmul ~19 ms (28 GFLOP/s)
-and its softmax ~8 ms, attention ~9 ms, the blocks' matmuls ~11 ms.
+Measured, quick-start 4x2x64 (block 256, vocab 8192), `--repeats 3`:
+- 2-core AMD EPYC, AVX2 only (no AVX-512/bf16): perplexity pass 2.73 s vs before 4.06 s (1.49x),
+  transformers 6.73 s (2.47x); greedy answers 1.24 vs 12.33 s (9.95x), transformers 23.62 s
+  (19.05x), same tokens. A 4-window batch is ~55-60 ms on one thread: the LM head's K=64 matmul
+  ~19 ms (28 GFLOP/s) and its softmax ~8 ms, attention ~9 ms, the blocks' matmuls ~11 ms; two
+  workers scale it 1.9x. Loss chunks of 64 rows instead of 256 at this width: 1.10x on the pass
+  (6.12 -> 5.55 s for 100k tokens, two workers, alternating in one process).
+- 2-core AMD EPYC Zen 5 (avx512f, avx512_bf16): perplexity pass 1.69 s vs before 1.83 s (1.08x),
+  transformers 3.81 s (2.25x); greedy answers 0.93 s vs 4.83 s (5.17x), transformers 11.47 s
+  (12.3x). bf16 there moves the NLL by 1.3e-6 relative but is no faster at this width, so
+  evaluation stays fp32.
+The eval stage on the offline quick start's trained models (pre-trained on WikiText-2's first
+1,000 lines; 350,221 test tokens, 50 answers), AVX2 box: main at f61a90c (before this script's
+paths) 105.6 s for both models; now one stage per model, 29.5 s (eval@pretrain) + 28.0 s
+(eval@finetune) = 57.5 s (1.84x), and a fine-tuning experiment runs eval@finetune alone: 24.8-26.7
+s (~4x less than the 105.6 s that re-scored both). Metrics identical every time. The pass is ~21 s
+of each stage (700k token-forwards). On the older 4x4x128 quick start: 187 s before, 102 s after
+(1.85x); on Zen 5 53.7-59.6 s before, 30.3-34.1 s after (both models in one stage).
 """
 
 from __future__ import annotations
