@@ -29,7 +29,7 @@ Design choices (and why)
   written in place, so decoding one token allocates nothing proportional to the context. A decode
   step is a few hundred small ops around GEMVs, so the attention is written for few ops: RoPE is
   a flip and a multiply-add applied to q, k and v at once (identity on v), and one copy stores
-  k|v. On CPU in fp32 the cache also holds copies of the weights (`weights_t`) as one (in, out/P)
+  k|v. On CPU in fp32 the cache also holds copies of the weights (`weight_slabs`): one (in, out/P)
   slab per intra-op thread: MKL's GEMV reads (in, out) about twice as fast as nn.Linear's
   (out, in) rows, but on one thread whatever the thread count, while a batch of P slabs (`bmm`)
   streams on all P threads (bench/generate_throughput.py).
@@ -124,7 +124,7 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
         self.lengths: Tensor | None = None
-        self.weights_t: dict[nn.Module, Tensor] = {}  # (P, in, out/P) weight slabs, CPU decoding
+        self.weight_slabs: dict[nn.Module, Tensor] = {}  # (P, in, out/P) weight slabs, CPU decoding
 
     def reset(self) -> None:
         self.pos = 0  # stale entries beyond pos are never read
@@ -155,7 +155,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def _linear(x: Tensor, lin: nn.Module, cache: KVCache | None) -> Tensor:
     """lin(x) (a bias-free Linear, or the tied head's Embedding), through the cache's (P, in,
     out/P) slabs of the weight when it holds them: one batched matmul, a slab per thread."""
-    slabs = cache.weights_t.get(lin) if cache is not None else None
+    slabs = cache.weight_slabs.get(lin) if cache is not None else None
     if slabs is None:
         return F.linear(x, lin.weight)
     n_slabs, c_in, width = slabs.shape
@@ -355,7 +355,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self._weights_t: tuple[list, list, dict] | None = None  # see decode_weights()
+        self._decode_slabs: tuple[list, list, dict] | None = None  # see decode_weights()
         # On the meta device (checkpoint.check_weights: shapes only) only the parameters are
         # made, uninitialised: normal_ or RoPE's math on meta costs ~1.4 s once per process (it
         # imports torch._dynamo). Elsewhere init is unchanged, so seeds give the same weights.
@@ -456,12 +456,12 @@ class GPT(nn.Module):
         mods = [m for m in self.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
         n_slabs = torch.get_num_threads()
         key = [n_slabs] + [(m.weight.data_ptr(), m.weight._version) for m in mods]
-        if self._weights_t is None or self._weights_t[0] != key:
+        if self._decode_slabs is None or self._decode_slabs[0] != key:
             # the key's tensors stay referenced (detach shares storage and version counter), so
             # a replaced weight's address cannot be reused by a new one and read as unchanged
             pinned = [m.weight.detach() for m in mods]
-            self._weights_t = (key, pinned, {m: _slabs(w, n_slabs) for m, w in zip(mods, pinned)})
-        return self._weights_t[2]
+            self._decode_slabs = (key, pinned, {m: _slabs(w, n_slabs) for m, w in zip(mods, pinned)})
+        return self._decode_slabs[2]
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None
                   ) -> KVCache:
@@ -478,5 +478,5 @@ class GPT(nn.Module):
         max_len = min(max_len or c.block_size, c.block_size)
         cache = KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, device, dtype)
         if device.type == "cpu" and w.dtype == torch.float32 and not autocast:
-            cache.weights_t = self.decode_weights()
+            cache.weight_slabs = self.decode_weights()
         return cache

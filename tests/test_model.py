@@ -155,21 +155,21 @@ def test_cpu_decode_reads_weight_slabs_one_per_thread(threads):
         with torch.no_grad():
             cache = model.new_cache(2)
             linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
-            assert set(cache.weights_t) == set(linears)  # every matmul weight, the tied head included
-            for m, slabs in cache.weights_t.items():
+            assert set(cache.weight_slabs) == set(linears)  # every matmul weight, the tied head included
+            for m, slabs in cache.weight_slabs.items():
                 out, c_in = m.weight.shape
                 assert slabs.shape == (threads, c_in, -(-out // threads)) and slabs.is_contiguous()
                 joined = slabs.transpose(0, 1).reshape(c_in, -1)
                 assert torch.equal(joined[:, :out], m.weight.t()) and not joined[:, out:].any()
-            assert model.new_cache(1).weights_t is cache.weights_t  # made once, not per cache
+            assert model.new_cache(1).weight_slabs is cache.weight_slabs  # made once, not per cache
             with torch.autocast("cpu", dtype=torch.bfloat16):  # the copies would be cast every step
-                assert model.new_cache(1).weights_t == {}
+                assert model.new_cache(1).weight_slabs == {}
             plain = model.new_cache(2)
-            plain.weights_t = {}
+            plain.weight_slabs = {}
             a = [model(x[:, :8], cache=cache)[0]] + [model(x[:, i : i + 1], cache=cache)[0] for i in range(8, 12)]
             b = [model(x[:, :8], cache=plain)[0]] + [model(x[:, i : i + 1], cache=plain)[0] for i in range(8, 12)]
             torch.set_num_threads(threads + 1)  # another thread count: new slabs
-            assert model.new_cache(1).weights_t is not cache.weights_t
+            assert model.new_cache(1).weight_slabs is not cache.weight_slabs
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(torch.cat(a), torch.cat(b), atol=1e-5, rtol=1e-5)
