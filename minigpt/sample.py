@@ -192,7 +192,7 @@ def generate_batch(model, ids: list[int], max_new_tokens: int, num_samples: int,
         one = cache if B == 1 else model.new_cache(1, device=device)
         logits, _ = model(torch.tensor([prompt], device=device), cache=one)
         if B > 1:  # the prompt's keys/values, once, for every row
-            cache.kv[:, :, :, : one.pos] = one.kv[:, :, :, : one.pos]
+            cache.copy_prefix(one)
             cache.pos = one.pos
             logits = logits.expand(B, -1, -1)
         out: list[list[int]] = [[] for _ in range(B)]
@@ -263,7 +263,7 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int,
         for r, i in enumerate(rows):  # prefill alone: the same numbers as `generate`
             one.reset()
             logits, _ = model(torch.tensor([prompts[i]], device=device), cache=one)
-            cache.kv[:, r, :, : one.pos] = one.kv[:, 0, :, : one.pos]
+            cache.copy_prefix(one, slice(r, r + 1))
             firsts.append(logits[:, -1])
         nxt = torch.cat(firsts).float().argmax(-1, keepdim=True)
         cache.lengths = torch.tensor([len(prompts[i]) for i in rows], device=device)
@@ -278,8 +278,8 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int,
                 return out
             if len(keep) < len(rows):  # finished rows leave the batch
                 index = torch.tensor(keep, device=device)
-                cache.kv, cache.lengths, nxt = (cache.kv.index_select(1, index),
-                                                cache.lengths[index], nxt[index])
+                cache.keep_rows(index)
+                nxt = nxt[index]
                 rows = [rows[r] for r in keep]
                 # a row's cache holds its prompt and all its tokens but the newest
                 cache.pos = max(len(prompts[i]) + len(out[i]) - 1 for i in rows)

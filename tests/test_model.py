@@ -231,8 +231,8 @@ def test_ragged_cache_rows_decode_at_their_own_positions():
         for r, n in enumerate(lens):  # prefill alone, then copy into the row
             one.reset()
             model(x[r : r + 1, :n], cache=one)
-            cache.kv[:, r, :, :n] = one.kv[:, 0, :, :n]
-        cache.kv[:, 0, :, 3:] = 1e4  # garbage past row 0's length must stay masked
+            cache.copy_prefix(one, slice(r, r + 1))
+        cache.kv[:, :, 0, :, 3:] = 1e4  # garbage past row 0's length must stay masked
         for step in range(4):
             cache.lengths, cache.pos = torch.tensor([n + step for n in lens]), max(lens) + step
             new = torch.stack([x[r, n + step] for r, n in enumerate(lens)])[:, None]
