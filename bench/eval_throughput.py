@@ -26,6 +26,9 @@ Measured, quick-start 4x2x64 (block 256, vocab 8192), `--repeats 3`:
   (6.12 -> 5.55 s for 100k tokens, two workers, alternating in one process).
   With it: perplexity pass 2.16 s vs before 2.88 s (1.33x), transformers 6.32 s (2.93x); greedy
   answers 1.63 s vs 12.76 s (7.82x), transformers 23.58 s (14.44x), same tokens (a busier moment).
+  With the KV cache's batch and head dims adjacent (attention reads it in place): perplexity
+  pass 2.11 s vs transformers 6.37 s (3.02x); greedy answers 1.16 s vs before 12.79 s (11.04x),
+  transformers 23.40 s (20.19x), same tokens.
 - 2-core AMD EPYC Zen 5 (avx512f, avx512_bf16): perplexity pass 1.69 s vs before 1.83 s (1.08x),
   transformers 3.81 s (2.25x); greedy answers 0.93 s vs 4.83 s (5.17x), transformers 11.47 s
   (12.3x). bf16 there moves the NLL by 1.3e-6 relative but is no faster at this width, so
