@@ -37,7 +37,10 @@ The eval stage on the offline quick start's trained models (pre-trained on WikiT
 1,000 lines; 350,221 test tokens, 50 answers), AVX2 box: main at f61a90c (before this script's
 paths) 105.6 s for both models; now one stage per model, 29.5 s (eval@pretrain) + 28.0 s
 (eval@finetune) = 57.5 s (1.84x), and a fine-tuning experiment runs eval@finetune alone: 24.8-26.7
-s (~4x less than the 105.6 s that re-scored both). Metrics identical every time. The pass is ~21 s
+s (~4x less than the 105.6 s that re-scored both). With the narrower loss chunks and the KV
+layout, process wall times alternating with f61a90c: 100.4 / 93.0 s before, 25.5 + 24.2 / 25.1 +
+24.7 s now (1.87-2.02x for both models; 3.8-4.1x for eval@finetune alone). Metrics identical
+every time. The pass is ~21 s
 of each stage (700k token-forwards). On the older 4x4x128 quick start: 187 s before, 102 s after
 (1.85x); on Zen 5 53.7-59.6 s before, 30.3-34.1 s after (both models in one stage).
 """
