@@ -1,7 +1,7 @@
 """Decoding throughput: minigpt.sample.generate vs transformers generate() on the same weights.
 
     python bench/generate_throughput.py [--new 200] [--prompt 20] [--repeats 5] [--tiny] [--threads N]
-                                        [--num_samples 8]
+                                        [--num_samples 8] [--device cpu|cuda]
 
 Seed config by default (6 layers, 6 heads, 384 wide, block 256, vocab 30000), random init. The
 model is exported with minigpt.export to a temporary directory and reloaded as LlamaForCausalLM,
@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--dtypes", default="auto", help="comma list of fp32,bf16; auto: bf16 only if fast here")
     ap.add_argument("--num_samples", type=int, default=0, help="also time batched sampling of N")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: both sides on it (tokens come back each step)")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -110,11 +111,13 @@ def main() -> None:
         export_hf(ours, Path(tmp) / "tokenizer.json", Path(tmp) / "hf", chat_template=None,
                   eos_id=0, pad_id=1)
         hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf").eval()
+    ours, hf = ours.to(args.device), hf.to(args.device)
     prompt = torch.randint(5, V, (args.prompt,)).tolist()
-    x = torch.tensor([prompt])
+    x = torch.tensor([prompt], device=args.device)
     print(f"{L} layers, {H} heads, {C} wide, vocab {V}; batch 1, prompt {args.prompt}, "
-          f"{args.new} new tokens, {torch.get_num_threads()} threads")
-    dtypes = args.dtypes if args.dtypes != "auto" else "fp32,bf16" if cpu_has_bf16() else "fp32"
+          f"{args.new} new tokens, {args.device}, {torch.get_num_threads()} threads")
+    fast_bf16 = args.device != "cpu" or cpu_has_bf16()
+    dtypes = args.dtypes if args.dtypes != "auto" else "fp32,bf16" if fast_bf16 else "fp32"
     for name in dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
         ours.to(dtype)
