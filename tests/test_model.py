@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minigpt import model as model_mod
 from minigpt.model import GPT, GPTConfig, IGNORE, linear_cross_entropy
 from minigpt.optim import adamw
 
@@ -132,6 +133,46 @@ def test_bf16_autocast_loss_close_to_fp32():
     assert abs(loss.item() - ref) < 2e-2
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert model.tok_emb.weight.grad.dtype == torch.float32
+
+
+def test_plain_causal_attention_matches_sdpa_and_takes_only_small_cpu_bf16():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    go = torch.randn(2, 3, 17, 8, generator=g, dtype=torch.float64)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    got = model_mod.causal_attention(q, k, v)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)  # the same math
+    grads = torch.autograd.grad(ref, (q, k, v), go)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), go), grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    out = model_mod.causal_attention(qb, kb, vb)  # in bf16: within bf16 rounding of the exact result
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=3e-2)
+    for a, b in zip(torch.autograd.grad(out, (qb, kb, vb), go.bfloat16()), grads):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=6e-2)
+    assert model_mod._plain_causal(qb) and not model_mod._plain_causal(q.float())
+    big = torch.empty(1, 1, 2**12 + 1, 8, dtype=torch.bfloat16)  # > CAUSAL_SCORES: flash, no T^2 scores
+    assert not model_mod._plain_causal(big)
+
+
+def test_bf16_training_uses_plain_attention_with_the_same_gradients(monkeypatch):
+    model = tiny()
+    x, y = batch()
+    grads, calls = {}, []
+    plain_attention = model_mod.causal_attention
+    monkeypatch.setattr(model_mod, "causal_attention", lambda *a: calls.append(1) or plain_attention(*a))
+    for plain in (True, False):
+        if not plain:
+            monkeypatch.setattr(model_mod, "_plain_causal", lambda q: False)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(x, y)
+        loss.backward()
+        grads[plain] = (loss.item(), [p.grad.clone() for p in model.parameters()])
+        assert len(calls) == model.config.n_layer  # once per layer in the plain run, no more after
+    assert abs(grads[True][0] - grads[False][0]) < 1e-2
+    for a, b in zip(grads[True][1], grads[False][1]):
+        torch.testing.assert_close(a, b, rtol=0.1, atol=2e-3)
 
 
 def test_causal():
