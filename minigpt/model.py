@@ -178,7 +178,9 @@ def _linear(x: Tensor, lin: nn.Module, cache: KVCache | None) -> Tensor:
         return F.linear(x, lin.weight)
     n_slabs, c_in, width = slabs.shape
     y = torch.bmm(x.reshape(1, -1, c_in).expand(n_slabs, -1, -1), slabs)  # (P, rows, out/P)
-    y = y.transpose(0, 1).reshape(*x.shape[:-1], n_slabs * width)  # a view when rows == 1
+    if x.numel() != c_in:  # rows > 1: row-major again; one row is already in order (no ops)
+        y = y.transpose(0, 1)
+    y = y.reshape(*x.shape[:-1], n_slabs * width)
     n_out = lin.weight.shape[0]
     return y if y.shape[-1] == n_out else y[..., :n_out]  # the last slab's zero padding
 
@@ -291,8 +293,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
-        return x + self.mlp(self.mlp_norm(x), cache)
+        # F.rms_norm, not the modules' __call__: ~4 us less each, 13 per decode step
+        n1, n2 = self.attn_norm, self.mlp_norm
+        x = x + self.attn(F.rms_norm(x, n1.normalized_shape, n1.weight, n1.eps), cos, sin, cache, layer)
+        return x + self.mlp(F.rms_norm(x, n2.normalized_shape, n2.weight, n2.eps), cache)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -374,16 +378,18 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int | Non
             logits = (h[i : i + chunk].to(dtype) @ wc.t()).float()
             total += F.cross_entropy(logits, targets[i : i + chunk], reduction="sum")
         return total / n
-    # CPU fp32 (evaluation), every target valid: one logits buffer reused (its pages stay mapped
-    # and in cache) and logsumexp by hand in place, instead of a fresh logits tensor per chunk and
-    # log_softmax's second one of the same size: 1.1-1.7x per chunk (bench/eval_throughput.py).
-    buf = torch.empty(min(chunk, targets.numel()), w.shape[0])
+    # CPU fp32 (evaluation), every target valid: the logits and log-probabilities of each chunk
+    # go to two buffers made once (their pages stay mapped and in cache), not to fresh tensors:
+    # 1.1-1.7x per chunk on AVX2. log_softmax's own vectorised exp beats a hand-written
+    # max/sub/exp_/sum/log chain over the same buffer (Zen 5, one thread, width 64, vocab 8192,
+    # 64-row chunks: 5.99 vs 6.51 ms per 256 rows, of which the matmuls are 3.24).
+    rows = min(chunk, targets.numel())
+    buf, logp = torch.empty(rows, w.shape[0]), torch.empty(rows, w.shape[0])
     for i in range(0, targets.numel(), chunk):
         t = targets[i : i + chunk]
         logits = torch.mm(h[i : i + chunk], wc.t(), out=buf[: t.numel()])
-        picked = logits.gather(1, t[:, None])
-        top = logits.amax(1, keepdim=True)
-        total += (logits.sub_(top).exp_().sum(1, keepdim=True).log_() + top - picked).sum()
+        torch.ops.aten._log_softmax.out(logits, 1, False, out=logp[: t.numel()])
+        total -= logp[: t.numel()].gather(1, t[:, None]).sum()
     return total / n
 
 
