@@ -83,7 +83,7 @@ def test_linear_cross_entropy_chunking_and_grad_scaling():
 
 
 def test_linear_cross_entropy_without_grad_matches_cross_entropy():
-    # the no-grad CPU fp32 path (one reused logits buffer, logsumexp in place): chunk remainders,
+    # the no-grad CPU fp32 path (logits and log-probabilities in reused buffers): chunk remainders,
     # ignored rows, logits large enough that a plain exp would overflow, all rows ignored
     torch.manual_seed(0)
     h, w = torch.randn(37, 8) * 30, torch.randn(11, 8)
@@ -98,6 +98,28 @@ def test_linear_cross_entropy_without_grad_matches_cross_entropy():
         long_h, long_t = torch.randn(150, 8) * 30, torch.randint(0, 11, (150,))  # default chunks: 64
         torch.testing.assert_close(linear_cross_entropy(long_h, w, long_t),
                                    F.cross_entropy(long_h @ w.t(), long_t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_training_path_takes_underflowing_targets_exactly(dtype):
+    # the training path gets log p(target) from the softmax; a target whose probability
+    # underflows fp32 (logits ~30x apart here) takes its log-probability from log_softmax instead
+    from minigpt.model import TINY_PROB, _LinearCrossEntropy
+
+    torch.manual_seed(0)
+    h, w = (torch.randn(37, 8) * 30).requires_grad_(), torch.randn(11, 8).requires_grad_()
+    t = torch.randint(0, 11, (37,))
+    logits = (h.to(dtype) @ w.to(dtype).t()).float()  # rounded to dtype, as the path computes them
+    assert (logits.softmax(-1).gather(1, t[:, None]) < TINY_PROB).sum() >= 5  # the case under test
+    ref = F.cross_entropy(logits.double(), t)
+    gh, gw = torch.autograd.grad(ref, (h, w))
+    loss = _LinearCrossEntropy.apply(h, w, t, dtype, 16, 5)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+    h2, w2 = torch.autograd.grad(loss, (h, w))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(h2.double(), gh.double(), **tol)
+    torch.testing.assert_close(w2.double(), gw.double(), **tol)
 
 
 def test_linear_cross_entropy_bf16_matches_autocast_cross_entropy():
