@@ -15,8 +15,9 @@ Design choices (and why)
 - Attention goes through `F.scaled_dot_product_attention` (flash/fused kernels where available),
   except CPU bf16 training-size attention (`causal_attention`): two matmuls around a softmax
   run fwd+bwd in ~12 ms per seed-config layer against the flash kernel's ~25-30 in bf16 (Zen 5,
-  AVX512-BF16), a bf16 step 1,845 -> ~1,940 tok/s. Its (B, H, T, T) scores are kept for
-  backward, so it stops at CAUSAL_SCORES; fp32 keeps flash (21 vs 27 ms per layer).
+  AVX512-BF16): a bf16 step 1,869 -> 2,055 tok/s paired (quick-start shape 1.09x; not yet
+  measured on AMX). Its (B, H, T, T) scores are kept for backward, so it stops at
+  CAUSAL_SCORES; fp32 keeps flash (21 vs 27 ms per layer).
 - The loss never materialises the full (B, T, vocab) logits: `_LinearCrossEntropy` walks the rows
   in chunks, computing logits, loss and both gradients while a chunk is still in cache, in the
   autocast dtype for matmuls and fp32 for the softmax. At vocab 30k the LM head is half the FLOPs
