@@ -33,6 +33,12 @@ Measured, quick-start 4x2x64 (block 256, vocab 8192), `--repeats 3`:
   transformers 3.81 s (2.25x); greedy answers 0.93 s vs 4.83 s (5.17x), transformers 11.47 s
   (12.3x). bf16 there moves the NLL by 1.3e-6 relative but is no faster at this width, so
   evaluation stays fp32.
+- Zen 5 again, 2026-12-06, on the offline quick start's trained pre-training model (`--model
+  out/pretrain --test data/tokens/pretrain/test.bin`): perplexity pass 1.07 s vs before 1.66 s
+  (1.55x), transformers 3.17 s (2.97x); greedy answers 0.76 s vs before 4.34 s (5.70x),
+  transformers 8.68 s (11.4x), same tokens. The no-grad loss's log_softmax into a reused buffer
+  gave 1.07x on the pass (paired, NLL 2e-8 relative); 2, 8 or 16 windows per batch instead of 4:
+  1.61, 1.38, 1.47 s vs 1.42 s per 60k tokens (kept 4).
 The eval stage on the offline quick start's trained models (pre-trained on WikiText-2's first
 1,000 lines; 350,221 test tokens, 50 answers), AVX2 box: main at f61a90c (before this script's
 paths) 105.6 s for both models; now one stage per model, 29.5 s (eval@pretrain) + 28.0 s
@@ -42,7 +48,13 @@ layout, process wall times alternating with f61a90c: 100.4 / 93.0 s before, 25.5
 24.7 s now (1.87-2.02x for both models; 3.8-4.1x for eval@finetune alone). Metrics identical
 every time. The pass is ~21 s
 of each stage (700k token-forwards). On the older 4x4x128 quick start: 187 s before, 102 s after
-(1.85x); on Zen 5 53.7-59.6 s before, 30.3-34.1 s after (both models in one stage).
+(1.85x); on Zen 5 53.7-59.6 s before, 30.3-34.1 s after (both models in one stage). Zen 5,
+2026-12-06, current quick start trained there (bf16), process wall times alternating:
+f61a90c 46.5 / 43.8 s for both models, main at this session's start 13.9 + 13.5 / 12.7 + 12.1 s
+(1.69-1.77x); with the log_softmax loss, f61a90c 49.8 / 49.6 s (a slower hour), now 13.5 + 14.2
+/ 13.2 + 13.4 s (1.80-1.86x; eval@finetune alone 3.5-3.7x), metrics identical to the digit.
+Each stage is ~9 s of perplexity pass, ~1 s SFT loss, ~2 s answers and scoring (rouge_score's
+import alone 1.2 s) and ~1.5 s of process start (torch's import).
 """
 
 from __future__ import annotations

@@ -33,6 +33,19 @@ Measured (2-core AMD EPYC, AVX2 only, no AVX-512/bf16; `--repeats 3 --new 100 --
   9 GB/s over nn.Linear's (out, in) layout and 17-20 over (in, out), oneDNN's bf16 GEMV 8-15:
   the matmuls take ~5-7 ms of the 8-10 ms per token, and the rest is ~400 small ops. (Measured
   before the per-thread slabs; not yet re-measured there.)
+- 2-core AMD EPYC Zen 5 again (avx512f, avx512_bf16; L3 32 MiB), 2026-12-06, with the
+  per-thread slabs (`--repeats 3-5 --new 100`): fp32 4.83 vs 12.73 ms/token (2.64x), 4.75 vs
+  11.77 (2.48x), a busier moment 6.36 vs 13.24 (2.08x); bf16 6.75 vs 7.95 (1.18x), 6.91 vs
+  7.94 (1.15x); same tokens 100/100; `--num_samples 8`: 2.83x (fp32). Where a fp32 step goes
+  (timed in place): 6 blocks 3.4-3.6 ms, of which streaming their 42 MB of slabs ~2.2 ms; the
+  head's 46 MB 1.1-1.4 ms; argmax + sync 0.05 ms. Floors: all weights as two slabs in one bmm
+  each 3.2 ms, a plain 88 MB read 2.1-2.25 ms, the same ops at trivial width 0.96 ms/token
+  (so ~3.7 ms/token, 3.2-3.4x transformers, is the eager floor here). bf16 weights stream no
+  faster (all of them: F.linear 3.05 ms, slabs 3.12, (in, out) 2.96), and bf16's small ops and
+  attention matmuls cost more than fp32's (a bf16 step 6.8 ms), so CPU decoding stays fp32.
+  Tried without gain: MKL/oneDNN packed weights (4.2-5.2 ms for all weights), 4 or 8 slabs
+  (3.6-4.1 ms), 2 MB pages for the slabs (3-8% on the weights alone), bmm over (B*H) views for
+  the decode attention instead of 4-D matmuls (4.69 vs 4.69 ms/token).
 - 2-core Intel Xeon with AMX (amx_bf16, avx512_bf16, avx512_fp16), 2026-12-02 (`--repeats 3
   --new 100 --dtypes fp32,bf16 --num_samples 8`): fp32 8.22 vs 12.76 ms/token (1.55x), bf16
   11.25 vs 14.27 (1.27x), same tokens 100/100; 8 samples as one batch 2.71x (fp32) and 3.82x

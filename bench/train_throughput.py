@@ -30,6 +30,17 @@ Measured (seed config, fp32, batch 8, `--steps 8 --warmup 2`):
   matmuls alone cap MFU near 40%; matmuls are ~60% of our bf16 step. `--compile` (bf16,
   inductor C++): ours 1,481 vs GPT-2 1,809 tok/s after ~2 min of compiling: no gain for ours,
   so `compile: false` stays the CPU default.
+- 2-core AMD EPYC Zen 5 again (avx512f/bw/vl, avx512_bf16, avx512_vnni; no AMX; L2 2 MiB/core,
+  L3 32 MiB), 2026-12-06, `--steps 8 --warmup 2 --keep-freed-memory`: at this session's start
+  fp32 1,160 vs 1,138 tok/s (1.02x), bf16 1,854 vs 1,921 (0.96x); after the plain bf16 attention
+  (`model.causal_attention`) and the softmax-based loss blocks: fp32 1,262 vs 1,213 (1.04x, MFU
+  36.0%), bf16 2,139 vs 1,961 (1.09x, MFU 31.2%); `--tiny` fp32 4,158 vs 3,794 (1.10x), bf16
+  7,633 vs 6,530 (1.17x). Paired in one process (ours old vs new): bf16 attention 1.10x,
+  loss blocks 1.02x (seed) / 1.09x bf16 and 1.11x fp32 (quick-start shape). The ceiling: a
+  bf16 GEMM of these shapes runs at 400-430 GFLOP/s on both cores here (205 on one; a 2048^3
+  bf16 GEMM 398), fp32 through MKL 143-187 (oneDNN 156-212, but no faster in the whole step:
+  1,126 vs 1,131 tok/s); aten::mm is 74% of our bf16 step and 82% of fp32, with the same GEMMs
+  on GPT-2's side, so 1.3x over it would need the rest of our step near zero.
 - 2-core Intel Xeon with AMX (amx_bf16/amx_tile, avx512_bf16, avx512_fp16), 2026-12-02
   (`--dtype fp32 bf16 --steps 8 --warmup 2`): fp32 893 vs 877 tok/s (1.02x), bf16 1,628 vs
   1,606 (1.01x). Profile (bf16): aten::mm 47% of our step, the flash-attention kernel 16% (its
