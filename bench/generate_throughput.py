@@ -44,7 +44,8 @@ Measured (2-core AMD EPYC, AVX2 only, no AVX-512/bf16; `--repeats 3 --new 100 --
   faster (all of them: F.linear 3.05 ms, slabs 3.12, (in, out) 2.96), and bf16's small ops and
   attention matmuls cost more than fp32's (a bf16 step 6.8 ms), so CPU decoding stays fp32.
   Tried without gain: MKL/oneDNN packed weights (4.2-5.2 ms for all weights), 4 or 8 slabs
-  (3.6-4.1 ms), 2 MB pages for the slabs (3-8% on the weights alone), bmm over (B*H) views for
+  (3.6-4.1 ms), 2 MB pages for the slabs (madvise; 3-8% on the weights alone, 4.82 -> 4.71
+  ms/token in the loop: not worth an mmap allocator), bmm over (B*H) views for
   the decode attention instead of 4-D matmuls (4.69 vs 4.69 ms/token).
 - 2-core Intel Xeon with AMX (amx_bf16, avx512_bf16, avx512_fp16), 2026-12-02 (`--repeats 3
   --new 100 --dtypes fp32,bf16 --num_samples 8`): fp32 8.22 vs 12.76 ms/token (1.55x), bf16
