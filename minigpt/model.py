@@ -27,10 +27,11 @@ Design choices (and why)
   faults and cache misses than the math (seed config, bf16, Zen 5: the loss went from 975 to
   ~540 ms per 2,048 rows, as fast as autograd through full fp32 logits with 1/5 of the memory;
   `python bench/train_throughput.py --dtype bf16 --profile`).
-  Each block takes softmax (fp32) and log p(target) as the log of its entry, not log_softmax
-  then exp: torch's exp kernel writing bf16 costs 3x the softmax itself (quick-start bf16 step
-  26.5k -> 28.9k tok/s, fp32 16.5k -> 18.2k, seed config bf16 2,036 -> 2,087; paired, Zen 5).
-  A target probability under TINY_PROB (fp32 underflow is near) takes log_softmax's value instead.
+  Each block takes the softmax (fp32) and log p(target) as the log of its entry, not log_softmax
+  then exp: torch's exp kernel writing bf16 costs 3x the softmax itself (quick-start step, paired
+  on Zen 5: bf16 23.3k -> 25.5k tok/s, fp32 18.4k -> 19.8k; seed config bf16 2,133 -> 2,198). A
+  block with a target probability under TINY_PROB (near fp32 underflow) also runs log_softmax
+  for exact logs; so does every block under torch.compile, which then has no graph break.
   Rows whose target is -100 (SFT prompts, padding) are skipped before the head, not after.
   That is the CPU path; on a GPU, launch overhead dominates at this size, so the plain fused
   cross-entropy over full logits is used instead (and compiles without graph breaks).
@@ -66,7 +67,7 @@ if TYPE_CHECKING:
     from minigpt.config import ModelConfig
 
 SOFTMAX_LOGITS = 2**21  # fp32 logits per softmax block of the chunked loss (8 MB: in cache)
-TINY_PROB = 1e-30  # a target probability below this (fp32 underflows ~1e-38) takes its log exactly
+TINY_PROB = 1e-30  # target probabilities below this (fp32 underflows ~1e-38) take log_softmax's log
 IGNORE = -100  # the targets' "not a target" id (cross-entropy ignore_index): SFT prompts, padding
 
 
@@ -333,10 +334,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 p = torch.softmax(gj, dim=-1, dtype=torch.float32)
                 target = p.gather(1, tj)
                 logp = target.log()
-                tiny = target < TINY_PROB  # near fp32's underflow: those rows' log-probability exactly
-                if bool(tiny.any()):
-                    r = tiny.view(-1).nonzero().view(-1)
-                    logp[r] = torch.log_softmax(gj[r], dim=-1, dtype=torch.float32).gather(1, tj[r])
+                tiny = target < TINY_PROB  # fp32 underflow is near: those log-probabilities exactly
+                if torch.compiler.is_compiling() or bool(tiny.any()):  # no data-dependent graph break
+                    exact = torch.log_softmax(gj, dim=-1, dtype=torch.float32).gather(1, tj)
+                    logp = torch.where(tiny, exact, logp)
                 loss -= (logp * vi[j : j + rows]).sum()
                 gj.copy_(p)
                 gj.scatter_(1, tj, (target - 1).to(dtype))  # p - 1 in fp32, not in bf16
