@@ -420,3 +420,21 @@ def test_knob_shapes_and_init():
     assert not hasattr(tiny(mlp="relu2").layers[0].mlp, "gate_up")
     with pytest.raises(ValueError, match="mlp"):
         GPTConfig(vocab_size=10, n_layer=1, n_head=4, n_embd=32, block_size=8, mlp="gelu")
+
+
+@pytest.mark.slow
+def test_compiled_training_loss_has_no_graph_break():
+    # torch.compile on CPU traces the chunked loss whole (~12 s to compile; a break doubled that)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny()
+    x, y = batch()
+    y[0, :5] = IGNORE
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = torch.compile(model)(x, y)
+        _, ref = model(x, y)
+    loss.backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
