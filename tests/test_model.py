@@ -238,6 +238,35 @@ def test_cpu_decode_reads_weight_slabs_one_per_thread(threads):
     torch.testing.assert_close(torch.cat(a), torch.cat(b), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 3])  # 3: padded slabs
+@pytest.mark.parametrize("knobs", [{}, {"qk_norm": True, "mlp": "relu2", "logit_softcap": 15.0}])
+def test_lean_decode_step_equals_the_blocks_bitwise(threads, knobs):
+    # GPT._decode_step (CPU fp32 decoding through the slabs) against the blocks' own T = 1 path,
+    # which train() mode selects (dropout 0: the same math), for one row and several
+    model = tiny(**knobs)
+    x, _ = batch(3)
+    calls = []
+    lean = model._decode_step
+    model._decode_step = lambda *a: calls.append(1) or lean(*a)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for rows in (1, 3):
+                out = {}
+                for mode in ("lean", "blocks"):
+                    model.train(mode == "blocks")
+                    cache = model.new_cache(rows)
+                    logits = [model(x[:rows, :6], cache=cache)[0]]
+                    logits += [model(x[:rows, i : i + 1], cache=cache)[0] for i in range(6, 10)]
+                    out[mode] = torch.cat(logits, 1)
+                assert out["lean"].shape == (rows, 5, V)
+                assert torch.equal(out["lean"], out["blocks"])
+    finally:
+        torch.set_num_threads(before)
+    assert len(calls) == 2 * 4  # every decode step of the eval-mode runs took the lean path
+
+
 def test_decode_weights_follow_every_weight_change():
     # the copies live on the model across caches: a stale one would decode with old weights
     model = tiny().eval()
