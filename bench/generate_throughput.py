@@ -47,6 +47,11 @@ Measured (2-core AMD EPYC, AVX2 only, no AVX-512/bf16; `--repeats 3 --new 100 --
   (3.6-4.1 ms), 2 MB pages for the slabs (madvise; 3-8% on the weights alone, 4.82 -> 4.71
   ms/token in the loop: not worth an mmap allocator), bmm over (B*H) views for
   the decode attention instead of 4-D matmuls (4.69 vs 4.69 ms/token).
+  With `GPT._decode_step` (the blocks' math as plain ops, no module calls): 4.62 vs 12.19
+  ms/token (2.64x, `--repeats 9`), 4.70 vs 11.92 (2.54x); bf16 (module path) 6.50 vs 7.91
+  (1.22x); `--num_samples 8` 2.61x fp32, 3.71x bf16; `--tiny` 1.48 vs 4.13 ms/token (2.79x).
+  Paired in one process against the module path: 4.40 vs 4.65, 5.69 vs 5.93, 5.15 vs 5.83
+  ms/token; a profile of the step is then 82% bmm (the weights).
 - 2-core Intel Xeon with AMX (amx_bf16, avx512_bf16, avx512_fp16), 2026-12-02 (`--repeats 3
   --new 100 --dtypes fp32,bf16 --num_samples 8`): fp32 8.22 vs 12.76 ms/token (1.55x), bf16
   11.25 vs 14.27 (1.27x), same tokens 100/100; 8 samples as one batch 2.71x (fp32) and 3.82x
