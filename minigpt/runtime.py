@@ -27,10 +27,16 @@ Design choices
   --keep-freed-memory`). Training processes on CPU turn it on (the eval stage measured no gain);
   the cost is that the process keeps its peak memory.
 - MFU = flops_per_token * tokens/s / peak. Peaks used (dense): H100/H200 989e12 bf16, 494e12 tf32;
-  A100 312e12 bf16, 156e12 tf32; a Zen 5 AVX-512 core 245e9 fp32 (oneDNN), 480e9 bf16; an
-  AVX2-only core 60e9 (120e9 measured on 2 cores through MKL: `python bench/train_throughput.py
-  --tiny` prints the achieved MFU against it). CPU peak is per-core * threads * ranks; unknown
-  accelerators get 0 (MFU logged as 0).
+  A100 312e12 bf16, 156e12 tf32. A CPU core's peak is FLOPs per cycle from its flags times
+  CPU_GHZ: fp32 is 2 FMA pipes x 2 x the vector's fp32 lanes (16 with AVX-512, else 8: AVX2, and
+  ARM's four 128-bit pipes alike), bf16 twice that with AVX512-BF16's dot products, 1,024 with
+  AMX tiles. The clock is a fixed nominal one because a VM's /proc/cpuinfo shows the base clock
+  while its cores boost under load: on a 2-core AVX2 EPYC (family 25, Milan) listed at 2.45 GHz, the
+  seed-config fp32 step ran at 77 GFLOP/s per core, 98% of a 2.45 GHz peak (the old fixed 60e9
+  per AVX2 core printed MFU 128%); at 3.75 GHz it is 64%. Zen 5 gives 240e9 fp32 and 480e9 bf16
+  (the measured bf16 GEMM ceiling there is 205e9 per core). Zen 4 runs AVX-512 at half width, so
+  its MFU reads low. CPU peak is per-core * threads * ranks; unknown accelerators get 0 (MFU
+  logged as 0).
 """
 
 from __future__ import annotations
@@ -171,6 +177,18 @@ def probe_onednn_fp32() -> bool:
     return False
 
 
+CPU_GHZ = 3.75  # nominal clock for CPU peaks: VMs show the base clock, cores boost (docstring)
+
+
+def cpu_peak_per_core(dtype: str) -> float:
+    """Nominal FLOP/s of one CPU core in `dtype` (fp32 or bf16), from its instruction set."""
+    flags = cpu_flags()
+    per_cycle = 2 * 2 * (16 if "avx512f" in flags else 8)  # 2 FMA pipes x 2 FLOPs x fp32 lanes
+    if dtype == "bf16" and cpu_has_bf16():
+        per_cycle = 1024 if "amx_bf16" in flags else 2 * per_cycle
+    return per_cycle * CPU_GHZ * 1e9
+
+
 def peak_flops(device: torch.device, dtype: str, world_size: int) -> float:
     """Dense peak FLOP/s of the whole job, for MFU (numbers in the module docstring)."""
     if device.type == "cuda":
@@ -181,11 +199,7 @@ def peak_flops(device: torch.device, dtype: str, world_size: int) -> float:
                 return (bf16 if dtype == "bf16" else tf32) * world_size
         return 0.0
     if device.type == "cpu":
-        if "avx512f" in cpu_flags():
-            per_core = 480e9 if dtype == "bf16" and cpu_has_bf16() else 245e9
-        else:
-            per_core = 60e9
-        return per_core * torch.get_num_threads() * world_size
+        return cpu_peak_per_core(dtype) * torch.get_num_threads() * world_size
     return 0.0
 
 
