@@ -30,7 +30,13 @@ Design choices
   It warns once per call (`warnings.warn`, or `on_window` if given) when that first happens.
 - Filters follow Hugging Face's semantics (temperature, then repetition penalty on the raw logits
   CTRL-style over every id seen so far, prompt included, then top-k, then top-p, keeping at least
-  one token), so `temperature=0`, `top_k=1` and a tiny `top_p` are all greedy.
+  one token), so `temperature=0`, `top_k=1` and a tiny `top_p` are all greedy. A sampled step
+  draws from the kept candidates only (`candidates`, `sample_next`): top-k's `torch.topk` instead
+  of masking the vocabulary, top-p over the candidates instead of sorting all 30k logits, one
+  uniform number per row instead of `torch.multinomial`. The CLI's defaults (top-k 50, top-p 0.95)
+  cost 1.7-1.8 ms per token that way before and ~0.3-0.5 ms now, against a 4.5-4.9 ms step (seed config,
+  2-core AVX2 EPYC); 8 samples as one batch went from 2.06 to 1.30 s for 100 tokens, as fast
+  as 8 greedy rows (bench/generate_throughput.py --num_samples 8).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from torch import Tensor
 
 
 KEEP_FRACTION = 0.75  # of block_size, kept when the window slides
+NUCLEUS_CANDIDATES = (1024, 8192)  # most likely tokens top-p tries before sorting them all
 PROBE_EVERY = 64  # decode steps between two timings of one thread vs all (`StepThreads`)
 
 
@@ -136,6 +143,56 @@ def generate(model, ids: list[int], max_new_tokens: int, *, temperature: float =
                           generator=generator, on_token=on_token, on_window=on_window)[0]
 
 
+def candidates(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None
+               ) -> tuple[Tensor | None, Tensor]:
+    """(ids, weights): the tokens softmax(logits / temperature) keeps after top-k, then top-p,
+    as `filter_top_k` and `filter_top_p` define them, with unnormalised probabilities (B, K).
+    ids (B, K) is None when the weights span the whole vocabulary in id order.
+
+    Without their full-vocabulary sort and mask: top-k takes `torch.topk`'s k candidates
+    (already in order for top-p); top-p alone takes the 1,024 (then 8,192) most likely, weighed
+    against the whole row's logsumexp, and sorts everything only when they hold less than p
+    (seed config vocabulary, one row: topk 0.2 / 0.7 ms, torch.sort 2.3 ms)."""
+    x = logits / temperature
+    V = x.shape[-1]
+    ids, log_z = None, None  # log_z: the log normaliser when x is only part of its row
+    if top_k is not None and top_k < V:
+        vals, ids = torch.topk(x, top_k)
+        if bool(((x >= vals[:, -1:]).sum(-1) > top_k).any()):  # ties with the k-th: keep them all
+            ids, x = None, filter_top_k(x, top_k)
+        else:
+            x = vals
+    p = top_p if top_p is not None and top_p < 1.0 else None
+    if p is not None and ids is None:
+        row_z = torch.logsumexp(x, -1, keepdim=True)
+        for n in (n for n in NUCLEUS_CANDIDATES if n < V):
+            vals, cand = torch.topk(x, n)
+            if bool(((vals - row_z).exp().sum(-1) >= p).all()):  # every nucleus lies in them
+                x, ids, log_z = vals, cand, row_z
+                break
+    if p is not None and ids is None:
+        x = filter_top_p(x, p)  # a flat distribution: the full sort
+    probs = x.softmax(-1) if log_z is None else (x - log_z).exp()
+    if p is not None and ids is not None:  # in order: drop what follows a mass of p
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= p, 0.0)  # never the first (p > 0)
+    return ids, probs
+
+
+def sample_next(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """One token per row, (B, 1), from the `candidates` of (B, V) logits: one uniform number per
+    row against their cumulative weights (inverse CDF; torch.multinomial over 30k ids costs
+    ~0.8 ms a row on CPU, most of a decode step)."""
+    ids, weights = candidates(logits, temperature, top_k, top_p)
+    cdf = weights.cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=total.device) * total
+    # the first index whose cdf exceeds u is never a zero-weight one; the clamp (to the last index
+    # that adds weight) only matters when rounding lets u reach the total
+    j = torch.minimum(torch.searchsorted(cdf, u, right=True), (cdf < total).sum(-1, keepdim=True))
+    return j if ids is None else ids.gather(-1, j)
+
+
 @torch.inference_mode()
 def generate_batch(model, ids: list[int], max_new_tokens: int, num_samples: int, *,
                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -204,12 +261,7 @@ def generate_batch(model, ids: list[int], max_new_tokens: int, num_samples: int,
             if greedy:
                 nxt = x.argmax(-1, keepdim=True)
             else:
-                x = x / temperature
-                if top_k is not None:
-                    x = filter_top_k(x, top_k)
-                if top_p is not None:
-                    x = filter_top_p(x, top_p)
-                nxt = torch.multinomial(x.softmax(-1), 1, generator=generator)
+                nxt = sample_next(x, temperature, top_k, top_p, generator)
             tokens = nxt.view(-1).tolist()  # the one host sync per step
             for r, token in enumerate(tokens):
                 history[r].append(token)  # stopped rows too: every row keeps the same length

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from minigpt.model import GPT, GPTConfig
-from minigpt.sample import (KEEP_FRACTION, apply_repetition_penalty, filter_top_k, filter_top_p, generate,
-                            generate_batch, greedy_batch)
+from minigpt.sample import (KEEP_FRACTION, NUCLEUS_CANDIDATES, apply_repetition_penalty, candidates,
+                            filter_top_k, filter_top_p, generate, generate_batch, greedy_batch, sample_next)
 
 V, BLOCK = 97, 16
 
@@ -105,6 +105,58 @@ def test_filters():
     assert torch.isinf(filter_top_p(probs, 1.0)).tolist() == [False, False, False]
     seen = torch.tensor([True, False, True, False])
     torch.testing.assert_close(apply_repetition_penalty(logits, seen, 2.0), torch.tensor([1.0, 1.0, 0.25, -1.0]))
+
+
+def reference_probs(logits, temperature, top_k, top_p):
+    x = logits / temperature
+    x = filter_top_k(x, top_k) if top_k is not None else x
+    return (filter_top_p(x, top_p) if top_p is not None else x).softmax(-1)
+
+
+def dense(ids, weights, vocab):
+    full = weights if ids is None else torch.zeros(weights.shape[0], vocab).scatter(1, ids, weights)
+    return full / full.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("vocab,scale", [(50, 3.0), (3000, 6.0), (3000, 0.2), (20000, 1.0)])
+@pytest.mark.parametrize("top_k", [None, 1, 5, 200])
+@pytest.mark.parametrize("top_p", [None, 0.3, 0.9, 1.0])
+def test_candidates_are_the_filters_distribution(vocab, scale, top_k, top_p):
+    """The sampler's kept tokens and probabilities are those of filter_top_k / filter_top_p."""
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(vocab + top_k if top_k else vocab)) * scale
+    for temperature in (0.7, 1.3):
+        ids, weights = candidates(logits, temperature, top_k, top_p)
+        got, want = dense(ids, weights, vocab), reference_probs(logits, temperature, top_k, top_p)
+        assert torch.equal(got > 0, want > 0)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        if top_k is not None and top_k < vocab:  # no sort, no full-vocabulary mask
+            assert ids is not None and ids.shape == (3, top_k)
+        elif top_p is not None and top_p < 1:  # the fewest candidates that hold p, else a sort
+            mass = (logits / temperature).softmax(-1).sort(-1, descending=True).values.cumsum(-1)
+            fits = [n for n in NUCLEUS_CANDIDATES if n < vocab and (mass[:, n - 1] >= top_p).all()]
+            assert (ids.shape[1] if ids is not None else None) == (fits[0] if fits else None)
+
+
+def test_candidates_keep_ties_with_the_kth():
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0], [1.0, 4.0, 0.0, 3.0, 2.0]])
+    ids, weights = candidates(logits, 1.0, 2, None)
+    got = dense(ids, weights, 5)
+    assert (got > 0).tolist() == [[True, True, True, True, False], [False, True, False, True, False]]
+    torch.testing.assert_close(got, reference_probs(logits, 1.0, 2, None))
+
+
+def test_sample_next_draws_the_kept_distribution():
+    """Inverse-CDF draws: frequencies within 5 sigma of the probabilities, dropped ids never."""
+    logits = torch.tensor([[2.0, 1.0, float("-inf"), 0.5, 0.0, -3.0]]).expand(40000, -1)
+    g = torch.Generator().manual_seed(0)
+    for top_k, top_p in [(None, None), (3, None), (None, 0.8), (4, 0.9)]:
+        want = reference_probs(logits[:1], 1.0, top_k, top_p)[0]
+        draws = sample_next(logits, 1.0, top_k, top_p, g)
+        assert draws.shape == (40000, 1)
+        freq = torch.bincount(draws[:, 0], minlength=6).double() / 40000
+        assert (freq[want == 0] == 0).all()
+        sigma = (want * (1 - want) / 40000).sqrt()
+        assert ((freq - want).abs() <= 5 * sigma + 1e-9).all(), (top_k, top_p, freq, want)
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5),
