@@ -39,6 +39,11 @@ Measured, quick-start 4x2x64 (block 256, vocab 8192), `--repeats 3`:
   transformers 8.68 s (11.4x), same tokens. The no-grad loss's log_softmax into a reused buffer
   gave 1.07x on the pass (paired, NLL 2e-8 relative); 2, 8 or 16 windows per batch instead of 4:
   1.61, 1.38, 1.47 s vs 1.42 s per 60k tokens (kept 4).
+- 2-core AMD EPYC Milan (avx2 fma only), 2026-12-06, `--model out/pretrain --test
+  data/tokens/pretrain/test.bin --repeats 3`: perplexity pass 1.22 s vs before 1.36 s (1.12x),
+  transformers 4.33 s (3.55x); greedy answers 0.68 s vs before 6.04 s (8.90x), transformers
+  12.63 s (18.6x), same tokens. A 4-window batch on one thread is 29.6 ms: aten::mm 46%, the
+  flash kernel 17%, the head's log_softmax 16%, RoPE's mul/addcmul/flip ~12%.
 The eval stage on the offline quick start's trained models (pre-trained on WikiText-2's first
 1,000 lines; 350,221 test tokens, 50 answers), AVX2 box: main at f61a90c (before this script's
 paths) 105.6 s for both models; now one stage per model, 29.5 s (eval@pretrain) + 28.0 s
@@ -53,6 +58,9 @@ of each stage (700k token-forwards). On the older 4x4x128 quick start: 187 s bef
 f61a90c 46.5 / 43.8 s for both models, main at this session's start 13.9 + 13.5 / 12.7 + 12.1 s
 (1.69-1.77x); with the log_softmax loss, f61a90c 49.8 / 49.6 s (a slower hour), now 13.5 + 14.2
 / 13.2 + 13.4 s (1.80-1.86x; eval@finetune alone 3.5-3.7x), metrics identical to the digit.
+Milan AVX2 box, 2026-12-06, quick start trained there (fp32), process wall times: f61a90c
+63.6 / 58.3 s for both models, now 14.3 + 14.4 s (2.1-2.2x; eval@finetune alone 4.1-4.4x),
+metrics identical; each stage ~10 s of perplexity pass (350k targets, ~700k token-forwards).
 Each stage is ~9 s of perplexity pass, ~1 s SFT loss, ~2 s answers and scoring (rouge_score's
 import alone 1.2 s) and ~1.5 s of process start (torch's import).
 """

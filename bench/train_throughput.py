@@ -41,6 +41,15 @@ Measured (seed config, fp32, batch 8, `--steps 8 --warmup 2`):
   bf16 GEMM 398), fp32 through MKL 143-187 (oneDNN 156-212, but no faster in the whole step:
   1,126 vs 1,131 tok/s); aten::mm is 74% of our bf16 step and 82% of fp32, with the same GEMMs
   on GPT-2's side, so 1.3x over it would need the rest of our step near zero.
+- 2-core AMD EPYC Milan (cpu family 25 model 1; avx2 fma, no AVX-512, no bf16; L2 1 MiB/core,
+  L3 32 MiB), 2026-12-06, fp32 `--steps 8 --warmup 2`: 1,101 vs 1,061 tok/s (1.04x); with
+  `--keep-freed-memory` 1,030 vs 941 (1.09x, MFU 60.0% of the 3.75 GHz nominal peak: the old
+  fixed 60 GFLOP/s per AVX2 core printed 128% here); `--tiny` 3,460 vs 3,199 (1.08x). A 1024^3
+  sgemm runs at ~163 GFLOP/s on both cores. The quick-start step (4x2x64, vocab 8192, batch 16,
+  Muon) is 266 ms: aten::mm 57%, of which the LM head's three K=64 products ~105-140 GFLOP/s
+  (logits 41 ms, grad_h 30, grad_w 38 per 4,096 rows) against ~163 for square ones; 128- to
+  2,048-row loss chunks were no faster (141-153 vs 136 ms); the plain bf16-style attention in
+  fp32 is slower than flash here too (quick-start shape 18.9 vs 10.4 ms fwd+bwd, seed 34 vs 24).
 - 2-core Intel Xeon with AMX (amx_bf16/amx_tile, avx512_bf16, avx512_fp16), 2026-12-02
   (`--dtype fp32 bf16 --steps 8 --warmup 2`): fp32 893 vs 877 tok/s (1.02x), bf16 1,628 vs
   1,606 (1.01x). Profile (bf16): aten::mm 47% of our step, the flash-attention kernel 16% (its
