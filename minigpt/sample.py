@@ -33,10 +33,10 @@ Design choices
   one token), so `temperature=0`, `top_k=1` and a tiny `top_p` are all greedy. A sampled step
   draws from the kept candidates only (`candidates`, `sample_next`): top-k's `torch.topk` instead
   of masking the vocabulary, top-p over the candidates instead of sorting all 30k logits, one
-  uniform number per row instead of `torch.multinomial`. The CLI's defaults (top-k 50, top-p 0.95)
-  cost 1.7-1.8 ms per token that way before and ~0.3-0.5 ms now, against a 4.5-4.9 ms step (seed config,
-  2-core AVX2 EPYC); 8 samples as one batch went from 2.06 to 1.30 s for 100 tokens, as fast
-  as 8 greedy rows (bench/generate_throughput.py --num_samples 8).
+  uniform number per row instead of `torch.multinomial`. The CLI's defaults (top-k 50, top-p
+  0.95) cost 1.7-1.8 ms per token that way before and ~0.3-0.5 ms now, against a 4.5-4.9 ms
+  step (seed config, 2-core AVX2 EPYC); 8 samples as one batch went from 2.06 to 1.30 s for 100
+  tokens, as fast as 8 greedy rows (bench/generate_throughput.py --num_samples 8).
 """
 
 from __future__ import annotations
