@@ -33,10 +33,10 @@ Design choices
   AMX tiles. The clock is a fixed nominal one because a VM's /proc/cpuinfo shows the base clock
   while its cores boost under load: on a 2-core AVX2 EPYC (family 25, Milan) listed at 2.45
   GHz, the seed-config fp32 step ran at 77 GFLOP/s per core, 98% of a 2.45 GHz peak (the old
-  fixed 60e9 per AVX2 core printed MFU 128%); at 3.75 GHz it is 64%. Zen 5 gives 240e9 fp32 and 480e9 bf16
-  (the measured bf16 GEMM ceiling there is 205e9 per core). Zen 4 runs AVX-512 at half width, so
-  its MFU reads low. CPU peak is per-core * threads * ranks; unknown accelerators get 0 (MFU
-  logged as 0).
+  fixed 60e9 per AVX2 core printed MFU 128%); at 3.75 GHz it is 64%. Zen 5 gives 240e9 fp32
+  and 480e9 bf16 (the measured bf16 GEMM ceiling there is 205e9 per core). Zen 4 runs AVX-512
+  at half width, so its MFU reads low. CPU peak is per-core * threads * ranks; unknown
+  accelerators get 0 (MFU logged as 0).
 """
 
 from __future__ import annotations
