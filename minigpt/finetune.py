@@ -38,7 +38,7 @@ def check_tokenizer(base: dict, sidecars: dict[str, dict], tokens_dir: Path, bas
 
 
 def with_dropout(model: GPT, dropout: float) -> GPT:
-    """The same weights in a GPT whose config has `dropout` (attention and residual)."""
+    """The same weights in a GPT whose config has `dropout` (on attention and MLP outputs)."""
     tuned = GPT(dataclasses.replace(model.config, dropout=dropout))
     tuned.load_state_dict(model.state_dict())
     return tuned

@@ -49,6 +49,12 @@ Design choices (and why)
   Positions never exceed block_size; the sampler slides its window (re-prefills) instead.
   Ragged rows (`KVCache.lengths`): rows of different prompts decode together, each writing and
   reading at its own length; a mask hides the other rows' longer tails (`sample.greedy_batch`).
+- Dropout (fine-tuning's 0.1) drops each attention and MLP output before it joins the residual
+  stream, not the attention probabilities (Llama's attention_dropout is 0 too): on CPU a dropout
+  inside attention forces SDPA off its flash kernel onto the math path and draws a mask over all
+  (B, H, T, T) scores. Quick-start fine-tuning, 2-core AVX2 EPYC, two seeds each: 12.8-14.3k ->
+  19.7-20.3k tok/s (35-40 s -> 27 s a stage), best masked val loss 6.0140 / 6.0219 -> 6.0131 /
+  6.0123.
 - Init as GPT-2/nanoGPT: normal(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layer).
 """
 
@@ -89,7 +95,7 @@ class GPTConfig:
     block_size: int
     """Maximum context length (RoPE tables are precomputed for it)."""
     dropout: float = 0.0
-    """Attention and residual dropout (training only)."""
+    """Dropout on each attention and MLP output (training only), not on attention probabilities."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     norm_eps: float = 1e-5
@@ -212,12 +218,11 @@ def _plain_causal(q: Tensor) -> bool:
     return q.dtype == torch.bfloat16 and q.device.type == "cpu" and B * H * T * T <= CAUSAL_SCORES
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(d) + causal -inf mask) v for (B, H, T, d) inputs, as plain ops."""
     T = q.shape[-2]
     mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-    att = ((q * q.shape[-1] ** -0.5) @ k.mT + mask).softmax(-1)
-    return F.dropout(att, dropout, True) @ v if dropout > 0 else att @ v
+    return ((q * q.shape[-1] ** -0.5) @ k.mT + mask).softmax(-1) @ v
 
 
 class Attention(nn.Module):
@@ -253,7 +258,6 @@ class Attention(nn.Module):
                 causal = False
         if cache is not None and q.dtype != kv.dtype:  # cache kept in another dtype than the compute
             q = q.to(kv.dtype)
-        p = self.dropout if self.training else 0.0
         if cache is not None and T == 1 and not q.is_cuda:
             # a CPU decode step: plain matmuls and softmax, whose results do not depend on the
             # thread count (the flash kernel splits its work by it), so a step gives the same
@@ -263,15 +267,14 @@ class Attention(nn.Module):
                 att = att.masked_fill(~mask, float("-inf"))
             y = att.softmax(-1) @ kv[1]
         elif causal and mask is None and _plain_causal(q):
-            y = causal_attention(q, kv[0], kv[1], p)
+            y = causal_attention(q, kv[0], kv[1])
         else:
-            y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, dropout_p=p,
-                                               is_causal=causal)
+            y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, T, C)
         if y.dtype != dtype:
             y = y.to(dtype)
         y = _linear(y, self.proj, cache)
-        return F.dropout(y, p, True) if p > 0 else y
+        return F.dropout(y, self.dropout, True) if self.training and self.dropout > 0 else y
 
 
 class MLP(nn.Module):

@@ -416,6 +416,24 @@ def test_dropout_only_in_training():
         torch.testing.assert_close(model(x)[0], model(x)[0])
 
 
+def test_dropout_drops_block_outputs_not_attention_probabilities():
+    """In training, every element of an attention (or MLP) output is 0 or its eval value / (1 - p):
+    one mask on the output, none inside attention (which would also force SDPA's math path)."""
+    model, p = tiny(dropout=0.5), 0.5
+    block = model.layers[0]
+    x = torch.randn(2, 16, block.attn.proj.weight.shape[0])
+    cos, sin = model.rope_cos[:16], model.rope_sin[:16]
+    with torch.no_grad():
+        for f in (lambda: block.attn(x, cos, sin), lambda: block.mlp(x)):
+            model.eval()
+            want = f()
+            model.train()
+            got = f()
+            kept = got != 0
+            assert 0.3 < kept.float().mean() < 0.7
+            torch.testing.assert_close(got[kept], want[kept] / (1 - p))
+
+
 KNOBS = [dict(qk_norm=True), dict(mlp="relu2"), dict(logit_softcap=5.0), dict(zero_init=True)]
 
 
