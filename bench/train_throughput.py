@@ -51,9 +51,11 @@ Measured (seed config, fp32, batch 8, `--steps 8 --warmup 2`):
   2,048-row loss chunks were no faster (141-153 vs 136 ms); the plain bf16-style attention in
   fp32 is slower than flash here too (quick-start shape 18.9 vs 10.4 ms fwd+bwd, seed 34 vs 24).
   RoPE on q|k only (not v): 3.8 vs 5.1 ms fwd+bwd per quick-start layer but 7.0 vs 5.6 at seed:
-  not kept. Fine-tuning's dropout (0.1) makes a quick-start step 259 -> 399 ms: `bernoulli_` runs
-  at 10.8 ns per element here, and a mask from 16-bit lanes of int64 random words is only
-  1.7-2x faster (9.6 vs 17 ms per 2M elements), so F.dropout stays.
+  not kept. Fine-tuning's dropout (0.1) made a quick-start step 259 -> 399 ms, mostly inside
+  attention (SDPA's math path, and `bernoulli_` at 10.8 ns per element over 2M scores a layer);
+  dropping only the attention and MLP outputs (`model.GPTConfig.dropout`) makes it 239 -> 261
+  ms. A mask from 16-bit lanes of int64 random words was only 1.7-2x faster than `bernoulli_`
+  (9.6 vs 17 ms per 2M elements), so F.dropout stays.
 - 2-core Intel Xeon with AMX (amx_bf16/amx_tile, avx512_bf16, avx512_fp16), 2026-12-02
   (`--dtype fp32 bf16 --steps 8 --warmup 2`): fp32 893 vs 877 tok/s (1.02x), bf16 1,628 vs
   1,606 (1.01x). Profile (bf16): aten::mm 47% of our step, the flash-attention kernel 16% (its
