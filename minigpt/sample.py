@@ -186,6 +186,8 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None, top_p: fl
     ids, weights = candidates(logits, temperature, top_k, top_p)
     cdf = weights.cumsum(-1)
     total = cdf[:, -1:]
+    if not bool(torch.isfinite(total).all()):  # torch.multinomial raised here too
+        raise ValueError("cannot sample: the logits hold NaN or inf (has the model diverged?)")
     u = torch.rand(total.shape, generator=generator, device=total.device) * total
     # the first index whose cdf exceeds u is never a zero-weight one; the clamp (to the last index
     # that adds weight) only matters when rounding lets u reach the total

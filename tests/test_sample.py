@@ -157,6 +157,8 @@ def test_sample_next_draws_the_kept_distribution():
         assert (freq[want == 0] == 0).all()
         sigma = (want * (1 - want) / 40000).sqrt()
         assert ((freq - want).abs() <= 5 * sigma + 1e-9).all(), (top_k, top_p, freq, want)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sample_next(torch.tensor([[0.0, float("nan"), 1.0]]), 1.0, None, None, g)
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5),
