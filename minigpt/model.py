@@ -53,7 +53,7 @@ Design choices (and why)
   stream, not the attention probabilities (Llama's attention_dropout is 0 too): on CPU a dropout
   inside attention forces SDPA off its flash kernel onto the math path and draws a mask over all
   (B, H, T, T) scores. Quick-start fine-tuning, 2-core AVX2 EPYC, two seeds each: 12.8-14.3k ->
-  19.7-20.3k tok/s (35-40 s -> 27 s a stage), best masked val loss 6.0140 / 6.0219 -> 6.0131 /
+  19.7-20.3k tok/s (33-37 s -> 25 s a stage), best masked val loss 6.0140 / 6.0219 -> 6.0131 /
   6.0123.
 - Init as GPT-2/nanoGPT: normal(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layer).
 """
