@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cap on a request's max_tokens (default: %(default)s)")
     srv.add_argument("--name", default=None,
                      help="model name in the API (default: the checkpoint directory's name)")
+    srv.add_argument("--api-key", "--api_key", dest="api_key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every request but the chat page "
+                          "(which asks for it); default: $MINIGPT_API_KEY, else no key (a warning "
+                          "when --host is not loopback)")
     srv.add_argument("--device", type=_device, default="auto",
                      help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (default: auto)")
     srv.set_defaults(func=cmd_serve)
@@ -346,9 +350,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"serve needs FastAPI and uvicorn: pip install 'minigpt[serve]' ({e})") from None
     if args.port > 65535:
         raise UsageError(f"--port must be <= 65535, got {args.port}")
+    key, where = args.api_key, "--api-key"
+    if key is None:
+        key, where = os.environ.get("MINIGPT_API_KEY") or None, "MINIGPT_API_KEY"
+    # a Bearer token is one HTTP header word: printable ASCII, no spaces
+    if key is not None and not (key and key.isascii() and key.isprintable() and " " not in key):
+        raise UsageError(f"{where} must be non-empty printable ASCII without spaces")
     m = load(args.checkpoint_path, args.device)
     serve(m, args.name or Path(args.checkpoint_path).resolve().name, args.host, args.port,
-          args.max_tokens)
+          args.max_tokens, key)
     return 0
 
 

@@ -25,11 +25,32 @@ Design choices
   (code `context_length_exceeded`); an answer that runs past the context slides the sampler's window,
   as in `generate`, with the notice logged on its own line on stderr, never inside an answer.
 - Binds 127.0.0.1 by default: exposing a model to the network is an explicit `--host 0.0.0.0`.
+
+Hostile web pages (any page the user opens can send requests to a port on localhost)
+- POST bodies must say `Content-Type: application/json` (else 415): a cross-site page can send
+  text/plain or form bodies without a CORS preflight, but not JSON, and we answer no preflight.
+- Bound to a loopback address, every request's Host header must name loopback (127.0.0.1,
+  localhost, [::1], any port; else 403): a DNS-rebinding page reaches us under its own host name.
+- `api_key` (`--api-key` or MINIGPT_API_KEY): every route but the static page `/` needs
+  `Authorization: Bearer <key>` (else 401, compared in constant time). The page asks the user
+  for the key and keeps it in the tab's sessionStorage: the server never hands the key out.
+  A non-loopback host without a key is served, with a warning (containers bind 0.0.0.0 behind
+  a port mapping that is the real boundary), since the Host check cannot apply there.
+
+Cheap requests that would cost a lot
+- A body over `max(1 MiB, 32 bytes per context token)` is a 413, read no further; at most
+  MAX_STOPS stop strings of at most MAX_STOP_CHARS characters (400); prompts are tokenized on the
+  model thread, not the event loop, so /health answers while a long message is encoded; a stop
+  string is searched only in the text that is new since the last token.
+- Values the model code cannot take are 400s, not 500s: `seed` outside torch's 64-bit range,
+  strings with lone surrogates (valid JSON, not valid Unicode).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
 import logging
 import sys
@@ -42,13 +63,16 @@ from typing import Literal, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minigpt.engine import Loaded, Sampling, TextStream, make_generator, sample_ids
 
 log = logging.getLogger("minigpt.serve")
 PAGE = Path(__file__).with_name("serve_page.html")
+MAX_STOPS = 16  # OpenAI allows 4
+MAX_STOP_CHARS = 256
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "[::1]"}  # what a Host header may say on loopback
 
 
 class APIError(Exception):
@@ -67,6 +91,16 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 # --- request bodies -----------------------------------------------------------------------------
 
+def _unicode(s: str) -> str:
+    """`s`, if it can be encoded (JSON's "\\ud800" escape decodes to a lone surrogate)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode: lone surrogate U+{ord(s[e.start]):04X} at "
+                         f"character {e.start + 1}") from None
+    return s
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -75,6 +109,12 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: Union[str, list[TextPart]]
+
+    @field_validator("content")
+    @classmethod
+    def _valid_unicode(cls, content):
+        _unicode(content if isinstance(content, str) else "".join(p.text for p in content))
+        return content
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -89,9 +129,23 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's manual_seed takes
     stream: bool = False
     n: int = Field(1, ge=1, le=1)  # one choice per request
+
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
+        longest = max(map(len, stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters, "
+                             f"got one of {longest}")
+        for s in stops:
+            _unicode(s)
+        return stop
 
 
 class ChatRequest(_Sampling):
@@ -102,11 +156,37 @@ class ChatRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str]] = ""
 
+    @field_validator("prompt")
+    @classmethod
+    def _valid_unicode(cls, prompt):
+        for p in [prompt] if isinstance(prompt, str) else prompt:
+            _unicode(p)
+        return prompt
 
-async def parse(request: Request, kind: type[BaseModel]) -> tuple[BaseModel, dict]:
-    """The request body as `kind` (and the raw dict), whatever its content type; else a 400."""
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body of a JSON request, at most `limit` bytes; else a 415 or 413."""
+    ctype = request.headers.get("content-type")
+    if ctype is None or ctype.split(";")[0].strip().lower() != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'}",
+                       code="unsupported_media_type")
+    too_big = APIError(413, f"request body is over this server's limit of {limit} bytes",
+                       code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():  # a chunked body has no Content-Length: count it
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+async def parse(request: Request, kind: type[BaseModel], limit: int) -> tuple[BaseModel, dict]:
+    """The request body as `kind` (and the raw dict); else a 4xx."""
     try:
-        raw = json.loads(await request.body())
+        raw = json.loads(await read_body(request, limit))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON ({e})") from None
     if not isinstance(raw, dict):
@@ -116,7 +196,8 @@ async def parse(request: Request, kind: type[BaseModel]) -> tuple[BaseModel, dic
     except ValidationError as e:
         first = e.errors()[0]
         param = ".".join(str(x) for x in first["loc"]) or None
-        raise APIError(400, f"{param}: {first['msg']}", param) from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise APIError(400, f"{param}: {message}", param) from None
 
 
 def include_usage(raw: dict) -> bool:
@@ -146,11 +227,16 @@ class Job:
 def _held_back(text: str, stops: list[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
     best = 0
+    if not text:
+        return 0
     for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
+        # only prefixes s[:k] that end in text's last character can match: jump between them
+        j = s.rfind(text[-1], 0, min(len(s) - 1, len(text)))  # k = j + 1
+        while j >= best:
+            if text.endswith(s[:j + 1]):
+                best = j + 1
                 break
+            j = s.rfind(text[-1], 0, j)
     return best
 
 
@@ -158,12 +244,15 @@ def run_job(m: Loaded, job: Job, emit) -> None:
     """Generate for `job` on the model, calling emit(piece) with text that is final."""
     stream = TextStream(m.tok)
     sent = 0  # characters of the decoded text already emitted
+    searched = 0  # text[:searched] held no stop string: a new one must end after it
 
     def flush(final: bool) -> bool:
         """Emit what is final; True when a stop string appeared (the text is cut before it)."""
-        nonlocal sent
+        nonlocal sent, searched
         text = stream.text() if final else stream.text().rstrip("\ufffd")
-        cut = min((i for i in (text.find(s) for s in job.stops) if i >= 0), default=-1)
+        found = (text.find(s, max(0, searched - len(s) + 1)) for s in job.stops)
+        cut = min((i for i in found if i >= 0), default=-1)
+        searched = len(text)
         if cut >= 0:
             text, job.finish_reason = text[:cut], "stop"
         upto = len(text) if final or cut >= 0 else len(text) - _held_back(text, job.stops)
@@ -194,12 +283,73 @@ def run_job(m: Loaded, job: Job, emit) -> None:
             log.info("client disconnected: stopped after %d tokens", job.completion_tokens)
 
 
+# --- who may ask -------------------------------------------------------------------------------
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` listens on this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve anywhere
+        return False
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, lowercased, without its port ("[::1]:8000" -> "[::1]")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[:header.find("]") + 1]
+    name, _, port = header.rpartition(":")
+    return name if name and port.isdigit() else header
+
+
+class Guard:
+    """ASGI middleware run before routing: the Host check (bound to loopback) and the API key."""
+
+    def __init__(self, app, host: str, api_key: str | None):
+        self.app = app
+        self.hosts = LOOPBACK_NAMES | {host.lower() if ":" not in host else f"[{host}]"}
+        self.check_host = is_loopback(host)
+        self.key = api_key.encode() if api_key else None
+
+    def refusal(self, scope) -> tuple[int, dict, dict] | None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.check_host:
+            host = headers.get("host", "")
+            if host_name(host) not in self.hosts:
+                return 403, error_body(
+                    f"Host header {host or '(none)'!r} is not allowed: this server is bound to "
+                    "loopback and answers only 127.0.0.1, localhost and [::1] (a page on another "
+                    "site may reach it by DNS rebinding)", code="host_not_allowed"), {}
+        if self.key is not None and not (scope["method"] == "GET" and scope["path"] == "/"):
+            scheme, _, token = headers.get("authorization", "").strip().partition(" ")
+            if not (scheme.lower() == "bearer"
+                    and hmac.compare_digest(token.strip().encode("latin-1"), self.key)):
+                message = ("Incorrect API key provided" if token else
+                           "You didn't provide an API key: send the header "
+                           "'Authorization: Bearer <key>' (the key of minigpt serve --api-key)")
+                return 401, error_body(message, code="invalid_api_key"), {
+                    "WWW-Authenticate": "Bearer"}
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (refused := self.refusal(scope)):
+            status, body, headers = refused
+            await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 # --- the app ------------------------------------------------------------------------------------
 
-def create_app(m: Loaded, name: str, max_tokens_cap: int) -> FastAPI:
+def create_app(m: Loaded, name: str, max_tokens_cap: int, host: str = "127.0.0.1",
+               api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="minigpt", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, host=host, api_key=api_key)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minigpt-model")
     block = m.model.config.block_size
+    body_limit = max(1 << 20, 32 * block)  # bytes: a full context of text fits many times over
     created = int(time.time())
     info = {"model": name, "chat": m.is_chat, "block_size": block, "max_tokens": max_tokens_cap,
             "parameters": m.model.num_params(), "vocab_size": m.model.config.vocab_size,
@@ -219,6 +369,11 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int) -> FastAPI:
         code = "not_found" if e.status_code == 404 else None
         return JSONResponse(error_body(str(e.detail), param=None, code=code),
                             status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception):  # logged with its traceback by starlette
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"),
+                            status_code=500)
 
     def check_max_tokens(value: int | None, param: str) -> int:
         if value is None:
@@ -292,10 +447,16 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int) -> FastAPI:
                     yield chunk(choice(None, None, first=True))
                 while (piece := await queue.get()) is not done:
                     yield chunk(choice(piece, None))
-                await future  # re-raises a genuine bug from the worker
-                yield chunk(choice(None, job.finish_reason))
-                if with_usage:
-                    yield chunk(None, with_usage=True)
+                try:
+                    await future  # re-raises a genuine bug from the worker
+                except Exception as e:  # the 200 is sent: the client learns it from the stream
+                    log.exception("generation failed")
+                    body = error_body(f"internal error: {type(e).__name__}", "server_error")
+                    yield f"data: {json.dumps(body)}\n\n"
+                else:
+                    yield chunk(choice(None, job.finish_reason))
+                    if with_usage:
+                        yield chunk(None, with_usage=True)
                 yield "data: [DONE]\n\n"
             finally:  # the client left (or we are done): stop the sampler at its next token
                 job.cancel.set()
@@ -307,7 +468,7 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int) -> FastAPI:
     async def chat_completions(request: Request):
         from minigpt.template import encode_conversation
 
-        req, raw = await parse(request, ChatRequest)
+        req, raw = await parse(request, ChatRequest, body_limit)
         if not m.is_chat:
             raise APIError(400, f"{name} is not instruction-tuned (config.json has no "
                            "chat_template): use /v1/completions", "model", "model_not_chat")
@@ -319,7 +480,10 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int) -> FastAPI:
                            "messages")
         max_tokens = check_max_tokens(req.max_completion_tokens or req.max_tokens,
                                       "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
-        ids = encode_conversation(m.tok, messages, add_generation_prompt=True)
+        # On the model thread: a long message must not hold the event loop (nor encode from two
+        # threads with one tokenizer, see minigpt.tokenizer.ordinary_text).
+        ids = await asyncio.get_running_loop().run_in_executor(
+            worker, lambda: encode_conversation(m.tok, messages, add_generation_prompt=True))
         check_prompt(ids, "messages")
         return await answer(Job(ids, req, max_tokens), "chat", len(ids), include_usage(raw))
 
@@ -327,14 +491,16 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int) -> FastAPI:
     async def completions(request: Request):
         from minigpt.tokenizer import encode_text
 
-        req, raw = await parse(request, CompletionRequest)
+        req, raw = await parse(request, CompletionRequest, body_limit)
         prompt = req.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
                 raise APIError(400, "prompt: one prompt per request", "prompt")
             prompt = prompt[0]
         max_tokens = check_max_tokens(req.max_tokens, "max_tokens")
-        ids = [m.eot] + encode_text(m.tok, prompt)  # what `generate --raw` feeds the model
+        # what `generate --raw` feeds the model, tokenized on the model thread (see chat)
+        ids = [m.eot] + await asyncio.get_running_loop().run_in_executor(
+            worker, encode_text, m.tok, prompt)
         check_prompt(ids, "prompt")
         return await answer(Job(ids, req, max_tokens), "text", len(ids), include_usage(raw))
 
@@ -354,13 +520,18 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int) -> FastAPI:
     return app
 
 
-def serve(m: Loaded, name: str, host: str, port: int, max_tokens_cap: int) -> None:
+def serve(m: Loaded, name: str, host: str, port: int, max_tokens_cap: int,
+          api_key: str | None = None) -> None:
     """Run the server until Ctrl-C (logs go to stderr, one line each)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s:     %(message)s")
-    app = create_app(m, name, max_tokens_cap)
+    app = create_app(m, name, max_tokens_cap, host, api_key)
+    if not is_loopback(host) and not api_key:
+        log.warning("--host %s without an API key: anyone who can reach this port can use the "
+                    "model, and web pages can reach it through DNS rebinding; set --api-key or "
+                    "MINIGPT_API_KEY", host)
     log.info("serving %s (%s, %d parameters, context %d) on http://%s:%d", name,
              "chat" if m.is_chat else "base", m.model.num_params(), m.model.config.block_size,
              host, port)

@@ -42,20 +42,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(model_dir: Path, log: Path) -> SimpleNamespace:
+def _start(model_dir: Path, log: Path, env: dict | None = None, headers: dict | None = None,
+           script: str | None = None, *script_args: str) -> SimpleNamespace:
+    """`minigpt serve` (or `python -c script model_dir port *script_args`) on a free port."""
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     out = open(log, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "minigpt.cli", "serve", "--checkpoint_path",
-                             str(model_dir), "--port", str(port), "--device", "cpu",
-                             "--max_tokens", str(CAP)], env=env, stdout=out, stderr=out, cwd=ROOT)
+    if script is None:
+        argv = ["-m", "minigpt.cli", "serve", "--checkpoint_path", str(model_dir), "--port",
+                str(port), "--device", "cpu", "--max_tokens", str(CAP)]
+    else:
+        argv = ["-c", script, str(model_dir), str(port), *script_args]
+    proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=out, stderr=out, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited {proc.returncode}: {log.read_text()}")
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
+            if httpx.get(url + "/health", headers=headers, timeout=1).status_code == 200:
                 return SimpleNamespace(url=url, proc=proc, log=log, dir=model_dir, out=out)
         except httpx.HTTPError:
             time.sleep(0.2)
@@ -82,6 +87,81 @@ def servers(tmp_path_factory):
         srv.proc.terminate()
         srv.proc.wait(timeout=30)
         srv.out.close()
+
+
+KEY = "sk-test-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed(servers, tmp_path_factory):
+    """The chat model served with an API key, given the way a user would: MINIGPT_API_KEY."""
+    log = tmp_path_factory.mktemp("keyed") / "keyed.log"
+    srv = _start(servers.chat.dir, log, {"MINIGPT_API_KEY": KEY}, {"Authorization": f"Bearer {KEY}"})
+    yield srv
+    srv.proc.terminate()
+    srv.proc.wait(timeout=30)
+    srv.out.close()
+
+
+# A server whose tokenizer waits (for the file FLAGS/release) on any text holding "HOLD", and whose
+# sampler fails on max_tokens=13: a slow tokenization and a bug, at a moment the test chooses.
+RIGGED = """
+import sys, time
+from pathlib import Path
+import minigpt.serve as serve
+from minigpt.engine import load
+
+model_dir, port, flags = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+m = load(model_dir, "cpu")
+
+
+class HeldTokenizer:
+    def __init__(self, tok):
+        object.__setattr__(self, "tok", tok)
+
+    def __setattr__(self, name, value):
+        setattr(self.tok, name, value)
+
+    def __getattr__(self, name):
+        attr = getattr(self.tok, name)
+        if not name.startswith("encode") or not callable(attr):
+            return attr
+
+        def encode(*args, **kw):
+            if "HOLD" in repr(args):
+                (flags / "encoding").touch()
+                deadline = time.time() + 60
+                while not (flags / "release").exists() and time.time() < deadline:
+                    time.sleep(0.05)
+            return attr(*args, **kw)
+        return encode
+
+
+m.tok = HeldTokenizer(m.tok)
+real_sample_ids = serve.sample_ids
+
+
+def sample_ids(m, ids, settings, generator, on_token=None):
+    if settings.max_new_tokens == 13:
+        raise RuntimeError("injected fault")
+    return real_sample_ids(m, ids, settings, generator, on_token)
+
+
+serve.sample_ids = sample_ids
+serve.serve(m, "rigged", "127.0.0.1", port, 100)
+"""
+
+
+@pytest.fixture(scope="module")
+def rigged(servers, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rigged")
+    srv = _start(servers.chat.dir, root / "rigged.log", None, None, RIGGED, str(root))
+    srv.flags = root
+    yield srv
+    (root / "release").touch()
+    srv.proc.terminate()
+    srv.proc.wait(timeout=30)
+    srv.out.close()
 
 
 def generate_cli(model_dir: Path, prompt: str, *flags: str) -> str:
@@ -233,13 +313,30 @@ BAD = {
     "negative temperature": ({"messages": [{"role": "user", "content": "a"}],
                               "temperature": -1}, "temperature"),
     "n > 1": ({"messages": [{"role": "user", "content": "a"}], "n": 2}, "n"),
+    # values the model code cannot take: 400s, not 500s
+    "seed 2**70": ({"messages": [{"role": "user", "content": "a"}], "seed": 2**70}, "seed"),
+    "seed 2**70 streamed": ({"messages": [{"role": "user", "content": "a"}], "seed": 2**70,
+                             "stream": True}, "seed"),
+    "seed -2**63-1": ({"messages": [{"role": "user", "content": "a"}], "seed": -2**63 - 1}, "seed"),
+    "lone surrogate in content": (json.dumps({"messages": [{"role": "user", "content": "a\ud800"}]})
+                                  .encode(), "messages.0.content"),
+    "lone surrogate in a part": (json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "\udfff"}]}]}).encode(), "messages.0.content"),
+    "lone surrogate in stop": (json.dumps({"messages": [{"role": "user", "content": "a"}],
+                                           "stop": ["\ud800"]}).encode(), "stop"),
+    # requests that would cost far more than they look: capped
+    "17 stop strings": ({"messages": [{"role": "user", "content": "a"}],
+                         "stop": [f"s{i}" for i in range(17)]}, "stop"),
+    "a 257-character stop": ({"messages": [{"role": "user", "content": "a"}],
+                              "stop": "x" * 257}, "stop"),
 }
 
 
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_bad_input_is_openai_error_4xx(servers, case):
     body, param = BAD[case]
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    kw = ({"content": body, "headers": {"Content-Type": "application/json"}}
+          if isinstance(body, bytes) else {"json": body})
     r = httpx.post(servers.chat.url + "/v1/chat/completions", timeout=30, **kw)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
@@ -376,3 +473,154 @@ def test_chat_page_in_headless_chromium(servers, tmp_path):
         finally:
             browser.close()
     assert outside == []
+
+
+# --- hostile web pages and expensive requests ----------------------------------------------------
+
+def test_post_bodies_must_be_json(servers):
+    """A cross-site page can POST text/plain or a form without a CORS preflight: refused (415)."""
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    url = servers.chat.url + "/v1/chat/completions"
+    for ctype in [None, "text/plain", "text/plain; charset=utf-8",
+                  "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                  "application/jsonp"]:
+        r = httpx.post(url, content=body, headers={"Content-Type": ctype} if ctype else {},
+                       timeout=30)
+        assert r.status_code == 415, (ctype, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "unsupported_media_type" and "application/json" in err["message"]
+    prompt = json.dumps({"prompt": "The river", "max_tokens": 2}).encode()
+    r = httpx.post(servers.base.url + "/v1/completions", content=prompt,
+                   headers={"Content-Type": "text/plain"}, timeout=30)
+    assert r.status_code == 415
+    for ctype in ["application/json", "Application/JSON; charset=utf-8"]:
+        r = httpx.post(url, content=body, headers={"Content-Type": ctype}, timeout=30)
+        assert r.status_code == 200, r.text
+
+
+def test_host_header_must_name_loopback(servers):
+    """Bound to 127.0.0.1, a request for any other host name (DNS rebinding) is a 403."""
+    port = servers.chat.url.rsplit(":", 1)[1]
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for host in ["evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}",
+                 f"localhost.evil.example:{port}", f"0.0.0.0:{port}", f"192.168.1.5:{port}", ""]:
+        for method, path in [("GET", "/"), ("GET", "/health"), ("GET", "/v1/models"),
+                             ("POST", "/v1/chat/completions")]:
+            r = httpx.request(method, servers.chat.url + path, headers={"Host": host}, timeout=30,
+                              json=body if method == "POST" else None)
+            assert r.status_code == 403, (host, path, r.text)
+            assert r.json()["error"]["code"] == "host_not_allowed"
+    for host in ["127.0.0.1", f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"]:
+        r = httpx.post(servers.chat.url + "/v1/chat/completions", headers={"Host": host},
+                       json=body, timeout=30)
+        assert r.status_code == 200, (host, r.text)
+
+
+def test_api_key_is_a_bearer_token(keyed):
+    openai = pytest.importorskip("openai")
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                    {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY}x"},
+                    {"Authorization": f"Bearer {KEY[:-1]}"}]:
+        for method, path in [("GET", "/health"), ("GET", "/v1/models"), ("GET", "/v1/nothing"),
+                             ("POST", "/v1/chat/completions")]:
+            r = httpx.request(method, keyed.url + path, headers=headers, timeout=30,
+                              json=body if method == "POST" else None)
+            assert r.status_code == 401, (headers, path, r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"}
+            assert err["code"] == "invalid_api_key" and KEY not in err["message"]
+            assert r.headers["www-authenticate"] == "Bearer"
+    page = httpx.get(keyed.url + "/", timeout=30)  # the page is public and holds no key
+    assert page.status_code == 200 and KEY not in page.text
+    client = openai.OpenAI(base_url=keyed.url + "/v1", api_key=KEY, max_retries=0)
+    r = client.chat.completions.create(model="chat", messages=body["messages"], max_tokens=2)
+    assert r.choices[0].message.role == "assistant"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_bad_api_key_is_a_usage_error(servers, monkeypatch):
+    r = run_module("minigpt.cli", "serve", "--checkpoint_path", servers.chat.dir, "--api-key", "a b")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--api-key must be" in r.stderr
+    monkeypatch.setenv("MINIGPT_API_KEY", "k\u00e9y")
+    r = run_module("minigpt.cli", "serve", "--checkpoint_path", servers.chat.dir)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "MINIGPT_API_KEY must be" in r.stderr
+
+
+def test_non_loopback_host_without_key_warns(servers, monkeypatch, caplog):
+    import logging
+
+    import uvicorn
+    from minigpt import serve
+    from minigpt.engine import load
+
+    hosts = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, **kw: hosts.append(host))
+    m = load(str(servers.chat.dir), "cpu")
+    with caplog.at_level(logging.WARNING, logger="minigpt.serve"):
+        for host, key in [("0.0.0.0", None), ("0.0.0.0", "k"), ("127.0.0.1", None), ("::1", None),
+                          ("localhost", None)]:
+            serve.serve(m, "chat", host, 8000, 10, key)
+    assert hosts == ["0.0.0.0", "0.0.0.0", "127.0.0.1", "::1", "localhost"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "--host 0.0.0.0 without an API key" in warnings[0]
+
+
+def test_request_body_limit(servers):
+    """A body over the limit is a 413, whether it says its length or comes chunked."""
+    big = json.dumps({"messages": [{"role": "user", "content": "a" * (2 << 20)}]}).encode()
+    url = servers.chat.url + "/v1/chat/completions"
+    headers = {"Content-Type": "application/json"}
+    r = httpx.post(url, content=big, headers=headers, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert "1048576 bytes" in r.json()["error"]["message"]
+    chunks = (big[i:i + 65536] for i in range(0, len(big), 65536))
+    r = httpx.post(url, content=chunks, headers=headers, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(servers.chat.url + "/health", timeout=10).status_code == 200
+
+
+def test_surrogate_prompt_and_streamed_seed_on_completions(servers):
+    url = servers.base.url + "/v1/completions"
+    r = httpx.post(url, content=b'{"prompt": "ab\\ud800"}', timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert "U+D800 at character 3" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"prompt": "a", "seed": 2**70, "stream": True}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    r = httpx.post(url, json={"prompt": "a", "seed": 2**64 - 1, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200  # the whole of torch's range is accepted
+
+
+def test_tokenizing_a_long_message_does_not_hold_the_event_loop(rigged):
+    """While a prompt is being tokenized (held as long as the test likes), /health answers."""
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(chat, rigged.url, "HOLD " * 1000, max_tokens=2)
+            deadline = time.time() + 60
+            while not (rigged.flags / "encoding").exists() and time.time() < deadline:
+                time.sleep(0.05)
+            assert (rigged.flags / "encoding").exists()
+            r = httpx.get(rigged.url + "/health", timeout=10)
+            assert r.status_code == 200
+            (rigged.flags / "release").touch()
+            r = pending.result()
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    finally:
+        (rigged.flags / "release").touch()
+
+
+def test_a_failure_mid_stream_ends_with_an_error_event_and_done(rigged):
+    """A bug while generating (max_tokens=13 raises in the rigged sampler): a 500 in OpenAI's shape,
+    or, once a stream's 200 is sent, an error event followed by [DONE]."""
+    r = chat(rigged.url, "hi", max_tokens=13)
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 13, "stream": True}
+    with httpx.stream("POST", rigged.url + "/v1/chat/completions", json=body, timeout=60) as s:
+        assert s.status_code == 200
+        events = sse(s)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["type"] == "server_error"
+    assert chat(rigged.url, "hi", max_tokens=2).status_code == 200  # and it keeps serving
