@@ -6,8 +6,8 @@
     GET  /                      a static chat page (serve_page.html: no CDN, no build step)
 
 Design choices
-- FastAPI + uvicorn: request bodies are parsed as JSON whatever the content type, then validated
-  by pydantic models, so malformed JSON and wrong fields are rejected before any work; every error (ours, pydantic's, 404/405) is answered in OpenAI's shape
+- FastAPI + uvicorn: JSON request bodies are parsed, then validated by pydantic models, so
+  malformed JSON and wrong fields are rejected before any work; every error (ours, pydantic's, 404/405) is answered in OpenAI's shape
   `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
 - The same code path as the CLI: prompts are built by `minigpt.template.encode_conversation` (chat)
   or as `<|endoftext|>` + text (completions, the ids of `generate --raw`), tokens come from `engine.sample_ids` (the KV-cache sampler, stopped at
@@ -19,6 +19,7 @@ Design choices
 - Streaming: the worker pushes text pieces into an asyncio queue (call_soon_threadsafe). When the
   client goes away the response generator is closed; it sets the job's cancel flag and the sampler
   stops at the next token (the on_token callback raises), so a dropped client frees the model.
+  A failure after the 200 is sent ends the stream with an error event, then `[DONE]`.
 - `stop` strings: generation ends at the first occurrence (not included); while the text ends with
   a prefix of a stop string that piece is held back, so streamed pieces add up to the final text.
 - Limits: `max_tokens` above `--max_tokens` (the cap) and prompts longer than the context are 400s
@@ -34,8 +35,8 @@ Hostile web pages (any page the user opens can send requests to a port on localh
 - `api_key` (`--api-key` or MINIGPT_API_KEY): every route but the static page `/` needs
   `Authorization: Bearer <key>` (else 401, compared in constant time). The page asks the user
   for the key and keeps it in the tab's sessionStorage: the server never hands the key out.
-  A non-loopback host without a key is served, with a warning (containers bind 0.0.0.0 behind
-  a port mapping that is the real boundary), since the Host check cannot apply there.
+  A non-loopback host (no Host check there) without a key is served with a warning, not
+  refused: in a container, 0.0.0.0 behind a port mapping is the usual and safe setup.
 
 Cheap requests that would cost a lot
 - A body over `max(1 MiB, 32 bytes per context token)` is a 413, read no further; at most

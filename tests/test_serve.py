@@ -475,6 +475,47 @@ def test_chat_page_in_headless_chromium(servers, tmp_path):
     assert outside == []
 
 
+def test_chat_page_asks_for_the_api_key_in_headless_chromium(keyed):
+    """With a key set, the page (public, keyless) asks for the key, keeps it for the tab and sends
+    it as a Bearer token with JSON bodies: the checks a hostile page fails, the page passes."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(keyed.url + "/")
+            page.wait_for_selector("#keyform:not([hidden])")
+            assert "didn't provide an API key" in page.text_content(".error")
+            page.fill("#apikey", "wrong")
+            page.press("#apikey", "Enter")
+            page.wait_for_function("[...document.querySelectorAll('.error')].some("
+                                   "e => e.textContent.includes('Incorrect API key'))")
+            assert page.is_visible("#keyform")
+            page.fill("#apikey", KEY)
+            page.press("#apikey", "Enter")
+            page.wait_for_function("document.getElementById('model').textContent === 'chat'")
+            assert not page.is_visible("#keyform") and page.locator(".error").count() == 0
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "20")
+            page.fill("#input", "What is the capital of France?")
+            page.press("#input", "Enter")
+            page.wait_for_function("!document.getElementById('send').disabled && "
+                                   "document.querySelectorAll('.assistant').length === 1")
+            want = httpx.post(keyed.url + "/v1/chat/completions", timeout=60,
+                              headers={"Authorization": f"Bearer {KEY}"},
+                              json={"messages": [{"role": "user",
+                                                  "content": "What is the capital of France?"}],
+                                    "temperature": 0, "max_tokens": 20})
+            assert page.text_content(".assistant") == want.json()["choices"][0]["message"]["content"]
+            assert page.evaluate("sessionStorage.getItem('minigpt-api-key')") == KEY
+        finally:
+            browser.close()
+
+
 # --- hostile web pages and expensive requests ----------------------------------------------------
 
 def test_post_bodies_must_be_json(servers):
