@@ -190,6 +190,8 @@ async def parse(request: Request, kind: type[BaseModel], limit: int) -> tuple[Ba
         raw = json.loads(await read_body(request, limit))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON ({e})") from None
+    except RecursionError:  # e.g. 100,000 "[": Python's parser gives up
+        raise APIError(400, "request body is nested too deeply") from None
     if not isinstance(raw, dict):
         raise APIError(400, "request body must be a JSON object")
     try:

@@ -297,6 +297,7 @@ def test_20_concurrent_requests_match_sequential_answers(servers):
 
 BAD = {
     "malformed JSON": (b'{"messages": [', None),
+    "nested 100,000 deep": (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
     "not an object": (b"[1, 2]", None),
     "missing messages": ({"model": "chat"}, "messages"),
     "empty messages": ({"messages": []}, "messages"),
@@ -537,6 +538,11 @@ def test_post_bodies_must_be_json(servers):
     for ctype in ["application/json", "Application/JSON; charset=utf-8"]:
         r = httpx.post(url, content=body, headers={"Content-Type": ctype}, timeout=30)
         assert r.status_code == 200, r.text
+    # ... and a page cannot send JSON cross-site: its CORS preflight is not granted
+    r = httpx.options(url, timeout=30, headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert r.status_code >= 400 and "access-control-allow-origin" not in r.headers
 
 
 def test_host_header_must_name_loopback(servers):
