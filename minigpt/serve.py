@@ -7,8 +7,9 @@
 
 Design choices
 - FastAPI + uvicorn: JSON request bodies are parsed, then validated by pydantic models, so
-  malformed JSON and wrong fields are rejected before any work; every error (ours, pydantic's, 404/405) is answered in OpenAI's shape
-  `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
+  malformed JSON and wrong fields are rejected before any work; every error (ours, pydantic's,
+  404/405) is answered in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a
+  4xx status.
 - The same code path as the CLI: prompts are built by `minigpt.template.encode_conversation` (chat)
   or as `<|endoftext|>` + text (completions, the ids of `generate --raw`), tokens come from `engine.sample_ids` (the KV-cache sampler, stopped at
   <|endoftext|>), text from `engine.TextStream`. So a request with `seed` (or temperature 0) answers
