@@ -207,7 +207,7 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda > mps > cpu), or cpu / cuda / cuda:N / mps."""
     dtype: str = "auto"
-    """auto (bf16 autocast where supported), bf16, or fp32."""
+    """auto (bf16 where native, else fp16 on GPUs: minigpt.runtime), bf16, fp16 (loss-scaled), fp32."""
     compile: bool = False
     """Wrap the model in torch.compile (pays back on GPU and on long CPU runs)."""
     nproc: int = 1
@@ -256,8 +256,8 @@ class TrainConfig:
     def validate(self, prefix: str) -> None:
         _check(_device_ok(self.device),
                f"{prefix}.device", self.device, "must be auto, cpu, cuda, cuda:N or mps")
-        _check(self.dtype in ("auto", "bf16", "fp32"), f"{prefix}.dtype", self.dtype,
-               "must be auto, bf16 or fp32")
+        _check(self.dtype in ("auto", "bf16", "fp16", "fp32"), f"{prefix}.dtype", self.dtype,
+               "must be auto, bf16, fp16 or fp32")
         for name in ("nproc", "batch_size", "grad_accum", "max_steps", "eval_interval",
                      "eval_batches", "save_interval", "log_interval"):
             _check(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "must be >= 1")

@@ -4,8 +4,14 @@ Design choices
 - One device picker for the package (`resolve_device`): training, evaluation and the CLI/server
   all call it; `auto` is cuda > mps > cpu, an explicit device must exist (a one-line `DeviceError`
   naming the setting; the CLI and evaluation re-raise it as CLIError / EvalError).
-- dtype `auto` is bf16 autocast on CUDA with bf16 and on CPUs with AVX512-BF16/AMX (/proc/cpuinfo
-  flags), fp32 elsewhere. Measured: on an AVX2-only box a bf16 matmul runs at <1 GFLOP/s against
+- dtype `auto` is bf16 autocast where the hardware runs bf16 natively: CUDA compute capability
+  >= 8.0 (`torch.cuda.is_bf16_supported()` also answers True where bf16 is only emulated, e.g.
+  sm_75) and CPUs with AVX512-BF16/AMX (/proc/cpuinfo flags). Older CUDA GPUs get fp16 autocast
+  with dynamic loss scaling (`grad_scaler`); so does MPS: torch autocasts MPS to fp16 since 2.5
+  and to bf16 since 2.6 but only on macOS 14+, and GradScaler works on MPS since 2.8
+  (pytorch#99272, #139390, #142397), so fp16 is the half precision every Apple GPU and macOS
+  runs; older torch keeps MPS in fp32. Other CPUs: fp32. An
+  explicit bf16/fp16 on hardware without it gets one warning line (`warn_emulated`). Measured: on an AVX2-only box a bf16 matmul runs at <1 GFLOP/s against
   ~120 fp32 (3 bf16 training steps of the tiny config did not finish in 10 minutes), so bf16 must
   never be picked there; on a 2-core slice of an AMX Xeon a seed-config step is 1.8x faster in
   bf16 (2,497 vs 1,381 tok/s; `python bench/train_throughput.py --dtype fp32 bf16`). Evaluation
@@ -26,8 +32,9 @@ Design choices
   it, and a bf16 seed-config step ran ~10% faster (paired runs, `bench/train_throughput.py
   --keep-freed-memory`). Training processes on CPU turn it on (the eval stage measured no gain);
   the cost is that the process keeps its peak memory.
-- MFU = flops_per_token * tokens/s / peak. Peaks used (dense): H100/H200 989e12 bf16, 494e12 tf32;
-  A100 312e12 bf16, 156e12 tf32. A CPU core's peak is FLOPs per cycle from its flags times
+- MFU = flops_per_token * tokens/s / peak. Peaks used (dense, bf16 = fp16 tensor cores): H100/H200
+  989e12 bf16, 494e12 tf32; A100 312e12 bf16, 156e12 tf32; L4 121e12 fp16, 60e12 tf32; V100
+  125e12 fp16, 15.7e12 fp32; T4 65e12 fp16, 8.1e12 fp32 (vendor data sheets). A CPU core's peak is FLOPs per cycle from its flags times
   CPU_GHZ: fp32 is 2 FMA pipes x 2 x the vector's fp32 lanes (16 with AVX-512, else 8: AVX2, and
   ARM's four 128-bit pipes alike), bf16 twice that with AVX512-BF16's dot products, 1,024 with
   AMX tiles. The clock is a fixed nominal one because a VM's /proc/cpuinfo shows the base clock
@@ -60,11 +67,19 @@ class DeviceError(ValueError):
     """The requested device does not exist here; the message is one line naming the setting."""
 
 
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast dtypes
+
+
 def autocast(device: torch.device, dtype: str):
-    """bf16 autocast when dtype is bf16, else a no-op context."""
-    if dtype != "bf16":
+    """bf16/fp16 autocast when dtype is one of them, else a no-op context."""
+    if dtype not in HALF:
         return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=HALF[dtype])
+
+
+def grad_scaler(device: torch.device, dtype: str) -> torch.amp.GradScaler | None:
+    """Dynamic loss scaling for fp16 (its 5-bit exponent underflows small gradients); None else."""
+    return torch.amp.GradScaler(device.type) if dtype == "fp16" else None
 
 
 @dataclass
@@ -72,7 +87,7 @@ class Runtime:
     """Where and how this process trains."""
 
     device: torch.device
-    dtype: str  # resolved: "bf16" (autocast) or "fp32"
+    dtype: str  # resolved: "bf16" / "fp16" (autocast) or "fp32"
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -87,7 +102,7 @@ class Runtime:
         return self.world_size > 1
 
     def autocast(self):
-        """bf16 autocast when dtype is bf16, else a no-op context."""
+        """bf16/fp16 autocast when dtype is one of them, else a no-op context."""
         return autocast(self.device, self.dtype)
 
 
@@ -130,20 +145,65 @@ def resolve_device(name: str, local_rank: int | None = None, where: str = "devic
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> str:
+def cpu_has_fp16() -> bool:
+    """AVX512-FP16 or AMX-FP16: CPUs with fp16 arithmetic (elsewhere it is converted in software)."""
+    return bool({"avx512_fp16", "amx_fp16"} & cpu_flags())
+
+
+def cuda_has_bf16(device: torch.device) -> bool:
+    """bf16 tensor cores: compute capability 8.0 (Ampere) and later. Not `is_bf16_supported()`,
+    which also answers True where bf16 is only emulated (sm_75, T4)."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def mps_has_grad_scaler() -> bool:
+    """GradScaler runs on MPS from torch 2.8 (its unscale used float64 before)."""
+    return torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
+
+
+def resolve_dtype(name: str, device: torch.device, where: str = "dtype") -> str:
+    """`auto` -> the fastest precision this hardware runs natively (module docstring); an explicit
+    one is kept, with one warning line (`warn_emulated`) when the hardware only emulates it."""
     if name != "auto":
+        warn_emulated(name, device, where)
         return name
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cuda_has_bf16(device) else "fp16"
     if device.type == "cpu":
         return "bf16" if cpu_has_bf16() else "fp32"
-    return "fp32"  # mps: bf16 autocast support varies by OS version; opt in with dtype: bf16
+    if device.type == "mps":
+        return "fp16" if mps_has_grad_scaler() else "fp32"
+    return "fp32"
+
+
+_warned: set[str] = set()
+
+
+def warn_emulated(dtype: str, device: torch.device, where: str = "dtype") -> None:
+    """One stderr line (once per process and setting) when `dtype` is asked for on hardware that
+    only emulates it: bf16/fp16 on a CPU without their instructions (a bf16 matmul on an AVX2 CPU
+    runs >100x slower than fp32, module docstring), bf16 on a CUDA GPU before compute 8.0."""
+    if device.type == "cpu" and dtype == "bf16" and not cpu_has_bf16():
+        why, better = "this CPU has no native bf16 (no avx512_bf16/amx_bf16 flags)", "fp32 or auto"
+    elif device.type == "cpu" and dtype == "fp16" and not cpu_has_fp16():
+        why, better = "this CPU has no native fp16 (no avx512_fp16/amx_fp16 flags)", "fp32 or auto"
+    elif device.type == "cuda" and dtype == "bf16" and not cuda_has_bf16(device):
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        why, better = f"this GPU (compute capability {cap}) has no native bf16", "fp16 or auto"
+    else:
+        return
+    if where in _warned or int(os.environ.get("RANK", 0)) != 0:
+        return
+    _warned.add(where)
+    print(f"warning: {where} {dtype}: {why}, so it is emulated and runs much slower; "
+          f"set {where}: {better}", file=sys.stderr, flush=True)
 
 
 def eval_dtype(device: torch.device) -> str:
-    """Evaluation's precision: bf16 on CUDA GPUs that have it, fp32 everywhere else (CPUs too,
-    so a metric does not move because the machine has another instruction set)."""
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    """Evaluation's precision: bf16 on CUDA GPUs that run it natively, fp32 everywhere else (CPUs
+    too, so a metric does not move because the machine has another instruction set; no fp16,
+    whose range a forward pass without loss scaling could overflow)."""
+    return "bf16" if device.type == "cuda" and cuda_has_bf16(device) else "fp32"
 
 
 def _median_time(fn, reps: int = 5) -> float:
@@ -193,10 +253,11 @@ def peak_flops(device: torch.device, dtype: str, world_size: int) -> float:
     """Dense peak FLOP/s of the whole job, for MFU (numbers in the module docstring)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for chip, (bf16, tf32) in {"H100": (989e12, 494e12), "H200": (989e12, 494e12),
-                                   "A100": (312e12, 156e12)}.items():
+        for chip, (half, fp32) in {"H100": (989e12, 494e12), "H200": (989e12, 494e12),
+                                   "A100": (312e12, 156e12), "L4": (121e12, 60e12),
+                                   "V100": (125e12, 15.7e12), "T4": (65e12, 8.1e12)}.items():
             if chip in name:
-                return (bf16 if dtype == "bf16" else tf32) * world_size
+                return (half if dtype in HALF else fp32) * world_size
         return 0.0
     if device.type == "cpu":
         return cpu_peak_per_core(dtype) * torch.get_num_threads() * world_size
@@ -267,8 +328,9 @@ def _ppid_of(pid: int) -> int | None:
     return int(stat.rpartition(")")[2].split()[1])  # after "(comm)": state, then ppid
 
 
-def setup_runtime(cfg: TrainConfig) -> Runtime:
+def setup_runtime(cfg: TrainConfig, section: str = "pretrain") -> Runtime:
     """Resolve device/dtype, init DDP from torchrun's env when WORLD_SIZE > 1, seed everything.
+    `section` (pretrain / finetune) names the params key in a warning.
 
     All ranks get the same seed here, so models built right after are identical everywhere.
     Arms `die_with_parent`: a trainer never outlives the command that started it."""
@@ -278,7 +340,7 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     device = resolve_device(cfg.device, local_rank)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, f"{section}.dtype")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain

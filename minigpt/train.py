@@ -17,6 +17,12 @@ Design choices
 - Divergence: loss and grad norm are checked every step BEFORE the optimizer step (all-reduced
   first, so every rank decides alike), so a non-finite loss stops training without touching the
   weights or the last good checkpoint; `TrainingError` names the step.
+- fp16 (`runtime.grad_scaler`): the loss is scaled before backward and the gradients unscaled
+  before clipping. Non-finite gradients under a finite loss are an overflow of the scale, not a
+  divergence: the step is skipped (it still counts against max_steps, like in torch's GradScaler
+  recipe), the scale halved, the skip counted (History.skipped_steps, the log line, the metrics).
+  Overflowing at a scale <= 1 (unscaled) is a divergence. The scaler's state is in state.pt, so
+  a resume continues with the same scale.
 - Validation at step 0 (the untrained or base model), every eval_interval steps and at the end;
   keep_best/patience are part of the identity, the best weights live in ckpt_dir/best.safetensors.
 - tokens/s and MFU (`runtime.peak_flops`) leave out each session's first step (compile, warm-up).
@@ -45,7 +51,7 @@ from minigpt.checkpoint import (CheckpointError, load_state, lock_scratch, read_
 from minigpt.files import atomic_write_bytes
 from minigpt.model import IGNORE
 from minigpt.optim import build_optimizer, lr_at, set_lr
-from minigpt.runtime import Runtime
+from minigpt.runtime import Runtime, grad_scaler
 
 if TYPE_CHECKING:
     from minigpt.config import TrainConfig  # FinetuneConfig is a TrainConfig
@@ -157,6 +163,7 @@ class History:
     best_step: int = -1
     evals_since_best: int = 0
     stopped_early: bool = False
+    skipped_steps: int = 0  # fp16: steps skipped because the loss scale overflowed
 
 
 def _gather(obj: Any, rt: Runtime) -> list:
@@ -203,6 +210,8 @@ class _Run:
     h: History
     best: dict | None = None  # best weights (CPU) when keep_best
     flops_per_token: float = 0.0
+    scaler: torch.amp.GradScaler | None = None  # fp16's dynamic loss scaling
+    skipped: bool = False  # the last train_step was an fp16 overflow, skipped
 
 
 def _save(run: _Run, ckpt_dir: Path) -> None:
@@ -211,7 +220,8 @@ def _save(run: _Run, ckpt_dir: Path) -> None:
     rngs, data = _gather(_rng_state(run.rt), run.rt), _gather(run.source.state_dict(), run.rt)
     if not run.rt.is_main:
         return
-    state = {"step": run.h.step, "history": dataclasses.asdict(run.h), "rng": rngs, "data": data}
+    state = {"step": run.h.step, "history": dataclasses.asdict(run.h), "rng": rngs, "data": data,
+             "scaler": run.scaler.state_dict() if run.scaler is not None else None}
     extra = {BEST_FILE: run.best} if run.best is not None else None
     save_state(ckpt_dir, run.raw, run.optimizer, state, run.identity, extra)
 
@@ -243,9 +253,15 @@ def _try_resume(run: _Run, ckpt_dir: Path, log) -> bool:
         rank = run.rt.rank if len(state["rng"]) == run.rt.world_size else 0
         _set_rng_state(state["rng"][rank], run.rt)
         run.source.load_state_dict(state["data"][rank])
+        if run.scaler is not None:
+            if not state["scaler"]:
+                raise KeyError("scaler")
+            run.scaler.load_state_dict(state["scaler"])
     except (CheckpointError, KeyError, TypeError, IndexError, ValueError) as e:
         run.raw.load_state_dict(initial)  # a failed load may have overwritten some weights
         run.optimizer.state.clear()
+        if run.scaler is not None:
+            run.scaler = grad_scaler(run.rt.device, run.rt.dtype)
         why = e if isinstance(e, CheckpointError) else f"{ckpt_dir}: state from another version ({e!r})"
         log(f"not resuming: {why}; starting fresh")
         return False
@@ -277,8 +293,10 @@ def _to_device(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
 
 
 def train_step(run: _Run) -> tuple[float, float, int]:
-    """One optimizer step over grad_accum micro-batches -> (loss, grad norm, tokens, all ranks)."""
-    cfg, rt, model = run.cfg, run.rt, run.model
+    """One optimizer step over grad_accum micro-batches -> (loss, grad norm, tokens, all ranks).
+    Sets run.skipped when an fp16 step overflowed and was skipped (module docstring)."""
+    cfg, rt, model, scaler = run.cfg, run.rt, run.model, run.scaler
+    run.skipped = False
     set_lr(run.optimizer, lr_at(run.h.step, cfg))
     batches = [run.source.next() for _ in range(cfg.grad_accum)]
     tokens = sum(x.numel() for x, _ in batches)
@@ -301,13 +319,25 @@ def train_step(run: _Run) -> tuple[float, float, int]:
                 _, loss = model(x, y)
             if counts[micro] == 0:  # nothing to learn here, but DDP still needs this backward
                 loss = torch.nan_to_num(loss) * 0.0
-            (loss * (counts[micro] * rt.world_size / total)).backward()
+            scaled = loss * (counts[micro] * rt.world_size / total)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach().float() * counts[micro]
+    if scaler is not None:
+        scaler.unscale_(run.optimizer)  # clip (and step) the true gradients
     norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.grad_clip or math.inf)
     if rt.ddp:  # one decision on every rank: the global mean loss (norm is already global)
         dist.all_reduce(loss_sum)
     loss_mean = loss_sum / total
     loss_val, norm_val = loss_mean.item(), norm.item()
+    if scaler is not None and math.isfinite(loss_val):
+        if not math.isfinite(norm_val) and scaler.get_scale() <= 1.0:  # not the scale's fault
+            return loss_val, norm_val, tokens * rt.world_size
+        scaler.update()  # halves the scale after an overflow, else counts toward growing it
+        if not math.isfinite(norm_val):
+            run.skipped = True
+            run.h.skipped_steps += 1
+            run.optimizer.zero_grad(set_to_none=True)
+            return loss_val, norm_val, tokens * rt.world_size
     if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
         return loss_val, norm_val, tokens * rt.world_size
     run.optimizer.step()
@@ -336,6 +366,8 @@ def _summary(run: _Run, resumed_from: int | None) -> dict:
         "time_s": round(h.wall_time, 2),
         "stopped_early": int(h.stopped_early),
         "resumed_from_step": resumed_from,
+        "skipped_steps": h.skipped_steps,  # fp16 overflows (0 in bf16/fp32)
+        "loss_scale": run.scaler.get_scale() if run.scaler is not None else None,
     }
 
 
@@ -370,7 +402,8 @@ def _fit(model, cfg, rt, train_source, val_batches, model_dir, ckpt_dir, curves_
     identity = run_identity(raw, cfg, rt, meta, keep_best, patience, inputs)
     run = _Run(raw=raw, model=raw, optimizer=optimizer, cfg=cfg, rt=rt, source=train_source,
                val=val_batches, identity=identity, h=History(),
-               flops_per_token=float(raw.flops_per_token()))
+               flops_per_token=float(raw.flops_per_token()),
+               scaler=grad_scaler(rt.device, rt.dtype))
     if rt.is_main:
         curves_dir.mkdir(parents=True, exist_ok=True)
     resumed = _try_resume(run, ckpt_dir, log)
@@ -399,25 +432,31 @@ def _loop(run: _Run, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience
     _write_curves(run, curves_dir)  # a fresh run's empty curves, or a resumed run's history
     bar = tqdm(total=cfg.max_steps, initial=h.step, disable=not rt.is_main, dynamic_ncols=True,
                mininterval=1.0, desc=curves_dir.name or "train", unit="step")
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "norm": 0.0}
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "norm": 0.0, "normed": 0}
     start = time.perf_counter()
     last_saved = h.step if h.step else None  # a resumed run's checkpoint; a fresh run has none yet
     warm_up = True  # the first step of a session compiles/allocates: kept out of tokens/s
     while h.step < cfg.max_steps and not h.stopped_early:
         t0 = time.perf_counter()
         loss, norm, tokens = train_step(run)
-        if not (math.isfinite(loss) and math.isfinite(norm)):
+        if not (math.isfinite(loss) and (math.isfinite(norm) or run.skipped)):
             bar.close()
             kept = (f"the last good checkpoint (step {last_saved}) in {ckpt_dir} is kept"
                     if last_saved is not None else "no checkpoint of this run was saved yet")
+            scale = f", fp16 loss scale {run.scaler.get_scale():g}" if run.scaler is not None else ""
             raise TrainingError(
-                f"non-finite loss {loss} (grad norm {norm}) at step {h.step + 1}; stopped without "
-                f"updating the weights; {kept}; lower the learning rate or check the data")
+                f"non-finite loss {loss} (grad norm {norm}{scale}) at step {h.step + 1}; stopped "
+                f"without updating the weights; {kept}; lower the learning rate or check the data")
+        if run.skipped:
+            log(f"step {h.step + 1:6d} | fp16 gradients overflowed: step skipped, loss scale "
+                f"now {run.scaler.get_scale():g} ({h.skipped_steps} skipped so far)")
         dt = time.perf_counter() - t0
         h.step, h.tokens = h.step + 1, h.tokens + tokens
         window["loss"] += loss
-        window["norm"] += norm
         window["steps"] += 1
+        if not run.skipped:  # an overflowed step has no gradient norm
+            window["norm"] += norm
+            window["normed"] += 1
         if not warm_up:
             h.train_time, h.timed_tokens = h.train_time + dt, h.timed_tokens + tokens
             window["time"] += dt
@@ -452,9 +491,12 @@ def _log_row(run: _Run, window: dict, log) -> None:
     n = window["steps"]
     tps = window["tokens"] / window["time"] if window["time"] > 0 else 0.0
     mfu = run.flops_per_token * tps / rt.peak_flops if rt.peak_flops else 0.0
-    loss, norm = window["loss"] / n, window["norm"] / n
+    loss = window["loss"] / n
+    norm = window["norm"] / window["normed"] if window["normed"] else math.nan
     lr = lr_at(h.step - 1, run.cfg)
     h.train_rows.append([h.step, h.tokens, loss, lr, norm, tps, mfu])
+    scale = (f" | loss scale {run.scaler.get_scale():g} ({h.skipped_steps} skipped)"
+             if run.scaler is not None else "")
     log(f"step {h.step:6d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | "
-        f"{tps:,.0f} tok/s | mfu {100 * mfu:.1f}%")
-    window.update(loss=0.0, steps=0, tokens=0, time=0.0, norm=0.0)
+        f"{tps:,.0f} tok/s | mfu {100 * mfu:.1f}%{scale}")
+    window.update(loss=0.0, steps=0, tokens=0, time=0.0, norm=0.0, normed=0)

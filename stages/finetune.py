@@ -61,7 +61,7 @@ def run() -> str | None:
     block = model.config.block_size
     splits = {name: sft.load_split(TOKENS, name, block) for name in SPLITS}
     pad_id = tok.token_to_id(PAD)
-    rt = setup_runtime(cfg)
+    rt = setup_runtime(cfg, "finetune")
     try:
         model = with_dropout(model, cfg.dropout)
         source = sft.SFTBatches(splits["train"], cfg.batch_size, pad_id, packing=cfg.packing,
