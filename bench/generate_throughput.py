@@ -130,8 +130,10 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=20, help="prompt tokens")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="4 layers, 4 heads, 256 wide, vocab 8192")
+    ap.add_argument("--shape", type=int, nargs=4, metavar=("L", "H", "C", "V"),
+                    help="any other size (bench/gpu_check.py's dry run)")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--dtypes", default="auto", help="comma list of fp32,bf16; auto: bf16 only if fast here")
+    ap.add_argument("--dtypes", default="auto", help="comma list of fp32,bf16,fp16; auto: bf16 only if fast here")
     ap.add_argument("--num_samples", type=int, default=0, help="also time batched sampling of N")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: both sides on it (tokens come back each step)")
     args = ap.parse_args()
@@ -142,7 +144,7 @@ def main() -> None:
     logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
-    L, H, C, V = (4, 4, 256, 8192) if args.tiny else (6, 6, 384, 30000)
+    L, H, C, V = args.shape or ((4, 4, 256, 8192) if args.tiny else (6, 6, 384, 30000))
     torch.manual_seed(0)
     ours = GPT(GPTConfig(vocab_size=V, n_layer=L, n_head=H, n_embd=C, block_size=256)).eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,7 +160,7 @@ def main() -> None:
     fast_bf16 = args.device != "cpu" or cpu_has_bf16()
     dtypes = args.dtypes if args.dtypes != "auto" else "fp32,bf16" if fast_bf16 else "fp32"
     for name in dtypes.split(","):
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
         ours.to(dtype)
         hf.to(dtype)
 

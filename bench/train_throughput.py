@@ -1,6 +1,6 @@
 """Training throughput of minigpt's real loop step vs transformers' GPT2LMHeadModel, one process.
 
-    python bench/train_throughput.py [--dtype fp32 bf16] [--steps 10] [--batch 8] [--tiny]
+    python bench/train_throughput.py [--dtype fp32 bf16 fp16] [--steps 10] [--batch 8] [--tiny]
                                      [--compile] [--device cpu|cuda] [--profile]
 
 Seed config by default (6 layers, 6 heads, 384 wide, block 256, vocab 30000, batch 8). "Ours" is
@@ -112,19 +112,28 @@ def gpt2_flops_per_token(model, L: int, C: int, T: int, V: int) -> float:
     return 6.0 * (model.num_parameters() - wpe) + 12.0 * L * C * T  # wte counted once, as the head
 
 
-def their_step(model, opt, x, y, rt: runtime.Runtime, clip: float) -> float:
+def their_step(model, opt, x, y, rt: runtime.Runtime, clip: float, scaler=None) -> float:
     with rt.autocast():
         loss = model(input_ids=x, labels=y).loss
-    loss.backward()
+    if scaler is not None:  # fp16: the same loss scaling as ours (train.train_step)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     value = loss.item() + 0 * norm.item()  # the same two syncs as ours
-    opt.step()
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     opt.zero_grad(set_to_none=True)
     return value
 
 
 def bench(dtype: str, args) -> dict:
-    L, H, C, T, V, B = (4, 4, 256, 256, 8192, 16) if args.tiny else (6, 6, 384, 256, 30000, args.batch)
+    L, H, C, T, V, B = (args.shape or ((4, 4, 256, 256, 8192, 16) if args.tiny
+                                       else (6, 6, 384, 256, 30000, args.batch)))
     cfg = TrainConfig(device=args.device, dtype=dtype, batch_size=B, lr=1e-4, warmup_steps=0,
                       max_steps=10**6, compile=args.compile)
     rt = runtime.setup_runtime(cfg)
@@ -134,13 +143,15 @@ def bench(dtype: str, args) -> dict:
     source = RandomTokens(B, T, V)
     opt = optim.adamw(ours.parameters(), 0.1, 1e-4, (0.9, 0.95), rt.device.type)
     run = train._Run(raw=ours, model=torch.compile(ours) if args.compile else ours, optimizer=opt,
-                     cfg=cfg, rt=rt, source=source, val=[], identity={}, h=train.History())
+                     cfg=cfg, rt=rt, source=source, val=[], identity={}, h=train.History(),
+                     scaler=runtime.grad_scaler(rt.device, rt.dtype))
+    their_scaler = runtime.grad_scaler(rt.device, rt.dtype)
     their_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95),
                                   fused=True)  # as ours (optim.adamw) on CPU and CUDA
     their_model = torch.compile(theirs) if args.compile else theirs
     x, y = source.x.to(rt.device), source.y.to(rt.device)
     steps = {"ours": lambda: train.train_step(run),
-             "theirs": lambda: their_step(their_model, their_opt, x, y, rt, cfg.grad_clip)}
+             "theirs": lambda: their_step(their_model, their_opt, x, y, rt, cfg.grad_clip, their_scaler)}
     times = {k: [] for k in steps}
     for i in range(args.warmup + args.steps):
         for name, step in steps.items():
@@ -177,11 +188,13 @@ def profile(steps: dict, rt: runtime.Runtime) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tiny", action="store_true", help="4 layers, 4 heads, 256 wide, vocab 8192, batch 16")
+    ap.add_argument("--shape", type=int, nargs=6, metavar=("L", "H", "C", "T", "V", "B"),
+                    help="any other size (bench/gpu_check.py's dry run)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", action="store_true")
