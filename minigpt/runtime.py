@@ -49,6 +49,7 @@ Design choices
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -256,7 +257,7 @@ def peak_flops(device: torch.device, dtype: str, world_size: int) -> float:
         for chip, (half, fp32) in {"H100": (989e12, 494e12), "H200": (989e12, 494e12),
                                    "A100": (312e12, 156e12), "L4": (121e12, 60e12),
                                    "V100": (125e12, 15.7e12), "T4": (65e12, 8.1e12)}.items():
-            if chip in name:
+            if re.search(rf"\b{chip}\b", name):  # "NVIDIA L4", not "NVIDIA L40S"
                 return (half if dtype in HALF else fp32) * world_size
         return 0.0
     if device.type == "cpu":

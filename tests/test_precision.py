@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from minigpt import runtime, train
+from minigpt.config import ConfigError, TrainConfig
 from minigpt.runtime import Runtime
 from minigpt.train import TrainingError, fit
 from minigpt.windows import TokenWindows, val_windows
@@ -170,6 +171,11 @@ def test_fp16_autocast_scaler_and_peak(monkeypatch):
     cuda = fake_cuda(monkeypatch, (7, 5), "Tesla T4")
     assert runtime.peak_flops(cuda, "fp16", 2) == pytest.approx(2 * 65e12)
     assert runtime.peak_flops(cuda, "fp32", 1) == pytest.approx(8.1e12)
+    fake_cuda(monkeypatch, (8, 9), "NVIDIA L40S")  # not an L4: unknown, MFU 0
+    assert runtime.peak_flops(cuda, "bf16", 1) == 0.0
+    TrainConfig(dtype="fp16").validate("pretrain")  # a params value
+    with pytest.raises(ConfigError, match=r"pretrain.dtype.*auto, bf16, fp16 or fp32"):
+        TrainConfig(dtype="fp8").validate("pretrain")
 
 
 # --- a dtype the hardware only emulates -----------------------------------------------------------
@@ -208,3 +214,36 @@ def test_bf16_on_a_gpu_before_compute_8_warns(monkeypatch, capsys):
     assert "compute capability 7.5" in err and "pretrain.dtype: fp16 or auto" in err
     runtime.resolve_dtype("fp16", cuda, "pretrain.dtype")
     assert capsys.readouterr().err == ""
+
+
+def test_pretrain_stage_trains_in_fp16_when_asked(tmp_path, monkeypatch, capsys):
+    """`pretrain.dtype: fp16` in params.yaml: the stage trains loss-scaled and says so."""
+    import yaml
+
+    from minigpt.tokenizer import save_tokenizer, tokenizer_hash, train_tokenizer
+    from test_train import ROOT, _load_stage, write_tokens
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"] = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.0}
+    params["pretrain"].update(device="cpu", dtype="fp16", batch_size=4, max_steps=4, warmup_steps=1,
+                              eval_interval=2, eval_batches=2, save_interval=2, log_interval=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runtime, "_warned", set())
+    monkeypatch.setattr(runtime, "die_with_parent", lambda: None)
+    tok_path = tmp_path / "data" / "tokenizer" / "tokenizer.json"
+    tok_path.parent.mkdir(parents=True)
+    save_tokenizer(train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 30, 300), tok_path)
+    tokens = tmp_path / "data" / "tokens" / "pretrain"
+    tokens.mkdir(parents=True)
+    for split in ("train", "validation"):
+        side = json.loads(write_tokens(tokens / f"{split}.bin", 2000, seed=len(split)).with_suffix(".json").read_text())
+        side["tokenizer_hash"] = tokenizer_hash(tok_path)
+        (tokens / f"{split}.json").write_text(json.dumps(side))
+    assert _load_stage().main() == 0
+    out, err = capsys.readouterr()
+    assert "cpu fp16" in out and "loss scale 65536 (0 skipped)" in out
+    if not runtime.cpu_has_fp16():
+        assert "warning: pretrain.dtype fp16: this CPU has no native fp16" in err
+    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    assert metrics["skipped_steps"] == 0 and metrics["loss_scale"] == 65536.0 and metrics["steps"] == 4
