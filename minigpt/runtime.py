@@ -4,18 +4,19 @@ Design choices
 - One device picker for the package (`resolve_device`): training, evaluation and the CLI/server
   all call it; `auto` is cuda > mps > cpu, an explicit device must exist (a one-line `DeviceError`
   naming the setting; the CLI and evaluation re-raise it as CLIError / EvalError).
-- dtype `auto` is bf16 autocast where the hardware runs bf16 natively: CUDA compute capability
-  >= 8.0 (`torch.cuda.is_bf16_supported()` also answers True where bf16 is only emulated, e.g.
+- dtype `auto` is bf16 autocast where the hardware runs bf16 natively: CUDA compute capability >=
+  8.0 (`torch.cuda.is_bf16_supported()` also answers True where bf16 is only emulated, e.g.
   sm_75) and CPUs with AVX512-BF16/AMX (/proc/cpuinfo flags). Older CUDA GPUs get fp16 autocast
   with dynamic loss scaling (`grad_scaler`); so does MPS: torch autocasts MPS to fp16 since 2.5
   and to bf16 since 2.6 but only on macOS 14+, and GradScaler works on MPS since 2.8
   (pytorch#99272, #139390, #142397), so fp16 is the half precision every Apple GPU and macOS
-  runs; older torch keeps MPS in fp32. Other CPUs: fp32. An
-  explicit bf16/fp16 on hardware without it gets one warning line (`warn_emulated`). Measured: on an AVX2-only box a bf16 matmul runs at <1 GFLOP/s against
-  ~120 fp32 (3 bf16 training steps of the tiny config did not finish in 10 minutes), so bf16 must
-  never be picked there; on a 2-core slice of an AMX Xeon a seed-config step is 1.8x faster in
-  bf16 (2,497 vs 1,381 tok/s; `python bench/train_throughput.py --dtype fp32 bf16`). Evaluation
-  (`eval_dtype`) keeps CPUs in fp32 so a metric does not move with the machine's instruction set.
+  runs; older torch keeps MPS in fp32. Other CPUs: fp32. An explicit bf16/fp16 on hardware
+  without it gets one warning line (`warn_emulated`). Measured: on an AVX2-only box a bf16 matmul
+  runs at <1 GFLOP/s against ~120 fp32 (3 bf16 training steps of the tiny config did not finish
+  in 10 minutes), so bf16 must never be picked there; on a 2-core slice of an AMX Xeon a
+  seed-config step is 1.8x faster in bf16 (2,497 vs 1,381 tok/s; `python
+  bench/train_throughput.py --dtype fp32 bf16`). Evaluation (`eval_dtype`) keeps CPUs in fp32 so
+  a metric does not move with the machine's instruction set.
 - CPU fp32: `torch.backends.mkldnn.matmul.fp32_precision = "bf16"` routes fp32 matmuls to oneDNN.
   Measured: on the AVX2 box it is no faster and fp32-exact; on the AMX Xeon it is 2.5x faster but
   does bf16 math (relative error 2.4e-3 vs 6e-7). So it is enabled only after a ~0.1 s probe shows
@@ -32,18 +33,18 @@ Design choices
   it, and a bf16 seed-config step ran ~10% faster (paired runs, `bench/train_throughput.py
   --keep-freed-memory`). Training processes on CPU turn it on (the eval stage measured no gain);
   the cost is that the process keeps its peak memory.
-- MFU = flops_per_token * tokens/s / peak. Peaks used (dense, bf16 = fp16 tensor cores): H100/H200
-  989e12 bf16, 494e12 tf32; A100 312e12 bf16, 156e12 tf32; L4 121e12 fp16, 60e12 tf32; V100
-  125e12 fp16, 15.7e12 fp32; T4 65e12 fp16, 8.1e12 fp32 (vendor data sheets). A CPU core's peak is FLOPs per cycle from its flags times
-  CPU_GHZ: fp32 is 2 FMA pipes x 2 x the vector's fp32 lanes (16 with AVX-512, else 8: AVX2, and
-  ARM's four 128-bit pipes alike), bf16 twice that with AVX512-BF16's dot products, 1,024 with
-  AMX tiles. The clock is a fixed nominal one because a VM's /proc/cpuinfo shows the base clock
-  while its cores boost under load: on a 2-core AVX2 EPYC (family 25, Milan) listed at 2.45
-  GHz, the seed-config fp32 step ran at 77 GFLOP/s per core, 98% of a 2.45 GHz peak (the old
-  fixed 60e9 per AVX2 core printed MFU 128%); at 3.75 GHz it is 64%. Zen 5 gives 240e9 fp32
-  and 480e9 bf16 (the measured bf16 GEMM ceiling there is 205e9 per core). Zen 4 runs AVX-512
-  at half width, so its MFU reads low. CPU peak is per-core * threads * ranks; unknown
-  accelerators get 0 (MFU logged as 0).
+- MFU = flops_per_token * tokens/s / peak. Peaks used (dense, bf16 = fp16 tensor cores):
+  H100/H200 989e12 bf16, 494e12 tf32; A100 312e12 bf16, 156e12 tf32; L4 121e12 fp16, 60e12 tf32;
+  V100 125e12 fp16, 15.7e12 fp32; T4 65e12 fp16, 8.1e12 fp32 (vendor data sheets). A CPU core's
+  peak is FLOPs per cycle from its flags times CPU_GHZ: fp32 is 2 FMA pipes x 2 x the vector's
+  fp32 lanes (16 with AVX-512, else 8: AVX2, and ARM's four 128-bit pipes alike), bf16 twice that
+  with AVX512-BF16's dot products, 1,024 with AMX tiles. The clock is a fixed nominal one because
+  a VM's /proc/cpuinfo shows the base clock while its cores boost under load: on a 2-core AVX2
+  EPYC (family 25, Milan) listed at 2.45 GHz, the seed-config fp32 step ran at 77 GFLOP/s per
+  core, 98% of a 2.45 GHz peak (the old fixed 60e9 per AVX2 core printed MFU 128%); at 3.75 GHz
+  it is 64%. Zen 5 gives 240e9 fp32 and 480e9 bf16 (the measured bf16 GEMM ceiling there is 205e9
+  per core). Zen 4 runs AVX-512 at half width, so its MFU reads low. CPU peak is per-core *
+  threads * ranks; unknown accelerators get 0 (MFU logged as 0).
 """
 
 from __future__ import annotations
