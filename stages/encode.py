@@ -26,8 +26,9 @@ OUT_ROOT = Path("data/tokens")
 
 def run(corpus: str) -> list[TokenStats]:
     cfg = load_params().encode
-    set_threads(cfg.num_threads)  # before the first batch encode: the thread pool is built once
-    return encode_corpus(corpus, PROCESSED / corpus, TOKENIZER, OUT_ROOT / corpus, cfg.batch_size)
+    set_threads(1)  # one tokenizer thread per process: the encode.num_proc workers use the cores
+    return encode_corpus(corpus, PROCESSED / corpus, TOKENIZER, OUT_ROOT / corpus, cfg.batch_size,
+                         num_proc=cfg.num_proc)
 
 
 def summary(corpus: str, stats: list[TokenStats], seconds: float) -> str:

@@ -26,9 +26,9 @@ OUT_ROOT = Path("data/processed")
 
 def run(corpus: str) -> dict:
     """Process one corpus into its fixed output directory; return its statistics."""
-    cfg = getattr(load_params().process, corpus)
+    params = load_params().process
     process = process_pretrain if corpus == "pretrain" else process_sft
-    return process(cfg, OUT_ROOT / corpus)
+    return process(getattr(params, corpus), OUT_ROOT / corpus, params.num_proc)
 
 
 def summary(corpus: str, stats: dict, seconds: float) -> str:

@@ -1,0 +1,65 @@
+"""An ordered map over worker processes: how `process` and `encode` use every core.
+
+Design choices
+- Standard library only (`concurrent.futures.ProcessPoolExecutor`): the data stages are chunks
+  of documents in, chunks of results out, in input order, so the files they write are
+  byte-identical for 1 and N workers. With one worker nothing is forked: the same function runs
+  in this process, which keeps tracebacks and profiling simple.
+- Bounded: at most `2 * workers` chunks are in flight (`Executor.map` and `Pool.imap` read the
+  whole input ahead and would hold a 50 GB corpus in the task queue). While the workers
+  transform, this process reads the next chunks and writes the finished ones: reading,
+  transforming and writing overlap.
+- Workers are spawned, not forked: the parent may already hold threads (the `tokenizers` Rust
+  pool, `datasets`), and forking a threaded process can deadlock the child.
+- An error raised in a worker is re-raised here when its chunk's turn comes, so the error a run
+  reports is the first one in input order, whatever the worker count; the other workers are
+  cancelled.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, Iterable, Iterator
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (its affinity mask, so `taskset` and cgroup cpusets count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_workers(num_proc: int) -> int:
+    """`num_proc` as a worker count: 0 = every core this process may use."""
+    return num_proc if num_proc > 0 else cpu_count()
+
+
+def ordered_map(fn: Callable[[Any], Any], chunks: Iterable[Any], workers: int,
+                initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> Iterator[Any]:
+    """fn(chunk) for every chunk, in order, on `workers` processes (1 = in this process).
+
+    `initializer(*initargs)` runs once per worker before its first chunk (in this process too
+    when workers == 1). `fn`, `initializer` and every chunk must be picklable when workers > 1."""
+    if workers <= 1:
+        if initializer is not None:
+            initializer(*initargs)
+        yield from map(fn, chunks)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer,
+                             initargs=initargs) as pool:
+        pending: deque = deque()
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(fn, chunk))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:  # an error or an abandoned generator: stop queued work
+                future.cancel()
