@@ -105,7 +105,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=64, help="size of the encoded JSONL (MB)")
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--threads", type=int, default=0, help="encode.num_threads (0 = all cores)")
+    ap.add_argument("--threads", type=int, default=0, help="tokenizer threads in this one process (0 = all cores)")
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds of both")
     args = ap.parse_args()

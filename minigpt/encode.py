@@ -38,6 +38,7 @@ import json
 import os
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -48,7 +49,7 @@ from tqdm import tqdm
 
 from minigpt.template import encode_examples
 from minigpt.files import SPLITS, FormatError, atomic_directory, json_line, str_field, write_json
-from minigpt.parallel import ordered_map, resolve_workers
+from minigpt.parallel import Workers, resolve_workers
 from minigpt.tokenizer import (EOT, encode_texts, load_tokenizer, same_tokenizer, special_id,
                                tokenizer_hash)
 
@@ -147,12 +148,17 @@ def _init_worker(tokenizer_path: str) -> None:
     _use_tokenizer(load_tokenizer(tokenizer_path))
 
 
-def _encoded(fn: Callable, chunks: Iterator, tok: Tokenizer, tokenizer_path: str | Path | None,
-             workers: int) -> Iterator:
-    """fn(chunk) in order, on `workers` processes that load `tokenizer_path`, or here with `tok`."""
+def encoders(tok: Tokenizer, tokenizer_path: str | Path | None, workers: int) -> Workers:
+    """`workers` processes that each load `tokenizer_path` (one tokenizer thread each), or this
+    process with `tok` when workers == 1 or there is no path to load."""
     if workers > 1 and tokenizer_path is not None:
-        return ordered_map(fn, chunks, workers, _init_worker, (str(tokenizer_path),))
-    return ordered_map(fn, chunks, 1, _use_tokenizer, (tok,))
+        return Workers(workers, _init_worker, (str(tokenizer_path),))
+    return Workers(1, _use_tokenizer, (tok,))
+
+
+def _entered(pool: Workers | None, tok: Tokenizer):
+    """`pool`, already entered by the caller; or, without one, this process encoding with `tok`."""
+    return nullcontext(pool) if pool is not None else encoders(tok, None, 1)
 
 
 def _encode_pretrain_chunk(chunk: tuple[str, int, list[bytes], int]) -> tuple[np.ndarray, int, int]:
@@ -260,15 +266,14 @@ def encode_documents(tok: Tokenizer, texts: list[str], dtype: np.dtype,
 
 
 def encode_pretrain_split(tok: Tokenizer, src: Path, dst: Path, batch_size: int,
-                          dtype: np.dtype, workers: int = 1,
-                          tokenizer_path: str | Path | None = None) -> TokenStats:
+                          dtype: np.dtype, pool: Workers | None = None) -> TokenStats:
     """Encode `{"text"}` JSONL `src` into the flat token file `dst` (EOT after every document),
-    on `workers` processes that load `tokenizer_path` (the file `tok` came from), else here."""
+    on `pool` (`encoders`; None: here, with `tok`)."""
     start = time.perf_counter()
     tokens = docs = size_in = 0
-    with dst.open("wb") as out, _byte_bar(src, f"encode {src.parent.name}/{src.stem}") as bar:
-        for arr, n, size in _encoded(_encode_pretrain_chunk, _chunks(src, batch_size), tok,
-                                     tokenizer_path, workers):
+    with dst.open("wb") as out, _byte_bar(src, f"encode {src.parent.name}/{src.stem}") as bar, \
+            _entered(pool, tok) as pool:
+        for arr, n, size in pool.map(_encode_pretrain_chunk, _chunks(src, batch_size)):
             assert arr.dtype == dtype
             arr.tofile(out)
             tokens, docs, size_in = tokens + arr.size, docs + n, size_in + size
@@ -277,19 +282,18 @@ def encode_pretrain_split(tok: Tokenizer, src: Path, dst: Path, batch_size: int,
 
 
 def encode_sft_split(tok: Tokenizer, src: Path, dst: Path, batch_size: int,
-                     dtype: np.dtype, workers: int = 1,
-                     tokenizer_path: str | Path | None = None) -> TokenStats:
+                     dtype: np.dtype, pool: Workers | None = None) -> TokenStats:
     """Encode `{"instruction","context","response"}` JSONL into ids, loss mask and offsets
-    (workers as for `encode_pretrain_split`)."""
+    (`pool` as for `encode_pretrain_split`)."""
     start = time.perf_counter()
     tokens = examples = size_in = 0
     prefix = dst.with_suffix("")
     with dst.open("wb") as f_ids, open(f"{prefix}.mask.bin", "wb") as f_mask, \
             open(f"{prefix}.idx.bin", "wb") as f_idx, \
-            _byte_bar(src, f"encode {src.parent.name}/{src.stem}") as bar:
+            _byte_bar(src, f"encode {src.parent.name}/{src.stem}") as bar, \
+            _entered(pool, tok) as pool:
         np.zeros(1, IDX_DTYPE).tofile(f_idx)  # offsets start at 0
-        for ids, mask, lengths, size in _encoded(_encode_sft_chunk, _chunks(src, batch_size), tok,
-                                                 tokenizer_path, workers):
+        for ids, mask, lengths, size in pool.map(_encode_sft_chunk, _chunks(src, batch_size)):
             assert ids.dtype == dtype
             ids.tofile(f_ids)
             mask.tofile(f_mask)
@@ -327,11 +331,11 @@ def encode_corpus(corpus: str, processed_dir: str | Path, tokenizer_path: str | 
     encode_split = encode_pretrain_split if corpus == "pretrain" else encode_sft_split
     count_key = "documents" if corpus == "pretrain" else "examples"
 
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir) as tmp, \
+            encoders(tok, tokenizer_path, resolve_workers(num_proc)) as pool:
         stats = []
         for src in sources:
-            s = encode_split(tok, src, tmp / f"{src.stem}.bin", batch_size, dtype,
-                             resolve_workers(num_proc), tokenizer_path)
+            s = encode_split(tok, src, tmp / f"{src.stem}.bin", batch_size, dtype, pool)
             write_json(tmp / f"{src.stem}.json", {"dtype": dtype.name, "count": s.tokens,
                                                   count_key: s.items, **meta_common})
             stats.append(s)

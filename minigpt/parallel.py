@@ -38,28 +38,53 @@ def resolve_workers(num_proc: int) -> int:
     return num_proc if num_proc > 0 else cpu_count()
 
 
-def ordered_map(fn: Callable[[Any], Any], chunks: Iterable[Any], workers: int,
-                initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> Iterator[Any]:
-    """fn(chunk) for every chunk, in order, on `workers` processes (1 = in this process).
+class Workers:
+    """`workers` processes (1 = this one) that map functions over chunks, in order:
 
-    `initializer(*initargs)` runs once per worker before its first chunk (in this process too
-    when workers == 1). `fn`, `initializer` and every chunk must be picklable when workers > 1."""
-    if workers <= 1:
-        if initializer is not None:
-            initializer(*initargs)
-        yield from map(fn, chunks)
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer,
-                             initargs=initargs) as pool:
+        with Workers(n, init, args) as pool:
+            for result in pool.map(fn, chunks): ...
+
+    `initializer(*initargs)` runs once per worker before its first chunk (in this process when
+    workers == 1). One pool serves many maps (the splits of a corpus): each worker is started
+    once. `fn`, `initializer`, `initargs` and every chunk must be picklable when workers > 1."""
+
+    def __init__(self, workers: int, initializer: Callable[..., None] | None = None,
+                 initargs: tuple = ()):
+        self.workers, self.initializer, self.initargs = workers, initializer, initargs
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "Workers":
+        if self.workers > 1:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=self.initializer, initargs=self.initargs)
+        elif self.initializer is not None:
+            self.initializer(*self.initargs)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def map(self, fn: Callable[[Any], Any], chunks: Iterable[Any]) -> Iterator[Any]:
+        """fn(chunk) for every chunk, in input order, at most 2 * workers chunks in flight."""
+        if self.pool is None:
+            yield from map(fn, chunks)
+            return
         pending: deque = deque()
         try:
             for chunk in chunks:
-                pending.append(pool.submit(fn, chunk))
-                if len(pending) >= 2 * workers:
+                pending.append(self.pool.submit(fn, chunk))
+                if len(pending) >= 2 * self.workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
         finally:
             for future in pending:  # an error or an abandoned generator: stop queued work
                 future.cancel()
+
+
+def ordered_map(fn: Callable[[Any], Any], chunks: Iterable[Any], workers: int,
+                initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> Iterator[Any]:
+    """`Workers(workers, initializer, initargs).map(fn, chunks)` with a pool of its own."""
+    with Workers(workers, initializer, initargs) as pool:
+        yield from pool.map(fn, chunks)
