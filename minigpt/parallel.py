@@ -11,6 +11,8 @@ Design choices
   transforming and writing overlap.
 - Workers are spawned, not forked: the parent may already hold threads (the `tokenizers` Rust
   pool, `datasets`), and forking a threaded process can deadlock the child.
+- A worker exits within WATCH_S of its parent's death (`kill -9` of a stage included): the
+  queue it waits on would otherwise keep it alive forever.
 - An error raised in a worker is re-raised here when its chunk's turn comes, so the error a run
   reports is the first one in input order, whatever the worker count; the other workers are
   cancelled.
@@ -20,9 +22,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
+
+
+WATCH_S = 0.5  # how often a worker checks that the process that started it is alive
 
 
 def cpu_count() -> int:
@@ -36,6 +43,20 @@ def cpu_count() -> int:
 def resolve_workers(num_proc: int) -> int:
     """`num_proc` as a worker count: 0 = every core this process may use."""
     return num_proc if num_proc > 0 else cpu_count()
+
+
+def _start_worker(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    """A worker's first act: exit when `parent` is gone (a killed stage must not leave workers
+    behind, blocked forever on their queue), then the caller's initializer."""
+    def watch() -> None:
+        while True:
+            time.sleep(WATCH_S)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    if initializer is not None:
+        initializer(*initargs)
 
 
 class Workers:
@@ -56,7 +77,8 @@ class Workers:
     def __enter__(self) -> "Workers":
         if self.workers > 1:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=self.initializer, initargs=self.initargs)
+                                            initializer=_start_worker,
+                                            initargs=(os.getpid(), self.initializer, self.initargs))
         elif self.initializer is not None:
             self.initializer(*self.initargs)
         return self
