@@ -3,9 +3,9 @@
     python stages/encode.py pretrain|sft
 
 Reads `encode` (batch size, worker processes) from params.yaml (in the current directory), the
-tokenizer from
-`data/tokenizer/tokenizer.json` and `data/processed/<corpus>/{train,validation,test}.jsonl`, and
-writes `data/tokens/<corpus>/` (docs/FORMATS.md) all at once or not at all. Any error is one line
+tokenizer from `data/tokenizer/tokenizer.json` and
+`data/processed/<corpus>/{train,validation,test}.jsonl`, and writes `data/tokens/<corpus>/`
+(docs/FORMATS.md) all at once or not at all. Any error is one line
 `error: ...` on stderr and exit status 2; set MINIGPT_DEBUG=1 to get the traceback instead.
 """
 
