@@ -137,7 +137,7 @@ class SplitWriter:
         self.stats = SplitStats()
 
     def write_line(self, line: str, measures: Measures) -> None:
-        """Write one JSONL line (`_jsonl_line`); `measures` are those of the text the statistics count."""
+        """Write one JSONL line (`_jsonl_line`); `measures`: of the text the statistics count."""
         self.file.write(line + "\n")
         self.stats.add(measures)
 

@@ -41,10 +41,10 @@ Design choices (and why)
   (`summed_batches`; the ops of a 1,024-token batch are too small to share two threads well), and
   the test answers are decoded as one ragged batch (`sample.greedy_batch`).
   The sliding window is ~700k token-forwards per model on the quick start and dominates; a larger
-  `eval.stride` or an `eval.max_tokens` cap trades context or coverage for time. The cap is on by
-  default (1M tokens: WikiText's test split, ~0.3M, is scored whole) so that a carved test split
-  of a large corpus costs a bounded time, and only the scored prefix is read from the token file. Measured with
-  `python bench/eval_throughput.py` (numbers in its docstring).
+  `eval.stride` or an `eval.max_tokens` cap trades context or coverage for time. Measured with
+  `python bench/eval_throughput.py` (numbers in its docstring). The cap is on by default (1M
+  tokens: WikiText's test split, ~0.3M, is scored whole) so that a carved test split of a large
+  corpus costs a bounded time, and only the scored prefix is read from the token file.
 - One model per call (`run_eval`), one DVC stage per model (`eval@pretrain`, `eval@finetune`):
   an experiment that changes only fine-tuning re-scores only the fine-tuned model, since the
   pre-trained one's deps did not change (quick start, 2-core AVX2: ~26 s instead of ~58 s).

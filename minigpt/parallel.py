@@ -76,8 +76,8 @@ class Workers:
 
     def __enter__(self) -> "Workers":
         if self.workers > 1:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_start_worker,
+            spawn = multiprocessing.get_context("spawn")
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=spawn, initializer=_start_worker,
                                             initargs=(os.getpid(), self.initializer, self.initargs))
         elif self.initializer is not None:
             self.initializer(*self.initargs)

@@ -70,7 +70,8 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(SCRIPT)
     root = Path(__file__).resolve().parents[1]
-    parent = subprocess.Popen([sys.executable, str(script), str(root)], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, str(script), str(root)], stdout=subprocess.PIPE,
+                              text=True)
     try:
         workers = {int(parent.stdout.readline()) for _ in range(2)}
     finally:

@@ -446,7 +446,7 @@ def test_ddp_inputs_are_hashed_once_on_rank_0(data):
                           str(data["root"])], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((data["root"] / f"digests.{r}.json").read_text()) for r in (0, 1)]
-    want = file_digests([data["root"] / "tokens" / "train.bin", data["root"] / "tokens" / "validation.bin"])
+    want = file_digests([data["root"] / "tokens" / n for n in ("train.bin", "validation.bin")])
     assert ranks[0]["digests"] == ranks[1]["digests"] == want
     assert len(ranks[0]["reads"]) == 2 and ranks[1]["reads"] == []  # rank 1 reads nothing
     assert "missing.bin" in ranks[0]["error"] and ranks[1]["error"] == ranks[0]["error"]  # no hang
