@@ -5,8 +5,9 @@
 Builds a processed `train.jsonl` of real text (the WikiText-2 raw files regrouped into articles,
 plus extra/wiki_demo.txt, from shared/data; repeated to `--mb` MB) in a temporary directory,
 trains a tokenizer on one copy of the text, then encodes the file twice, alternating:
-- `minigpt`: `minigpt.encode.encode_pretrain_split` (batched `encode_batch` on the Rust thread
-  pool, numpy conversion per batch, streamed to disk): what the encode stage runs;
+- `minigpt`: `minigpt.encode.encode_pretrain_split` in this process (batched `encode_batch` on
+  the Rust thread pool, numpy conversion per batch, streamed to disk): the encode stage's path
+  with one worker (bench/data_throughput.py compares one worker with all);
 - `naive`: one `tok.encode(text)` per document in a Python loop, written per document.
 Both write the same format and the bench checks the files are identical. Prints tokens/s, MB/s
 (JSONL input), CPU/wall (how many cores it kept busy: under 1 means other processes took the
@@ -105,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=64, help="size of the encoded JSONL (MB)")
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--threads", type=int, default=0, help="encode.num_threads (0 = all cores)")
+    ap.add_argument("--threads", type=int, default=0, help="tokenizer threads in this one process (0 = all cores)")
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds of both")
     args = ap.parse_args()

@@ -123,10 +123,14 @@ class ProcessConfig:
 
     pretrain: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     sft: SFTDataConfig = field(default_factory=SFTDataConfig)
+    num_proc: int = 0
+    """Worker processes (0 = all cores); the output is the same for any number, so the stages
+    do not depend on it (dvc.yaml lists process.pretrain and process.sft, not the section)."""
 
     def validate(self, prefix: str) -> None:
         self.pretrain.validate(f"{prefix}.pretrain")
         self.sft.validate(f"{prefix}.sft")
+        _check(self.num_proc >= 0, f"{prefix}.num_proc", self.num_proc, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -157,12 +161,13 @@ class EncodeConfig:
 
     batch_size: int = 1000
     """Documents per `encode_batch` call (bounds memory while streaming)."""
-    num_threads: int = 0
-    """Tokenizer threads (0 = all cores)."""
+    num_proc: int = 0
+    """Worker processes (0 = all cores), one tokenizer thread each; the token files are the
+    same for any number, so the stage does not depend on it (see dvc.yaml)."""
 
     def validate(self, prefix: str) -> None:
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
-        _check(self.num_threads >= 0, f"{prefix}.num_threads", self.num_threads, "must be >= 0")
+        _check(self.num_proc >= 0, f"{prefix}.num_proc", self.num_proc, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -314,8 +319,9 @@ class EvalConfig:
     """auto, cpu, cuda or mps."""
     stride: int = 128
     """Sliding-window stride for perplexity: each window scores only its last `stride` tokens."""
-    max_tokens: int = 0
-    """Cap on test tokens scored for perplexity (0 = the full split)."""
+    max_tokens: int = 1_000_000
+    """Cap on test tokens scored for perplexity (0 = the full split): the first max_tokens of
+    the stream. WikiText's test split (~300k tokens, WikiText-2 and -103 alike) fits whole."""
     generate_examples: int = 50
     """SFT test examples to generate greedy answers for (ROUGE/BLEU)."""
     max_new_tokens: int = 96

@@ -39,15 +39,20 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from minigpt.config import PretrainDataConfig, SFTDataConfig
 from minigpt.files import atomic_directory, write_json
+from minigpt.parallel import ordered_map, resolve_workers
 from minigpt.sources import SFT_FIELDS, SPLITS, DataError, pretrain_rows, resolve_source, sft_records
 from minigpt.wikitext import article_text, detokenize, wikitext_articles
 
 PRETRAIN_DROP_REASONS = ("empty", "max_documents")
 SFT_DROP_REASONS = ("empty_instruction", "empty_response", "duplicate")
+# Work goes to the workers in chunks of about this many characters (or documents): large enough
+# that pickling and scheduling cost little, small enough that every worker gets several.
+CHUNK_CHARS = 2**20
+CHUNK_ITEMS = 4096
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +99,14 @@ def _jsonl_line(record: dict) -> str:
     return line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
 
 
+Measures = tuple[int, int, int]  # characters, UTF-8 bytes, whitespace words
+Prepared = tuple[str, Optional[str], Measures]  # split, JSONL line (None: empty), measures
+
+
+def measure(text: str) -> Measures:
+    return len(text), len(text.encode("utf-8")), len(text.split())
+
+
 @dataclass
 class SplitStats:
     """Running totals for one split."""
@@ -104,11 +117,11 @@ class SplitStats:
     words: int = 0
     dropped: Counter = field(default_factory=Counter)
 
-    def add(self, text: str) -> None:
+    def add(self, measures: Measures) -> None:
         self.count += 1
-        self.characters += len(text)
-        self.bytes += len(text.encode("utf-8"))
-        self.words += len(text.split())
+        self.characters += measures[0]
+        self.bytes += measures[1]
+        self.words += measures[2]
 
     def to_dict(self, unit: str, reasons: Sequence[str]) -> dict:
         return {unit: self.count, "characters": self.characters, "bytes": self.bytes,
@@ -123,10 +136,10 @@ class SplitWriter:
         self.file = path.open("w", encoding="utf-8", newline="\n")
         self.stats = SplitStats()
 
-    def write(self, record: dict, measured: str) -> None:
-        """Write `record`; `measured` is the text the statistics count."""
-        self.file.write(_jsonl_line(record) + "\n")
-        self.stats.add(measured)
+    def write_line(self, line: str, measures: Measures) -> None:
+        """Write one JSONL line (`_jsonl_line`); `measures`: of the text the statistics count."""
+        self.file.write(line + "\n")
+        self.stats.add(measures)
 
     def drop(self, reason: str) -> None:
         self.stats.dropped[reason] += 1
@@ -160,26 +173,71 @@ def _require_nonempty(writers: dict[str, SplitWriter], source: str, unit: str,
 
 def pretrain_documents(rows: Iterable[str], cfg: PretrainDataConfig) -> Iterator[tuple[str, str]]:
     """(raw, text) per document: `raw` is what the split hash sees, `text` what is written."""
+    for unit in pretrain_units(rows, cfg):
+        yield pretrain_document(unit, cfg)
+
+
+def pretrain_units(rows: Iterable[str], cfg: PretrainDataConfig) -> Iterator[Any]:
+    """The source's rows grouped into one unit per document (the sequential part; cheap)."""
+    return wikitext_articles(rows) if cfg.wikitext else iter(rows)
+
+
+def pretrain_document(unit: Any, cfg: PretrainDataConfig) -> tuple[str, str]:
+    """(raw, text) of one unit of `pretrain_units` (the per-document work, done by workers)."""
     if cfg.wikitext:
-        for lines in wikitext_articles(rows):
-            yield "\n".join(lines), article_text(lines, cfg.detokenize)
-    else:
-        for row in rows:
-            yield row, detokenize(row) if cfg.detokenize else row
+        return "\n".join(unit), article_text(unit, cfg.detokenize)
+    return unit, detokenize(unit) if cfg.detokenize else unit
 
 
-def process_pretrain(cfg: PretrainDataConfig, out_dir: str | Path) -> dict:
+def _prepare_pretrain(job: tuple[PretrainDataConfig, str, Sequence[str], list]) -> list[Prepared]:
+    """A worker's share: each unit of a chunk as (split, JSONL line or None when empty, measures)."""
+    cfg, split, carved, units = job
+    out = []
+    for unit in units:
+        raw, text = pretrain_document(unit, cfg)
+        where = split
+        if split == "train" and carved:
+            where = assign_split(raw, cfg.validation_fraction, cfg.test_fraction, carved)
+        line = _jsonl_line({"text": text}) if text.strip() else None
+        out.append((where, line, measure(text)))
+    return out
+
+
+def _unit_chars(unit: Any) -> int:
+    return len(unit) if isinstance(unit, str) else sum(map(len, unit))
+
+
+def chunked(items: Iterable[Any], size: Callable[[Any], int]) -> Iterator[list]:
+    """`items` in lists of at most CHUNK_ITEMS, each closed once its `size` total reaches CHUNK_CHARS."""
+    max_size, max_items = CHUNK_CHARS, CHUNK_ITEMS
+    chunk: list = []
+    total = 0
+    for item in items:
+        chunk.append(item)
+        total += size(item)
+        if total >= max_size or len(chunk) >= max_items:
+            yield chunk
+            chunk, total = [], 0
+    if chunk:
+        yield chunk
+
+
+def process_pretrain(cfg: PretrainDataConfig, out_dir: str | Path, num_proc: int = 1) -> dict:
     """Build `out_dir/{train,validation,test}.jsonl` and `stats.json` from the pre-training
-    source; returns the statistics. Raises DataError on bad input (`out_dir` is then untouched)."""
+    source; returns the statistics. Raises DataError on bad input (`out_dir` is then untouched).
+    `num_proc` worker processes (0 = every core) share the per-document work; the output is
+    the same for any number."""
     local = resolve_source(cfg.source) is not None
     splits = pretrain_rows(cfg)
     carved = [s for s in ("validation", "test") if s not in splits]
+    jobs = ((cfg, split, carved, units) for split in SPLITS if split in splits
+            for units in chunked(pretrain_units(splits[split], cfg), _unit_chars))
     with atomic_directory(out_dir) as tmp:
         writers = {s: SplitWriter(tmp / f"{s}.jsonl") for s in SPLITS}
         try:
-            for split in (s for s in SPLITS if s in splits):
-                for raw, text in pretrain_documents(splits[split], cfg):
-                    _route_document(raw, text, split, carved, cfg, writers)
+            for prepared in ordered_map(_prepare_pretrain, jobs, resolve_workers(num_proc)):
+                for split, line, measures in prepared:
+                    _route_document(split, line, measures, cfg, writers)
         finally:
             for w in writers.values():
                 w.close()
@@ -199,18 +257,17 @@ def process_pretrain(cfg: PretrainDataConfig, out_dir: str | Path) -> dict:
     return stats
 
 
-def _route_document(raw: str, text: str, split: str, carved: Sequence[str],
-                    cfg: PretrainDataConfig, writers: dict[str, SplitWriter]) -> None:
-    """Send one document to its split (carving from train), or count why it was dropped."""
-    if split == "train" and carved:
-        split = assign_split(raw, cfg.validation_fraction, cfg.test_fraction, carved)
+def _route_document(split: str, line: str | None, measures: Measures, cfg: PretrainDataConfig,
+                    writers: dict[str, SplitWriter]) -> None:
+    """Write one prepared document to its split, or count why it was dropped. In input order:
+    `max_documents` keeps the first ones."""
     writer = writers[split]
-    if not text.strip():
+    if line is None:
         writer.drop("empty")
     elif split == "train" and cfg.max_documents and writer.stats.count >= cfg.max_documents:
         writer.drop("max_documents")
     else:
-        writer.write({"text": text}, text)
+        writer.write_line(line, measures)
 
 
 def _total_dropped(writers: dict[str, SplitWriter], reasons: Sequence[str]) -> dict[str, int]:
@@ -232,30 +289,45 @@ def clean_example(row: dict[str, str]) -> tuple[dict[str, str], Optional[str]]:
     return ex, None
 
 
-def process_sft(cfg: SFTDataConfig, out_dir: str | Path) -> dict:
+def _prepare_sft(job: tuple[SFTDataConfig, str, Sequence[str], list[dict[str, str]]]) -> list[tuple]:
+    """A worker's share: each row of a chunk as (split, drop reason or None, duplicate digest,
+    JSONL line, measures)."""
+    cfg, source_split, carved, rows = job
+    out = []
+    for row in rows:
+        ex, reason = clean_example(row)
+        split = source_split
+        if split == "train" and carved:  # official splits stay; missing ones are carved
+            split = assign_split(sft_split_key(ex["instruction"], ex["context"]),
+                                 cfg.validation_fraction, cfg.test_fraction, carved)
+        digest = hashlib.sha256(json.dumps([ex[f] for f in SFT_FIELDS]).encode()).digest()
+        line = _jsonl_line(ex) if reason is None else None
+        out.append((split, reason, digest, line, measure(ex["response"])))
+    return out
+
+
+def process_sft(cfg: SFTDataConfig, out_dir: str | Path, num_proc: int = 1) -> dict:
     """Build `out_dir/{train,validation,test}.jsonl` and `stats.json` from the SFT source;
-    returns the statistics. Raises DataError on bad input (and leaves `out_dir` as it was)."""
+    returns the statistics. Raises DataError on bad input (and leaves `out_dir` as it was).
+    `num_proc` worker processes (0 = every core) clean and hash; duplicates are found here, in
+    input order, so the output is the same for any number."""
     splits = sft_records(cfg)
     carved = [s for s in ("validation", "test") if s not in splits]
+    jobs = ((cfg, split, carved, rows) for split in SPLITS if split in splits
+            for rows in chunked(splits[split], lambda row: sum(map(len, row.values()))))
     with atomic_directory(out_dir) as tmp:
         writers = {s: SplitWriter(tmp / f"{s}.jsonl") for s in SPLITS}
         seen: set[bytes] = set()  # digests, not texts: 32 bytes per example
         try:
-            for source_split in (s for s in SPLITS if s in splits):
-                for row in splits[source_split]:
-                    ex, reason = clean_example(row)
-                    split = source_split
-                    if split == "train" and carved:  # official splits stay; missing ones are carved
-                        split = assign_split(sft_split_key(ex["instruction"], ex["context"]),
-                                             cfg.validation_fraction, cfg.test_fraction, carved)
-                    digest = hashlib.sha256(json.dumps([ex[f] for f in SFT_FIELDS]).encode()).digest()
+            for prepared in ordered_map(_prepare_sft, jobs, resolve_workers(num_proc)):
+                for split, reason, digest, line, measures in prepared:
                     if reason is None and digest in seen:
                         reason = "duplicate"
                     if reason is not None:
                         writers[split].drop(reason)
                         continue
                     seen.add(digest)
-                    writers[split].write(ex, ex["response"])
+                    writers[split].write_line(line, measures)
         finally:
             for w in writers.values():
                 w.close()

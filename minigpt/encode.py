@@ -6,9 +6,14 @@ documents or examples, tokenizer_hash). SFT adds `{split}.mask.bin` (uint8 loss 
 the ids) and `{split}.idx.bin` (uint64 offsets, examples + 1).
 
 Design choices
-- Streaming: documents are read `batch_size` at a time (fewer when they pass 8 MB), encoded with
-  one `encode_batch` call on the Rust thread pool, converted to a numpy array and appended to the
-  file. Memory is bounded by one batch whatever the corpus size; ids never pile up as Python ints.
+- Streaming on every core: this process reads raw lines `batch_size` at a time (fewer once they
+  pass CHUNK_BYTES) and hands them to `encode.num_proc` worker processes (`minigpt.parallel`),
+  each with its own tokenizer on one thread; a worker parses the JSON, encodes and converts the ids
+  to a numpy array, and this process appends the arrays in input order. Reading, encoding and
+  writing overlap, and the Python side (JSON, ids -> numpy) runs on every core too, which the Rust
+  thread pool alone did not do. The files are byte-identical for any worker count (tested).
+  Memory is bounded by the chunks in flight whatever the corpus size; ids never pile up as
+  Python ints.
 - Bounded by bytes, not documents: a document longer than PIECE_CHARS is cut into pieces at
   whitespace that the byte-level pre-tokenizer splits at anyway (before a space or newline that
   follows a non-space and precedes a non-space: no pre-token spans it, and neither side's
@@ -16,8 +21,6 @@ Design choices
   are exactly those of the whole document (tested), while one 50 MB document no longer needs
   the tokenizer to hold 50 MB of Encodings at once. A stretch of PIECE_CHARS without such a
   boundary (no whitespace at all) is left whole.
-- The Python side (JSON parsing, list -> numpy) measured at ~4% of the time, so it is not
-  overlapped with the Rust encoding: a pipeline of threads would buy little on 2 cores.
 - Text is encoded as ordinary text (`minigpt.tokenizer.encode_texts`): a literal "<|endoftext|>"
   in an article is plain text; the only EOT ids in a pretrain stream are the ones appended here,
   one after every document, so document boundaries are exact.
@@ -35,16 +38,18 @@ import json
 import os
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from minigpt.template import encode_examples
-from minigpt.files import SPLITS, atomic_directory, read_objects, str_field, write_json
+from minigpt.files import SPLITS, FormatError, atomic_directory, json_line, str_field, write_json
+from minigpt.parallel import Workers, resolve_workers
 from minigpt.tokenizer import (EOT, encode_texts, load_tokenizer, same_tokenizer, special_id,
                                tokenizer_hash)
 
@@ -56,6 +61,9 @@ IDX_DTYPE = np.dtype("<u8")
 # measured ~700 MB for 16 MB of text, so 1000 book-sized documents would need many GB.
 # 8 MB of text is ~1.8M tokens, ~350 MB in flight, and still hundreds of articles per batch.
 BATCH_BYTES = 8 * 2**20
+# What one worker gets at a time (a batch also ends here): ~90 MB in flight per worker, and
+# enough chunks to keep every worker busy.
+CHUNK_BYTES = 2 * 2**20
 # Documents longer than this (characters) are encoded in pieces (see the module docstring).
 PIECE_CHARS = 2**20
 
@@ -91,20 +99,88 @@ def set_threads(num_threads: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false" if num_threads == 1 else "true"
 
 
-def _batches(path: Path, batch_size: int, max_bytes: int = BATCH_BYTES
-             ) -> Iterator[tuple[list[tuple[str, dict]], int]]:
-    """(rows as (FILE:LINE, object), bytes they took) for every `batch_size` lines of a JSONL,
-    or fewer once they reach `max_bytes`."""
-    rows: list[tuple[str, dict]] = []
-    size = 0
-    for where, nbytes, obj in read_objects(path):
-        rows.append((where, obj))
-        size += nbytes
-        if len(rows) == batch_size or size >= max_bytes:
-            yield rows, size
-            rows, size = [], 0
-    if rows:
-        yield rows, size
+def _chunks(path: Path, batch_size: int, max_bytes: int = CHUNK_BYTES
+            ) -> Iterator[tuple[str, int, list[bytes], int]]:
+    """The raw lines of a JSONL file as (path, number of the first line, lines, their bytes):
+    `batch_size` lines at a time, or fewer once they reach `max_bytes`. Only this much is read
+    here; the workers decode and parse (`_objects`)."""
+    lines: list[bytes] = []
+    size, first = 0, 1
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):  # a byte-order mark, as open_text drops
+                size += 3
+                line = line[3:]
+            lines.append(line)
+            size += len(line)
+            if len(lines) == batch_size or size >= max_bytes:
+                yield str(path), first, lines, size
+                lines, size, first = [], 0, lineno + 1
+    if lines:
+        yield str(path), first, lines, size
+
+
+def _objects(path: str, first: int, lines: list[bytes]) -> Iterator[tuple[str, dict]]:
+    """(FILE:LINE, object) per non-blank line, with `files.read_objects`' checks and errors."""
+    for lineno, raw in enumerate(lines, first):
+        where = f"{path}:{lineno}"
+        parsed = json_line(raw.decode("utf-8", "surrogateescape"), where)
+        if parsed is None:
+            continue
+        if not isinstance(parsed[1], dict):
+            raise FormatError(where, f"expected a JSON object, got {type(parsed[1]).__name__}")
+        yield where, parsed[1]
+
+
+# The tokenizer of this process (a worker's, or this one's when encoding without workers),
+# with its token dtype and end-of-text id: set once by the pool initializer, not per chunk.
+_ENCODER: tuple[Tokenizer, np.dtype, int] | None = None
+
+
+def _use_tokenizer(tok: Tokenizer) -> None:
+    global _ENCODER
+    _ENCODER = tok, token_dtype(tok.get_vocab_size()), special_id(tok, EOT)
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    """A worker process: one tokenizer thread (the workers are the parallelism), its own tokenizer."""
+    set_threads(1)
+    _use_tokenizer(load_tokenizer(tokenizer_path))
+
+
+def encoders(tok: Tokenizer, tokenizer_path: str | Path | None, workers: int) -> Workers:
+    """`workers` processes that each load `tokenizer_path` (one tokenizer thread each), or this
+    process with `tok` when workers == 1 or there is no path to load."""
+    if workers > 1 and tokenizer_path is not None:
+        return Workers(workers, _init_worker, (str(tokenizer_path),))
+    return Workers(1, _use_tokenizer, (tok,))
+
+
+def _entered(pool: Workers | None, tok: Tokenizer):
+    """`pool`, already entered by the caller; or, without one, this process encoding with `tok`."""
+    return nullcontext(pool) if pool is not None else encoders(tok, None, 1)
+
+
+def _encode_pretrain_chunk(chunk: tuple[str, int, list[bytes], int]) -> tuple[np.ndarray, int, int]:
+    """(ids with EOT after every document, documents, bytes) of one chunk of `{"text"}` lines."""
+    tok, dtype, eot = _ENCODER
+    path, first, lines, size = chunk
+    texts = [str_field(where, obj, "text") for where, obj in _objects(path, first, lines)]
+    return flatten_with_eot(encode_documents(tok, texts, dtype), eot, dtype), len(texts), size
+
+
+def _encode_sft_chunk(chunk: tuple[str, int, list[bytes], int]
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(ids, loss mask, length per example, bytes) of one chunk of SFT lines."""
+    tok, dtype, _ = _ENCODER
+    path, first, lines, size = chunk
+    triples = [tuple(str_field(where, obj, k) for k in ("instruction", "context", "response"))
+               for where, obj in _objects(path, first, lines)]
+    encoded = encode_examples(tok, triples)
+    lengths = np.fromiter((len(ids) for ids, _ in encoded), np.int64, count=len(encoded))
+    total = int(lengths.sum())
+    return (_concat((ids for ids, _ in encoded), total, dtype),
+            _concat((mask for _, mask in encoded), total, MASK_DTYPE), lengths, size)
 
 
 def _byte_bar(path: Path, desc: str) -> tqdm:
@@ -190,57 +266,58 @@ def encode_documents(tok: Tokenizer, texts: list[str], dtype: np.dtype,
 
 
 def encode_pretrain_split(tok: Tokenizer, src: Path, dst: Path, batch_size: int,
-                          dtype: np.dtype) -> TokenStats:
-    """Encode `{"text"}` JSONL `src` into the flat token file `dst` (EOT after every document)."""
-    start, eot = time.perf_counter(), special_id(tok, EOT)
+                          dtype: np.dtype, pool: Workers | None = None) -> TokenStats:
+    """Encode `{"text"}` JSONL `src` into the flat token file `dst` (EOT after every document),
+    on `pool` (`encoders`; None: here, with `tok`)."""
+    start = time.perf_counter()
     tokens = docs = size_in = 0
-    with dst.open("wb") as out, _byte_bar(src, f"encode {src.parent.name}/{src.stem}") as bar:
-        for rows, size in _batches(src, batch_size):
-            texts = [str_field(n, obj, "text") for n, obj in rows]
-            arr = flatten_with_eot(encode_documents(tok, texts, dtype), eot, dtype)
+    with dst.open("wb") as out, _byte_bar(src, f"encode {src.parent.name}/{src.stem}") as bar, \
+            _entered(pool, tok) as pool:
+        for arr, n, size in pool.map(_encode_pretrain_chunk, _chunks(src, batch_size)):
+            assert arr.dtype == dtype
             arr.tofile(out)
-            tokens, docs, size_in = tokens + arr.size, docs + len(rows), size_in + size
+            tokens, docs, size_in = tokens + arr.size, docs + n, size_in + size
             bar.update(size)
     return TokenStats(src.stem, tokens, docs, size_in, time.perf_counter() - start)
 
 
 def encode_sft_split(tok: Tokenizer, src: Path, dst: Path, batch_size: int,
-                     dtype: np.dtype) -> TokenStats:
-    """Encode `{"instruction","context","response"}` JSONL into ids, loss mask and offsets."""
+                     dtype: np.dtype, pool: Workers | None = None) -> TokenStats:
+    """Encode `{"instruction","context","response"}` JSONL into ids, loss mask and offsets
+    (`pool` as for `encode_pretrain_split`)."""
     start = time.perf_counter()
     tokens = examples = size_in = 0
     prefix = dst.with_suffix("")
     with dst.open("wb") as f_ids, open(f"{prefix}.mask.bin", "wb") as f_mask, \
             open(f"{prefix}.idx.bin", "wb") as f_idx, \
-            _byte_bar(src, f"encode {src.parent.name}/{src.stem}") as bar:
+            _byte_bar(src, f"encode {src.parent.name}/{src.stem}") as bar, \
+            _entered(pool, tok) as pool:
         np.zeros(1, IDX_DTYPE).tofile(f_idx)  # offsets start at 0
-        for rows, size in _batches(src, batch_size):
-            triples = [tuple(str_field(n, obj, k) for k in ("instruction", "context", "response"))
-                       for n, obj in rows]
-            encoded = encode_examples(tok, triples)
-            lengths = np.fromiter((len(ids) for ids, _ in encoded), np.int64, count=len(encoded))
-            _append(f_ids, (ids for ids, _ in encoded), int(lengths.sum()), dtype)
-            _append(f_mask, (mask for _, mask in encoded), int(lengths.sum()), MASK_DTYPE)
+        for ids, mask, lengths, size in pool.map(_encode_sft_chunk, _chunks(src, batch_size)):
+            assert ids.dtype == dtype
+            ids.tofile(f_ids)
+            mask.tofile(f_mask)
             (tokens + np.cumsum(lengths)).astype(IDX_DTYPE).tofile(f_idx)
-            tokens, examples, size_in = tokens + int(lengths.sum()), examples + len(rows), size_in + size
+            tokens, examples, size_in = tokens + ids.size, examples + len(lengths), size_in + size
             bar.update(size)
     return TokenStats(src.stem, tokens, examples, size_in, time.perf_counter() - start)
 
 
-def _append(f: BinaryIO, lists: Iterator[list[int]], total: int, dtype: np.dtype) -> None:
-    """Write the concatenation of `lists` (`total` values) to `f` as `dtype`."""
+def _concat(lists: Iterator[list[int]], total: int, dtype: np.dtype) -> np.ndarray:
+    """The concatenation of `lists` (`total` values) as one `dtype` array."""
     out = np.empty(total, dtype=dtype)
     pos = 0
     for values in lists:
         out[pos:pos + len(values)] = values
         pos += len(values)
-    out.tofile(f)
+    return out
 
 
 def encode_corpus(corpus: str, processed_dir: str | Path, tokenizer_path: str | Path,
                   out_dir: str | Path, batch_size: int = 1000,
-                  splits: tuple[str, ...] = SPLITS) -> list[TokenStats]:
-    """Encode every split of one corpus into `out_dir`, written elsewhere then renamed into place."""
+                  splits: tuple[str, ...] = SPLITS, num_proc: int = 1) -> list[TokenStats]:
+    """Encode every split of one corpus into `out_dir`, written elsewhere then renamed into place;
+    `num_proc` worker processes (0 = every core), the same files for any number."""
     if corpus not in CORPORA:
         raise EncodeError(f"corpus must be one of {', '.join(CORPORA)} (got {corpus!r})")
     processed_dir, out_dir = Path(processed_dir), Path(out_dir)
@@ -254,10 +331,11 @@ def encode_corpus(corpus: str, processed_dir: str | Path, tokenizer_path: str | 
     encode_split = encode_pretrain_split if corpus == "pretrain" else encode_sft_split
     count_key = "documents" if corpus == "pretrain" else "examples"
 
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir) as tmp, \
+            encoders(tok, tokenizer_path, resolve_workers(num_proc)) as pool:
         stats = []
         for src in sources:
-            s = encode_split(tok, src, tmp / f"{src.stem}.bin", batch_size, dtype)
+            s = encode_split(tok, src, tmp / f"{src.stem}.bin", batch_size, dtype, pool)
             write_json(tmp / f"{src.stem}.json", {"dtype": dtype.name, "count": s.tokens,
                                                   count_key: s.items, **meta_common})
             stats.append(s)

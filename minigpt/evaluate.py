@@ -42,7 +42,9 @@ Design choices (and why)
   the test answers are decoded as one ragged batch (`sample.greedy_batch`).
   The sliding window is ~700k token-forwards per model on the quick start and dominates; a larger
   `eval.stride` or an `eval.max_tokens` cap trades context or coverage for time. Measured with
-  `python bench/eval_throughput.py` (numbers in its docstring).
+  `python bench/eval_throughput.py` (numbers in its docstring). The cap is on by default (1M
+  tokens: WikiText's test split, ~0.3M, is scored whole) so that a carved test split of a large
+  corpus costs a bounded time, and only the scored prefix is read from the token file.
 - One model per call (`run_eval`), one DVC stage per model (`eval@pretrain`, `eval@finetune`):
   an experiment that changes only fine-tuning re-scores only the fine-tuned model, since the
   pre-trained one's deps did not change (quick start, 2-core AVX2: ~26 s instead of ~58 s).
@@ -301,7 +303,8 @@ class EvalData:
     """Everything a model is evaluated on (docs/FORMATS.md paths)."""
 
     tokens: np.ndarray
-    """Pre-training test stream with one <|endoftext|> prepended (see the module docstring)."""
+    """Pre-training test stream with one <|endoftext|> prepended (see the module docstring), cut
+    to the `max_tokens` it is scored on: only that much is read from the memmap."""
     n_bytes: int
     """UTF-8 bytes of the test split's text (stats.json)."""
     n_words: int
@@ -312,6 +315,11 @@ class EvalData:
     """The first `generate_examples` SFT test rows: instruction, context, response."""
     tokenizer_hash: str = ""
     """The tokenizer the token files were made with; the model must match it."""
+    tokens_total: int = 0
+    """Tokens in the whole test stream (0: as many as `tokens` holds targets)."""
+
+    def __post_init__(self) -> None:
+        self.tokens_total = self.tokens_total or len(self.tokens) - 1
 
 
 def read_split_size(stats_path: Path, split: str = "test") -> tuple[int, int]:
@@ -345,21 +353,25 @@ def read_questions(path: Path, limit: int) -> list[dict]:
     return rows
 
 
-def load_eval_data(tokens_dir: Path, processed_dir: Path, generate_examples: int) -> EvalData:
-    """Read the test splits: pretrain token stream + sizes, SFT ids/masks, SFT questions."""
+def load_eval_data(tokens_dir: Path, processed_dir: Path, generate_examples: int,
+                   max_tokens: int = 0) -> EvalData:
+    """Read the test splits: pretrain token stream + sizes, SFT ids/masks, SFT questions.
+    `max_tokens` > 0: only the stream's first max_tokens targets are read (the rest stays on disk)."""
     meta = read_meta(tokens_dir / "pretrain" / "test")
     thash = meta.get("tokenizer_hash", "")
     stream = read_tokens(tokens_dir / "pretrain" / "test", thash)
     if len(stream) == 0:
         raise EvalError(f"{tokens_dir / 'pretrain' / 'test.bin'}: no tokens")
-    # condition the first document on <|endoftext|> like every other one (see the module docstring)
-    tokens = np.concatenate([np.array([EOT_ID], dtype=stream.dtype), stream])
+    # condition the first document on <|endoftext|> like every other one (see the module docstring);
+    # the EOT is the first context token, so max_tokens targets need max_tokens stream tokens
+    kept = stream[:max_tokens] if max_tokens > 0 else stream
+    tokens = np.concatenate([np.array([EOT_ID], dtype=stream.dtype), kept])
     n_bytes, n_words = read_split_size(processed_dir / "pretrain" / "stats.json")
     ids, mask, idx, _ = read_sft(tokens_dir / "sft", "test", thash)
     idx = idx.astype(np.int64)
     sft = [(np.asarray(ids[a:b]), np.asarray(mask[a:b])) for a, b in zip(idx[:-1], idx[1:])]
     questions = read_questions(processed_dir / "sft" / "test.jsonl", generate_examples)
-    return EvalData(tokens, n_bytes, n_words, sft, questions, thash)
+    return EvalData(tokens, n_bytes, n_words, sft, questions, thash, tokens_total=len(stream))
 
 
 def window_batch(block_size: int, device: torch.device) -> int:
@@ -375,7 +387,7 @@ def evaluate_lm(model: Callable, data: EvalData, cfg: EvalConfig, device: torch.
     nll, n = sliding_window_nll(model, data.tokens, block, cfg.stride, window_batch(block, device),
                                 device, cfg.max_tokens, progress=True)
     # A capped run scores a prefix of the stream: scale its size by the share of tokens scored.
-    share = n / (len(data.tokens) - 1)
+    share = n / data.tokens_total
     return lm_metrics(nll, n, data.n_bytes * share, data.n_words * share)
 
 
@@ -444,12 +456,12 @@ def run_eval(cfg: EvalConfig, model_dir: Path, tokens_dir: Path, processed_dir: 
         device = resolve_device(cfg.device, where="eval.device")
     except DeviceError as e:
         raise EvalError(str(e)) from None
-    data = load_eval_data(tokens_dir, processed_dir, cfg.generate_examples)
+    data = load_eval_data(tokens_dir, processed_dir, cfg.generate_examples, cfg.max_tokens)
     check_model(read_config(model_dir), data, cfg, model_dir)  # fail before minutes of work
     model, tok, _ = load_model(model_dir, device)
     metrics, _, answers = evaluate_model(model, tok, data, cfg, device, seconds)
     metrics["baseline"] = baseline_scores(data)
-    n_targets = len(data.tokens) - 1
+    n_targets = data.tokens_total
     scored = min(n_targets, cfg.max_tokens) if cfg.max_tokens else n_targets
     metrics["settings"] = {  # strings and booleans show in `dvc metrics show` too
         "method": "sliding_window",

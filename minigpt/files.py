@@ -40,6 +40,9 @@ class FormatError(ValueError):
         self.where, self.problem, self.detail = where, problem, detail
         super().__init__(f"{where}: {problem}" + (f" ({detail})" if detail else ""))
 
+    def __reduce__(self):  # picklable, so that a worker process can raise it (minigpt.parallel)
+        return type(self), (self.where, self.problem, self.detail)
+
 
 # --- files -------------------------------------------------------------------------------------
 
@@ -258,13 +261,22 @@ def read_json(path: str | Path) -> Iterator[tuple[str, int, Any]]:
             return
         for lineno, line in enumerate(f, 1):
             where = f"{path}:{lineno}"
-            size = utf8_text(line, where)
-            if not line.strip():
-                continue  # a trailing blank line is common and harmless
-            try:
-                yield where, size, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _invalid(where, e) from None
+            parsed = json_line(line, where)
+            if parsed is not None:
+                yield where, *parsed
+
+
+def json_line(line: str, where: str) -> tuple[int, Any] | None:
+    """(size in UTF-8 bytes, value) of one line of JSON lines read with `open_text` (or bytes
+    decoded with errors="surrogateescape"); None for a blank line (a trailing one is common and
+    harmless). Errors name `where` (`FILE:LINE`)."""
+    size = utf8_text(line, where)
+    if not line.strip():
+        return None
+    try:
+        return size, json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _invalid(where, e) from None
 
 
 def read_objects(path: str | Path) -> Iterator[tuple[str, int, dict]]:

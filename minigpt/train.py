@@ -7,7 +7,8 @@ Design choices
 - Resume: ckpt_dir is undeclared scratch (not a DVC out), used only to finish an interrupted run of
   exactly the same inputs. Its meta.json holds the run's fingerprint: the WHOLE training config
   (log/save intervals included: they change the curves), the architecture, resolved device/dtype/
-  world size, the caller's `meta` and `inputs` (SHA-256 of data / starting weights). Equal ->
+  world size, the caller's `meta` and `inputs` (SHA-256 of data / starting weights, read by rank
+  0 alone and broadcast: once per start, not once per rank). Equal ->
   restore weights, optimizer, step, per-rank RNG and data state and the metric history; anything
   else -> one line saying what differs, start fresh. So a stage's output is a function of its deps
   and params only: a finished 20-step run is never continued by a 40-step one.
@@ -117,11 +118,26 @@ def run_identity(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, meta: di
             "caller": meta, "inputs": inputs or {}}
 
 
-def file_digests(paths: Iterable[str | Path]) -> dict[str, str]:
-    """{path: SHA-256} of a stage's input files, for the run fingerprint (`fit(inputs=...)`)."""
+def file_digests(paths: Iterable[str | Path], rt: Runtime | None = None) -> dict[str, str]:
+    """{path: SHA-256} of a stage's input files, for the run fingerprint (`fit(inputs=...)`).
+
+    Under DDP only rank 0 reads the files and the digests are broadcast: gigabytes of tokens are
+    read once per start, not once per rank, and every rank decides to resume (or not) on the
+    same fingerprint. A file rank 0 cannot read fails every rank with its message."""
     from minigpt.files import sha256_file
 
-    return {str(p): sha256_file(p) for p in paths}
+    if rt is None or not rt.ddp:
+        return {str(p): sha256_file(p) for p in paths}
+    box: list = [None]
+    if rt.is_main:
+        try:
+            box[0] = {str(p): sha256_file(p) for p in paths}
+        except OSError as e:
+            box[0] = e
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], OSError):
+        raise box[0]
+    return box[0]
 
 
 def _flatten(d: Any, prefix: str = "") -> dict:

@@ -2,9 +2,10 @@
 
     python stages/encode.py pretrain|sft
 
-Reads `encode` from params.yaml (in the current directory), the tokenizer from
-`data/tokenizer/tokenizer.json` and `data/processed/<corpus>/{train,validation,test}.jsonl`, and
-writes `data/tokens/<corpus>/` (docs/FORMATS.md) all at once or not at all. Any error is one line
+Reads `encode` (batch size, worker processes) from params.yaml (in the current directory), the
+tokenizer from `data/tokenizer/tokenizer.json` and
+`data/processed/<corpus>/{train,validation,test}.jsonl`, and writes `data/tokens/<corpus>/`
+(docs/FORMATS.md) all at once or not at all. Any error is one line
 `error: ...` on stderr and exit status 2; set MINIGPT_DEBUG=1 to get the traceback instead.
 """
 
@@ -26,8 +27,9 @@ OUT_ROOT = Path("data/tokens")
 
 def run(corpus: str) -> list[TokenStats]:
     cfg = load_params().encode
-    set_threads(cfg.num_threads)  # before the first batch encode: the thread pool is built once
-    return encode_corpus(corpus, PROCESSED / corpus, TOKENIZER, OUT_ROOT / corpus, cfg.batch_size)
+    set_threads(1)  # one tokenizer thread per process: the encode.num_proc workers use the cores
+    return encode_corpus(corpus, PROCESSED / corpus, TOKENIZER, OUT_ROOT / corpus, cfg.batch_size,
+                         num_proc=cfg.num_proc)
 
 
 def summary(corpus: str, stats: list[TokenStats], seconds: float) -> str:

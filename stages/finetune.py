@@ -80,7 +80,7 @@ def run() -> str | None:
                       tokenizer_file=PRETRAINED / "tokenizer.json", keep_best=True,
                       patience=cfg.patience,
                       inputs=file_digests([PRETRAINED / "model.safetensors", *sorted(
-                          p for split in SPLITS for p in TOKENS.glob(f"{split}.*"))]))
+                          p for split in SPLITS for p in TOKENS.glob(f"{split}.*"))], rt))
         if not rt.is_main:  # every rank trains; rank 0 writes and speaks
             return None
         summary = {**summary, "data": data}

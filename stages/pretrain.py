@@ -67,7 +67,8 @@ def run() -> str | None:
                   f"{rt.world_size} process(es), {sidecars['train']['count']:,} train tokens")
         summary = fit(model, cfg, rt, source, val, model_dir=MODEL_DIR, ckpt_dir=CKPT_DIR,
                       curves_dir=CURVES, meta=meta, tokenizer_file=TOKENIZER,
-                      inputs=file_digests([TOKENIZER, TOKENS / "train.bin", TOKENS / "validation.bin"]))
+                      inputs=file_digests([TOKENIZER, TOKENS / "train.bin", TOKENS / "validation.bin"],
+                                          rt))
         if not rt.is_main:  # every rank trains; rank 0 writes and speaks
             return None
         atomic_write_json(METRICS, summary)

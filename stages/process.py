@@ -2,7 +2,8 @@
 
     python stages/process.py pretrain|sft
 
-Reads `process.<corpus>` from params.yaml (in the current directory) and writes
+Reads `process.<corpus>` and `process.num_proc` (worker processes, 0 = all cores) from
+params.yaml (in the current directory) and writes
 `data/processed/<corpus>/{train,validation,test}.jsonl` + `stats.json` (docs/FORMATS.md), all at
 once or not at all. Any error is one line `error: ...` on stderr and exit status 2; set
 MINIGPT_DEBUG=1 to get the traceback instead.
@@ -26,9 +27,9 @@ OUT_ROOT = Path("data/processed")
 
 def run(corpus: str) -> dict:
     """Process one corpus into its fixed output directory; return its statistics."""
-    cfg = getattr(load_params().process, corpus)
+    params = load_params().process
     process = process_pretrain if corpus == "pretrain" else process_sft
-    return process(cfg, OUT_ROOT / corpus)
+    return process(getattr(params, corpus), OUT_ROOT / corpus, params.num_proc)
 
 
 def summary(corpus: str, stats: dict, seconds: float) -> str:

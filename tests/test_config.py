@@ -30,6 +30,8 @@ def _with(section: str, key: str, value):
     ("tokenizer", "vocab_size", "big", "tokenizer.vocab_size: expected int"),
     ("process.pretrain", "validation_fraction", -0.1, "process.pretrain.validation_fraction"),
     ("process.sft", "test_fraction", 0.96, "must sum to less than 1"),
+    ("process", "num_proc", -1, "process.num_proc: must be >= 0"),
+    ("encode", "num_proc", -2, "encode.num_proc: must be >= 0"),
     ("model", "block_size", 4, "model.block_size"),
     ("model", "n_head", 5, "model.n_embd: must be divisible by n_head=5"),
     ("model", "dropout", 1.5, "model.dropout"),

@@ -432,6 +432,37 @@ def test_sft_cleaning_counts_drops(tmp_path):
     assert split[rows[2]["response"]] == split[rows[2]["response"] + " Different."]
 
 
+def test_workers_write_the_same_bytes_as_one_process(tmp_path, monkeypatch):
+    """num_proc 1 (in this process) and 3 spawned workers, four documents a chunk so every worker
+    gets several: byte-identical splits and stats, with carving, max_documents, empty documents
+    and SFT duplicates (decided in input order) in play."""
+    import minigpt.data as data
+
+    monkeypatch.setattr(data, "CHUNK_ITEMS", 4)
+    _wiki_file(tmp_path / "wiki" / "wiki.raw", 50)
+    docs = [{"text": f"Document {i} about the {WORDS[i % len(WORDS)]} @-@ city ."} for i in range(60)]
+    docs[5]["text"] = docs[9]["text"] = "  "
+    _write_jsonl(tmp_path / "docs" / "train.jsonl", docs)
+    rows = _dolly_rows(50)
+    rows += [dict(rows[3]), dict(rows[40]), {"instruction": " ", "context": "", "response": "x"}]
+    dolly = _write_jsonl(tmp_path / "dolly.jsonl", rows)
+    runs = {
+        "wiki": lambda n, out: process_pretrain(PretrainDataConfig(
+            source=str(tmp_path / "wiki"), validation_fraction=0.2, test_fraction=0.2,
+            max_documents=20), out, num_proc=n),
+        "docs": lambda n, out: process_pretrain(PretrainDataConfig(
+            source=str(tmp_path / "docs"), wikitext=False, validation_fraction=0.2,
+            test_fraction=0.2, max_documents=30), out, num_proc=n),
+        "sft": lambda n, out: process_sft(SFTDataConfig(
+            source=str(dolly), validation_fraction=0.2, test_fraction=0.2), out, num_proc=n),
+    }
+    for name, run in runs.items():
+        one, three = run(1, tmp_path / f"{name}-1"), run(3, tmp_path / f"{name}-3")
+        assert one == three and sum(one["dropped"].values()) > 0, name
+        for f in ("train.jsonl", "validation.jsonl", "test.jsonl", "stats.json"):
+            assert (tmp_path / f"{name}-1" / f).read_bytes() == (tmp_path / f"{name}-3" / f).read_bytes()
+
+
 def test_sft_split_is_stable_when_rows_are_added(tmp_path):
     rows = _dolly_rows(200)
     cfg = lambda p: SFTDataConfig(source=str(p), validation_fraction=0.1, test_fraction=0.1)

@@ -77,12 +77,46 @@ def test_flatten_with_eot():
     assert out.dtype == np.dtype("<u2") and out.tolist() == [5, 6, 0, 0, 7, 0]
 
 
-def test_batches_end_at_the_count_or_the_byte_cap(tmp_path):
+def test_chunks_end_at_the_count_or_the_byte_cap(tmp_path):
     path = tmp_path / "x.jsonl"
     _write_jsonl(path, [{"text": "a" * 20}] * 5)  # 33 bytes a line
-    assert [len(rows) for rows, _ in enc._batches(path, 2)] == [2, 2, 1]
-    assert [len(rows) for rows, _ in enc._batches(path, 100, max_bytes=70)] == [3, 2]
-    assert sum(size for _, size in enc._batches(path, 2)) == path.stat().st_size
+    assert [len(lines) for _, _, lines, _ in enc._chunks(path, 2)] == [2, 2, 1]
+    assert [first for _, first, _, _ in enc._chunks(path, 2)] == [1, 3, 5]  # for FILE:LINE errors
+    assert [len(lines) for _, _, lines, _ in enc._chunks(path, 100, max_bytes=70)] == [3, 2]
+    assert sum(size for *_, size in enc._chunks(path, 2)) == path.stat().st_size
+
+
+def test_workers_write_the_same_bytes_as_one_process(project, tmp_path):
+    """num_proc 1 (in this process) and 3 spawned workers, chunked small so every worker gets
+    several chunks out of order: byte-identical token files for both corpora."""
+    tok = project / "data/tokenizer/tokenizer.json"
+    for corpus in ("pretrain", "sft"):
+        outs = {}
+        for workers in (1, 3):
+            outs[workers] = tmp_path / f"{corpus}-{workers}"
+            encode_corpus(corpus, project / f"data/processed/{corpus}", tok, outs[workers],
+                          batch_size=3, num_proc=workers)
+        files = sorted(p.name for p in outs[1].iterdir())
+        assert files == sorted(p.name for p in outs[3].iterdir()) and "train.bin" in files
+        for name in files:
+            assert (outs[1] / name).read_bytes() == (outs[3] / name).read_bytes(), (corpus, name)
+
+
+def test_a_worker_error_names_the_first_bad_line(project, tmp_path):
+    src = tmp_path / "processed"
+    lines = [json.dumps({"text": f"doc {i}"}) for i in range(40)]
+    lines[7], lines[31] = '{"text": 7}', "{broken"
+    for split in enc.SPLITS:
+        src.mkdir(exist_ok=True)
+        (src / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    for workers in (1, 2):
+        with pytest.raises(ValueError, match=r"train.jsonl:8: field 'text' must be a string"):
+            encode_corpus("pretrain", src, project / "data/tokenizer/tokenizer.json",
+                          tmp_path / "out", batch_size=2, num_proc=workers)
+    (src / "train.jsonl").write_text("\ufeff" + '{"text": "bom"}\n\n[1]\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:3: expected a JSON object, got list"):
+        encode_corpus("pretrain", src, project / "data/tokenizer/tokenizer.json", tmp_path / "out",
+                      batch_size=1, num_proc=2)
 
 
 def test_set_threads(monkeypatch):
@@ -226,7 +260,7 @@ def _run_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_stage_cli(project, tmp_path):
-    (project / "params.yaml").write_text("encode:\n  batch_size: 5\n  num_threads: 2\n")
+    (project / "params.yaml").write_text("encode:\n  batch_size: 5\n  num_proc: 2\n")
     result = _run_stage(project, "nope")
     assert result.returncode == 2 and "usage:" in result.stderr
     result = _run_stage(project, "sft")

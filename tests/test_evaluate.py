@@ -400,6 +400,22 @@ def test_eval_stage_max_tokens_scales_bytes_and_words(workspace):
     assert json.loads((workspace / "metrics/samples/finetune.json").read_text()) == {}
 
 
+def test_eval_reads_only_the_test_tokens_it_scores(workspace):
+    from minigpt.checkpoint import load_model
+    from minigpt.config import EvalConfig
+
+    assert EvalConfig().max_tokens == 1_000_000  # bounded by default (WikiText's test split fits)
+    full = ev.load_eval_data(workspace / "data/tokens", workspace / "data/processed", 0)
+    capped = ev.load_eval_data(workspace / "data/tokens", workspace / "data/processed", 0, max_tokens=50)
+    assert len(capped.tokens) == 51 and not isinstance(capped.tokens, np.memmap)
+    assert capped.tokens_total == full.tokens_total == len(full.tokens) - 1 > 200
+    assert np.array_equal(capped.tokens, full.tokens[:51])
+    model, _, _ = load_model(workspace / "out/pretrain", "cpu")
+    cfg = EvalConfig(**{**EVAL, "max_tokens": 50})
+    assert ev.evaluate_lm(model, capped, cfg, torch.device("cpu")) == \
+        ev.evaluate_lm(model, full, cfg, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("item,breakage,message", [
     ("finetune", lambda ws: shutil.rmtree(ws / "out/finetune"), "out/finetune: model directory not found"),
     ("pretrain", lambda ws: (ws / "data/processed/pretrain/stats.json").unlink(), "stats.json: not found"),

@@ -141,6 +141,16 @@ def test_repro_builds_every_artifact(repo):
     assert "didn't change, skipping" in second and "Running stage" not in second
 
 
+def test_worker_counts_and_batch_size_rerun_nothing(repo):
+    # The outputs are the same for any worker count (tests/test_data.py, tests/test_encode.py):
+    # changing how many cores do the work must not make a stage stale.
+    _set_params(repo, {"process": {"num_proc": 1}, "encode": {"num_proc": 3, "batch_size": 7}})
+    try:
+        assert _stale(repo) == set()
+    finally:
+        _set_params(repo, {"process": {"num_proc": 0}, "encode": {"num_proc": 0, "batch_size": 1000}})
+
+
 def test_sft_param_change_reruns_only_the_sft_side(repo):
     _set_params(repo, {"process": {"sft": {"test_fraction": 0.2}}})
     assert _stale(repo) == {"process@sft"}

@@ -410,6 +410,48 @@ def test_ddp_two_ranks_match_one_process_with_the_global_batch(data, recipe):
     assert m["train_loss"] == pytest.approx(single["train_loss"], abs=1e-5)
 
 
+DIGEST_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    from pathlib import Path
+    import minigpt.files
+    from minigpt.config import TrainConfig
+    from minigpt.runtime import setup_runtime, teardown
+    from minigpt.train import file_digests
+    root = Path(sys.argv[2])
+    rt = setup_runtime(TrainConfig(device="cpu", nproc=2))
+    reads = []
+    real = minigpt.files.sha256_file
+    minigpt.files.sha256_file = lambda p: reads.append(str(p)) or real(p)
+    paths = [root / "tokens" / "train.bin", root / "tokens" / "validation.bin"]
+    out = {"digests": file_digests(paths, rt)}
+    out["reads"] = list(reads)
+    try:
+        file_digests([root / "missing.bin"], rt)
+    except OSError as e:
+        out["error"] = str(e)
+    (root / f"digests.{rt.rank}.json").write_text(json.dumps(out))
+    teardown(rt)
+""")
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="needs torchrun")
+def test_ddp_inputs_are_hashed_once_on_rank_0(data):
+    from minigpt.train import file_digests
+
+    script = data["root"] / "digests.py"
+    script.write_text(DIGEST_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", str(script), str(ROOT),
+                          str(data["root"])], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((data["root"] / f"digests.{r}.json").read_text()) for r in (0, 1)]
+    want = file_digests([data["root"] / "tokens" / n for n in ("train.bin", "validation.bin")])
+    assert ranks[0]["digests"] == ranks[1]["digests"] == want
+    assert len(ranks[0]["reads"]) == 2 and ranks[1]["reads"] == []  # rank 1 reads nothing
+    assert "missing.bin" in ranks[0]["error"] and ranks[1]["error"] == ranks[0]["error"]  # no hang
+
+
 # --- the stage -----------------------------------------------------------------------------
 
 
