@@ -1,60 +1,27 @@
 """The GPT: a small Llama-style decoder-only transformer.
 
-Design choices (and why)
-- Llama recipe, not GPT-2: RoPE instead of learned positions, RMSNorm instead of LayerNorm,
-  SwiGLU MLP, no biases. At this size it gives better loss per FLOP than GPT-2's recipe and costs
-  the same per token (SwiGLU's hidden width is ~8/3 * n_embd, so the MLP keeps GPT-2's 8 * n_embd^2
-  parameters). It also maps one-to-one onto `transformers.LlamaForCausalLM`
-  (`minigpt.export`), so a trained model runs anywhere Hugging Face models do.
-- RoPE uses Hugging Face Llama's `rotate_half` convention (first half / second half of each head),
-  so exported q/k weights need no permutation.
-- Tied input/output embeddings: at vocab 30k the embedding is ~half the parameters; tying saves
-  them and regularises a small model. The state dict holds the matrix once (`tok_emb.weight`).
-- Fused projections (one q|k|v matmul, one gate|up matmul): fewer, larger matmuls run faster on
-  CPU; export splits them back into HF's separate weights.
-- Attention goes through `F.scaled_dot_product_attention` (flash/fused kernels where available),
-  except CPU bf16 training-size attention (`causal_attention`): two matmuls around a softmax
-  run fwd+bwd in ~12 ms per seed-config layer against the flash kernel's ~25-30 in bf16 (Zen 5,
-  AVX512-BF16): a bf16 step 1,869 -> 2,055 tok/s paired (quick-start shape 1.09x; not yet
-  measured on AMX). Its (B, H, T, T) scores are kept for backward, so it stops at
-  CAUSAL_SCORES; fp32 keeps flash (21 vs 27 ms per layer).
-- The loss never materialises the full (B, T, vocab) logits: `_LinearCrossEntropy` walks the rows
-  in chunks, computing logits, loss and both gradients while a chunk is still in cache, in the
-  autocast dtype for matmuls and fp32 for the softmax. At vocab 30k the LM head is half the FLOPs
-  and its logits are the largest activation, so this is the biggest single speed and memory win.
-  Inside a chunk the softmax runs in fp32 blocks of SOFTMAX_LOGITS and writes the gradient back
-  over the chunk's (bf16) logits: full-chunk fp32 temporaries (67 MB each) cost more in page
-  faults and cache misses than the math (seed config, bf16, Zen 5: the loss went from 975 to
-  ~540 ms per 2,048 rows, as fast as autograd through full fp32 logits with 1/5 of the memory;
-  `python bench/train_throughput.py --dtype bf16 --profile`).
-  Each block takes the softmax (fp32) and log p(target) as the log of its entry, not log_softmax
-  then exp: torch's exp kernel writing bf16 costs 3x the softmax itself (quick-start step, paired
-  on Zen 5: bf16 23.3k -> 25.5k tok/s, fp32 18.4k -> 19.8k; seed config bf16 2,133 -> 2,198). A
-  block with a target probability under TINY_PROB (near fp32 underflow) also runs log_softmax
-  for exact logs; so does every block under torch.compile, which then has no graph break.
-  Rows whose target is -100 (SFT prompts, padding) are skipped before the head, not after.
-  That is the CPU path; on a GPU, launch overhead dominates at this size, so the plain fused
-  cross-entropy over full logits is used instead (and compiles without graph breaks).
-- KV cache (`KVCache`): one preallocated (layer, k|v, batch, head, position, head_dim) tensor
-  written in place, so decoding one token allocates nothing proportional to the context. A decode
-  step is a few hundred small ops around GEMVs, so the attention is written for few ops: RoPE is
-  a flip and a multiply-add applied to q, k and v at once (identity on v), and one copy stores
-  k|v. On CPU in fp32 the cache also holds copies of the weights (`weight_slabs`): one (in, out/P)
-  slab per intra-op thread: MKL's GEMV reads (in, out) about twice as fast as nn.Linear's
-  (out, in) rows, but on one thread whatever the thread count, while a batch of P slabs (`bmm`)
-  streams on all P threads (bench/generate_throughput.py). Such a step (one token per row, not
-  ragged) runs `GPT._decode_step`: the blocks' math as plain ops on (B, ...) tensors, bitwise
-  equal to the blocks' T = 1 path but without module calls and training's 5-D views (the step
-  is then ~75% weight streaming: 4.4-4.9 vs 4.6-5.9 ms/token at the seed config, Zen 5).
-  Positions never exceed block_size; the sampler slides its window (re-prefills) instead.
-  Ragged rows (`KVCache.lengths`): rows of different prompts decode together, each writing and
-  reading at its own length; a mask hides the other rows' longer tails (`sample.greedy_batch`).
-- Dropout (fine-tuning's 0.1) drops each attention and MLP output before it joins the residual
-  stream, not the attention probabilities (Llama's attention_dropout is 0 too): on CPU a dropout
-  inside attention forces SDPA off its flash kernel onto the math path and draws a mask over all
-  (B, H, T, T) scores. Quick-start fine-tuning, 2-core AVX2 EPYC, two seeds each: 12.8-14.3k ->
-  19.7-20.3k tok/s (33-37 s -> 25 s a stage), best masked val loss 6.0140 / 6.0219 -> 6.0131 /
-  6.0123.
+Design choices (the measurements behind them: docs/EXPERIMENTS.md and the bench/ scripts)
+- Llama recipe (RoPE in HF's `rotate_half` convention, RMSNorm, SwiGLU, no biases): better loss per
+  FLOP than GPT-2's at this size, same cost per token, and one-to-one with
+  `transformers.LlamaForCausalLM` (`minigpt.export`), q/k weights needing no permutation.
+- Tied input/output embeddings: at vocab 30k the embedding is ~half the parameters. Fused q|k|v and
+  gate|up projections: fewer, larger matmuls; export splits them back.
+- Attention is `F.scaled_dot_product_attention`, except CPU bf16 attention up to CAUSAL_SCORES
+  (`causal_attention`: two matmuls around a softmax beat the flash kernel there).
+- The CPU training loss never materialises (B, T, vocab) logits: `_LinearCrossEntropy` walks rows in
+  chunks, logits, loss and both gradients while a chunk is in cache, softmax in fp32 blocks of
+  SOFTMAX_LOGITS written back over the chunk's logits; rows with target -100 are skipped before the
+  head. The LM head is half the FLOPs and its logits the largest activation. On GPUs (launch-bound)
+  and with a logit softcap the plain cross-entropy over full logits is used (`GPT.forward`).
+- `KVCache`: one preallocated (layer, k|v, batch, head, position, head_dim) tensor written in place;
+  a decode step is a few hundred small ops around GEMVs, so it is written for few ops. On CPU in fp32
+  the cache holds the weights as one (in, out/P) slab per thread (`decode_weights`): MKL's GEMV
+  streams (in, out) faster than nn.Linear's rows but on one thread, a bmm over P slabs on all P;
+  `_decode_step` runs such a step as plain ops, bitwise equal to the blocks' T = 1 path. Ragged
+  rows (`KVCache.lengths`) decode different prompts together behind a mask. Positions stop at
+  block_size.
+- Dropout drops attention and MLP outputs, not attention probabilities (as Llama): on CPU the latter
+  forces SDPA off its flash kernel and draws a mask over all (B, H, T, T) scores.
 - Init as GPT-2/nanoGPT: normal(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layer).
 """
 
@@ -135,7 +102,7 @@ class KVCache:
     keys at [:, 0], values at [:, 1], so one copy writes both. The batch and head dims are
     adjacent, so a (B, n_head, seen, head_dim) slice is one strided batch that attention's
     matmuls read in place (with k|v as 2 * n_head heads of one row, every step copied the keys
-    and values first: 53 ragged rows at 4x2x64, 2.96 -> 0.60 ms per layer).
+    and values first; docs/EXPERIMENTS.md).
 
     `pos` is the number of positions already written; GPT.forward advances it. `lengths`, when
     set (int64 (B,)), gives each row its own length instead: a decode step (T = 1) writes row b's
@@ -368,9 +335,8 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int | Non
     """Mean cross-entropy of logits h @ w.T over targets != IGNORE, without materialising all logits.
 
     h: (N, C), w: (V, C), targets: (N,) int64. Returns nan when every target is ignored.
-    chunk: rows per chunk; default 64M logits on CPU (128 MB in bf16: the seed config's whole
-    batch of 8 x 256; fewer, larger matmuls and one fp32 grad_w accumulation: 538 ms vs 624 ms at
-    ~1,100-row chunks, Zen 5, bf16), 128M on GPUs."""
+    chunk: rows per chunk; default 64M logits on CPU (the seed config's whole batch of 8 x 256:
+    fewer, larger matmuls and one fp32 grad_w accumulation beat smaller chunks), 128M on GPUs."""
     if chunk is None:
         chunk = max(256, (2**27 if h.is_cuda else 2**26) // w.shape[0])
     rows = max(1, SOFTMAX_LOGITS // w.shape[0])
@@ -385,9 +351,7 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int | Non
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     wc = w.to(dtype)
     if not h.is_cuda:  # no gradients to keep: chunks small enough to keep the logits in cache, but
-        # not narrower than the matmul is wide (2-core AVX2 EPYC, one thread: width 64 / vocab 8192,
-        # ms per 512 rows: 64-row chunks 19.7, 256 rows 25.7; width 384 / vocab 30000, ms per 1,024
-        # rows: 64 rows 813, 256 rows 487, 512 rows 564). Quick-start perplexity pass: 1.10x.
+        # not narrower than the matmul is wide (timings: docs/EXPERIMENTS.md, bench/eval_throughput.py)
         chunk = min(chunk, 256, max(64, h.shape[1]))
     n = (targets != IGNORE).sum()
     if h.is_cuda or dtype != torch.float32 or torch.compiler.is_compiling() or not bool(n):
@@ -396,10 +360,9 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int | Non
             total += F.cross_entropy(logits, targets[i : i + chunk], reduction="sum")
         return total / n
     # CPU fp32 (evaluation), every target valid: the logits and log-probabilities of each chunk
-    # go to two buffers made once (their pages stay mapped and in cache), not to fresh tensors:
-    # 1.1-1.7x per chunk on AVX2. log_softmax's own vectorised exp beats a hand-written
-    # max/sub/exp_/sum/log chain over the same buffer (Zen 5, one thread, width 64, vocab 8192,
-    # 64-row chunks: 5.99 vs 6.51 ms per 256 rows, of which the matmuls are 3.24).
+    # go to two buffers made once (their pages stay mapped and in cache), not to fresh tensors.
+    # log_softmax's own vectorised exp beats a hand-written max/sub/exp_/sum/log chain over the
+    # same buffer (see bench/eval_throughput.py; figures in docs/EXPERIMENTS.md).
     buf = torch.empty(min(chunk, targets.numel()), w.shape[0])
     logp = torch.empty_like(buf)
     for i in range(0, targets.numel(), chunk):
@@ -416,7 +379,7 @@ class GPT(nn.Module):
         self.config = config
         self._decode_slabs: tuple[list, list, dict] | None = None  # see decode_weights()
         # On the meta device (checkpoint.check_weights: shapes only) only the parameters are
-        # made, uninitialised: normal_ or RoPE's math on meta costs ~1.4 s once per process (it
+        # made, uninitialised: normal_ or RoPE's math on meta is slow once per process (it
         # imports torch._dynamo). Elsewhere init is unchanged, so seeds give the same weights.
         shapes_only = torch.get_default_device().type == "meta"
         empty = torch.empty(config.vocab_size, config.n_embd) if shapes_only else None
@@ -444,8 +407,10 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None):
         """Returns (logits, loss).
 
-        - targets given (int64 (B, T), -100 = ignored): loss = mean CE over the other positions,
-          computed chunked without full logits; logits is None.
+        - targets given (int64 (B, T), -100 = ignored): loss = mean CE over the other positions;
+          logits is None. On CPU without a logit softcap the loss is chunked
+          (`linear_cross_entropy`: no full logits); on other devices, or with `logit_softcap` > 0
+          (the chunked loss has no tanh), it is plain cross-entropy over full fp32 logits.
         - no targets, no cache: logits (B, T, vocab) for every position; loss None.
         - cache: idx are the new tokens at positions cache.pos.. (prefill T > 1 or decode T = 1);
           the cache is updated in place and logits are for the LAST position only: (B, 1, vocab).
@@ -483,8 +448,8 @@ class GPT(nn.Module):
         if targets is not None:
             if x.device.type != "cpu":
                 # On a GPU the step is launch-bound, and the chunked loop's many small kernels (and
-                # its graph breaks under torch.compile) cost more than the logits' memory: measured
-                # on an H200, plain cross-entropy ran 1.34x GPT-2's step, the chunked loss 0.98x.
+                # its graph breaks under torch.compile) cost more than the logits' memory
+                # (bench/train_throughput.py; figures in docs/EXPERIMENTS.md).
                 logits = F.linear(x, self.tok_emb.weight).float()
                 return None, F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=IGNORE)
             return None, linear_cross_entropy(x.view(B * T, -1), self.tok_emb.weight, targets.reshape(-1))
@@ -494,7 +459,7 @@ class GPT(nn.Module):
         """One token per row through the cache's weight slabs (CPU fp32 decoding): the blocks'
         math as plain ops on (B, ...) tensors, without the modules' calls and the 5-D views they
         share with training. The same numbers as the blocks' own T = 1 path (tested bitwise) in
-        ~11% less time per token (seed config, Zen 5: 4.59 vs 5.12 ms paired)."""
+        less time per token (bench/generate_throughput.py)."""
         c, B, pos = self.config, idx.shape[0], cache.pos
         H, hd, C = c.n_head, c.n_embd // c.n_head, c.n_embd
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (3, 1, hd): q | k | v slots
@@ -542,8 +507,8 @@ class GPT(nn.Module):
     def decode_weights(self) -> dict[nn.Module, Tensor]:
         """Every matmul weight (the tied head included) as P = torch.get_num_threads() contiguous
         (in, ceil(out/P)) slabs, (P, in, out/P), the last zero-padded; CPU decoding reads them
-        instead of nn.Linear's (out, in) rows. Made once (~80 ms at the seed config, as long as
-        ~10 decode steps) and remade only when the thread count changed or a weight has been
+        instead of nn.Linear's (out, in) rows. Made once (as long as ~10 decode steps) and
+        remade only when the thread count changed or a weight has been
         moved, replaced or updated in place since (its storage or version counter changed)."""
         mods = [m for m in self.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
         n_slabs = torch.get_num_threads()
