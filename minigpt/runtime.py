@@ -1,50 +1,23 @@
 """Where and how a process computes: device, precision, DDP, MFU peak, dying with its parent.
 
-Design choices
-- One device picker for the package (`resolve_device`): training, evaluation and the CLI/server
-  all call it; `auto` is cuda > mps > cpu, an explicit device must exist (a one-line `DeviceError`
-  naming the setting; the CLI and evaluation re-raise it as CLIError / EvalError).
-- dtype `auto` is bf16 autocast where the hardware runs bf16 natively: CUDA compute capability >=
-  8.0 (`torch.cuda.is_bf16_supported()` also answers True where bf16 is only emulated, e.g.
-  sm_75) and CPUs with AVX512-BF16/AMX (/proc/cpuinfo flags). Older CUDA GPUs get fp16 autocast
-  with dynamic loss scaling (`grad_scaler`); so does MPS: torch autocasts MPS to fp16 since 2.5
-  and to bf16 since 2.6 but only on macOS 14+, and GradScaler works on MPS since 2.8
-  (pytorch#99272, #139390, #142397), so fp16 is the half precision every Apple GPU and macOS
-  runs; older torch keeps MPS in fp32. Other CPUs: fp32. An explicit bf16/fp16 on hardware
-  without it gets one warning line (`warn_emulated`). Measured: on an AVX2-only box a bf16 matmul
-  runs at <1 GFLOP/s against ~120 fp32 (3 bf16 training steps of the tiny config did not finish
-  in 10 minutes), so bf16 must never be picked there; on a 2-core slice of an AMX Xeon a
-  seed-config step is 1.8x faster in bf16 (2,497 vs 1,381 tok/s; `python
-  bench/train_throughput.py --dtype fp32 bf16`). Evaluation (`eval_dtype`) keeps CPUs in fp32 so
-  a metric does not move with the machine's instruction set.
-- CPU fp32: `torch.backends.mkldnn.matmul.fp32_precision = "bf16"` routes fp32 matmuls to oneDNN.
-  Measured: on the AVX2 box it is no faster and fp32-exact; on the AMX Xeon it is 2.5x faster but
-  does bf16 math (relative error 2.4e-3 vs 6e-7). So it is enabled only after a ~0.1 s probe shows
-  it both faster and fp32-exact (< 1e-4) on the machine at hand (AVX-512 CPUs only).
-- DDP from torchrun's env (RANK/WORLD_SIZE/LOCAL_RANK) only when WORLD_SIZE > 1; nccl on CUDA,
-  gloo on CPU. CPU ranks split the cores (`cores // local_world_size` threads each).
-- A trainer dies with its parent (`dvc repro`, torchrun): `die_with_parent` asks Linux for a
-  SIGTERM when the parent exits (prctl PR_SET_PDEATHSIG) and, as a fallback elsewhere, watches
-  os.getppid() from a daemon thread.
-- CPU memory (`keep_freed_memory`): glibc hands every allocation over 128 KB-32 MB to mmap and
-  returns it on free, so each step's large tensors (logits chunks, activations, gradients) fault
-  their pages in again. Measured on the 2-core Zen 5 VM: first touch runs at ~3.5 GB/s against
-  ~25 GB/s for reused memory; the chunked loss faulted ~54k pages per call without it, none with
-  it, and a bf16 seed-config step ran ~10% faster (paired runs, `bench/train_throughput.py
-  --keep-freed-memory`). Training processes on CPU turn it on (the eval stage measured no gain);
-  the cost is that the process keeps its peak memory.
-- MFU = flops_per_token * tokens/s / peak. Peaks used (dense, bf16 = fp16 tensor cores):
-  H100/H200 989e12 bf16, 494e12 tf32; A100 312e12 bf16, 156e12 tf32; L4 121e12 fp16, 60e12 tf32;
-  V100 125e12 fp16, 15.7e12 fp32; T4 65e12 fp16, 8.1e12 fp32 (vendor data sheets). A CPU core's
-  peak is FLOPs per cycle from its flags times CPU_GHZ: fp32 is 2 FMA pipes x 2 x the vector's
-  fp32 lanes (16 with AVX-512, else 8: AVX2, and ARM's four 128-bit pipes alike), bf16 twice that
-  with AVX512-BF16's dot products, 1,024 with AMX tiles. The clock is a fixed nominal one because
-  a VM's /proc/cpuinfo shows the base clock while its cores boost under load: on a 2-core AVX2
-  EPYC (family 25, Milan) listed at 2.45 GHz, the seed-config fp32 step ran at 77 GFLOP/s per
-  core, 98% of a 2.45 GHz peak (the old fixed 60e9 per AVX2 core printed MFU 128%); at 3.75 GHz
-  it is 64%. Zen 5 gives 240e9 fp32 and 480e9 bf16 (the measured bf16 GEMM ceiling there is 205e9
-  per core). Zen 4 runs AVX-512 at half width, so its MFU reads low. CPU peak is per-core *
-  threads * ranks; unknown accelerators get 0 (MFU logged as 0).
+Design choices (the measurements behind them: docs/EXPERIMENTS.md, bench/train_throughput.py)
+- One device picker (`resolve_device`) for training, evaluation, CLI and server: `auto` is
+  cuda > mps > cpu; an explicit device must exist (a one-line `DeviceError` naming the setting).
+- dtype `auto` is bf16 autocast only where the hardware runs bf16 natively (CUDA compute >= 8.0,
+  CPUs with AVX512-BF16/AMX): an emulated bf16 matmul is orders of magnitude slower than fp32.
+  Older CUDA GPUs and MPS (where torch supports GradScaler) get fp16 with dynamic loss scaling
+  (`grad_scaler`); other CPUs fp32. An explicit bf16/fp16 without hardware support warns once
+  (`warn_emulated`). Evaluation (`eval_dtype`) keeps CPUs in fp32 so a metric does not move
+  with the machine's instruction set.
+- CPU fp32 matmuls go to oneDNN only after a short probe shows it faster *and* fp32-exact on the
+  machine at hand (`probe_onednn_fp32`): on some CPUs it is faster but does bf16 math.
+- DDP from torchrun's env only when WORLD_SIZE > 1; nccl on CUDA, gloo on CPU, where ranks split
+  the cores. A trainer dies with its parent (`die_with_parent`: PR_SET_PDEATHSIG, else a watcher).
+- `keep_freed_memory`: glibc otherwise returns large freed blocks to the OS, so every step's
+  tensors fault their pages in again; training on CPU keeps them (the cost: the peak stays held).
+- MFU = flops_per_token * tokens/s / peak. GPU peaks are vendor data sheets (`peak_flops`); a CPU
+  core's peak is FLOPs per cycle from its flags times a fixed nominal CPU_GHZ, because a VM's
+  /proc/cpuinfo shows the base clock while its cores boost. Unknown accelerators get 0.
 """
 
 from __future__ import annotations
@@ -184,7 +157,7 @@ _warned: set[str] = set()
 def warn_emulated(dtype: str, device: torch.device, where: str = "dtype") -> None:
     """One stderr line (once per process and setting) when `dtype` is asked for on hardware that
     only emulates it: bf16/fp16 on a CPU without their instructions (a bf16 matmul on an AVX2 CPU
-    runs >100x slower than fp32, module docstring), bf16 on a CUDA GPU before compute 8.0."""
+    runs far slower than fp32: docs/EXPERIMENTS.md), bf16 on a CUDA GPU before compute 8.0."""
     if device.type == "cpu" and dtype == "bf16" and not cpu_has_bf16():
         why, better = "this CPU has no native bf16 (no avx512_bf16/amx_bf16 flags)", "fp32 or auto"
     elif device.type == "cpu" and dtype == "fp16" and not cpu_has_fp16():
@@ -252,7 +225,7 @@ def cpu_peak_per_core(dtype: str) -> float:
 
 
 def peak_flops(device: torch.device, dtype: str, world_size: int) -> float:
-    """Dense peak FLOP/s of the whole job, for MFU (numbers in the module docstring)."""
+    """Dense peak FLOP/s of the whole job, for MFU: vendor data sheets (bf16 = fp16 tensor cores)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for chip, (half, fp32) in {"H100": (989e12, 494e12), "H200": (989e12, 494e12),
@@ -352,7 +325,7 @@ def setup_runtime(cfg: TrainConfig, section: str = "pretrain") -> Runtime:
     if device.type == "cpu":
         keep_freed_memory()
     if device.type == "cpu" and dtype == "fp32" and "avx512f" in cpu_flags():
-        probe_onednn_fp32()  # only AVX-512 CPUs ever win with it (measured)
+        probe_onednn_fp32()  # only AVX-512 CPUs ever won with it (docs/EXPERIMENTS.md)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)
