@@ -1,42 +1,25 @@
 """Autoregressive decoding with a KV cache, and the sampling filters.
 
-Design choices
-- One prefill of the prompt, then one token per step through the model's preallocated `KVCache`:
-  at this model size a decode step is a few GEMVs and a few hundred small ops, so the loop does
-  as little as possible per token beyond them: no re-allocation, no sort when
-  greedy, the sampled token fed back as a tensor, one host sync (`.tolist()`) per token. Steps
-  run on all of torch's threads or on one, whichever was faster when last timed (`StepThreads`):
-  on an idle machine the GEMVs gain from all threads (next point), but a step waits for its
-  slowest thread, so beside another busy process one thread is ~3x faster.
-- On CPU in fp32 the cache reads copies of the weights (`GPT.decode_weights`, kept on the model
-  until a weight changes) laid out as one (in, out/P) slab per thread: MKL's GEMV over (in, out)
-  streams about twice as fast as over nn.Linear's (out, in) rows but on one thread only, and a
-  batched matmul over P slabs puts every thread on its own slab. Seed config, 2-core AVX2 EPYC:
-  all weights stream in 11.9 ms (one (in, out) copy) vs 6.7 ms (two slabs); decoding 14.8 ->
-  12.0 ms/token (and 16.3 over nn.Linear's rows). Zen 5: (out, in) 11.7 -> (in, out) 8.4
-  ms/token. The copies cost the weights' memory once more.
-- `generate_batch` draws N samples of one prompt as one batch: the prompt is prefilled once and
-  its keys/values copied to every row; a step for N rows reads the weights once, like a step for
-  one (bench/generate_throughput.py --num_samples 8, seed config, 2-core AVX2 EPYC: 8 samples
-  cost ~3 single-sample runs). All rows have the same length, so the window slides for all of
-  them at once and no padding or masks are needed. `generate` is the N = 1 case.
-- `greedy_batch` answers many different prompts at once (the eval stage's test questions): each
-  prompt is prefilled alone, exactly as `generate` would, and its keys/values copied into its row
-  of one cache; every step then decodes all unfinished rows in one forward, each row at its own
-  position (`KVCache.lengths`, a mask instead of padding). Finished rows leave the batch.
-- Positions never exceed block_size (RoPE tables stop there). When the context fills up, the
-  sampler keeps the most recent 3/4 of the window and re-prefills it, then continues token by
-  token: one batched prefill every block_size/4 tokens instead of a full forward per token.
-  It warns once per call (`warnings.warn`, or `on_window` if given) when that first happens.
-- Filters follow Hugging Face's semantics (temperature, then repetition penalty on the raw logits
-  CTRL-style over every id seen so far, prompt included, then top-k, then top-p, keeping at least
-  one token), so `temperature=0`, `top_k=1` and a tiny `top_p` are all greedy. A sampled step
-  draws from the kept candidates only (`candidates`, `sample_next`): top-k's `torch.topk` instead
-  of masking the vocabulary, top-p over the candidates instead of sorting all 30k logits, one
-  uniform number per row instead of `torch.multinomial`. The CLI's defaults (top-k 50, top-p
-  0.95) cost 1.7-1.8 ms per token that way before and ~0.3-0.5 ms now, against a 4.5-4.9 ms
-  step (seed config, 2-core AVX2 EPYC); 8 samples as one batch went from 2.06 to 1.30 s for 100
-  tokens, as fast as 8 greedy rows (bench/generate_throughput.py --num_samples 8).
+Design choices (timings: bench/generate_throughput.py and docs/EXPERIMENTS.md)
+- One prefill of the prompt, then one token per step through the model's `KVCache`: a decode step
+  is a few GEMVs and a few hundred small ops, so the loop adds as little as it can (no
+  re-allocation, no sort when greedy, one host sync per token). Steps run on all threads or on one,
+  whichever was faster when last timed (`StepThreads`): a step waits for its slowest thread, so
+  beside a busy process one thread wins.
+- On CPU in fp32 the cache reads the weights as one (in, out/P) slab per thread
+  (`GPT.decode_weights`): MKL streams (in, out) faster than nn.Linear's rows, and a batched matmul
+  over P slabs puts every thread on its own slab. The copies cost the weights' memory once more.
+- `generate_batch` draws N samples of one prompt as one batch (prefilled once, its keys/values
+  copied to every row): a step for N rows reads the weights once, like a step for one. All rows
+  have the same length, so no padding or masks. `generate` is the N = 1 case.
+- `greedy_batch` answers many prompts at once (the eval stage): each is prefilled alone, exactly as
+  `generate` would, then all unfinished rows decode together, each at its own position.
+- Positions never exceed block_size: when the context fills, the most recent 3/4 of the window is
+  re-prefilled (one batched prefill every block_size/4 tokens), with one warning per call.
+- Filters follow Hugging Face (temperature, repetition penalty over every id seen, top-k, top-p,
+  at least one token kept), so temperature 0, top_k 1 and a tiny top_p are all greedy. A sampled
+  step draws from the kept candidates only (`candidates`, `sample_next`): no full-vocabulary sort
+  or mask, one uniform number per row instead of `torch.multinomial`.
 """
 
 from __future__ import annotations
@@ -58,8 +41,8 @@ class StepThreads:
     """Runs decode steps on one intra-op thread or on all of torch's, whichever was faster when
     last timed: every PROBE_EVERY steps one step runs on each. All threads stream the weight
     slabs in parallel, but each matmul waits for its slowest thread, so while another process
-    holds a core they are much slower than one (seed config, 2-core AVX2 EPYC: 10.1 vs 15.4
-    ms/token idle, 40.2 vs 12.8 with a busy process beside). `restore()` puts the count back."""
+    holds a core they are much slower than one (docs/EXPERIMENTS.md). `restore()` puts the
+    count back."""
 
     def __init__(self, device: torch.device):
         self.all = torch.get_num_threads() if device.type == "cpu" else 1
@@ -152,7 +135,7 @@ def candidates(logits: Tensor, temperature: float, top_k: int | None, top_p: flo
     Without their full-vocabulary sort and mask: top-k takes `torch.topk`'s k candidates
     (already in order for top-p); top-p alone takes the 1,024 (then 8,192) most likely, weighed
     against the whole row's logsumexp, and sorts everything only when they hold less than p
-    (seed config vocabulary, one row: topk 0.2 / 0.7 ms, torch.sort 2.3 ms)."""
+    (a topk of them is several times cheaper than the full sort: docs/EXPERIMENTS.md)."""
     x = logits / temperature
     V = x.shape[-1]
     ids, log_z = None, None  # log_z: the log normaliser when x is only part of its row
@@ -181,8 +164,8 @@ def candidates(logits: Tensor, temperature: float, top_k: int | None, top_p: flo
 def sample_next(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None = None) -> Tensor:
     """One token per row, (B, 1), from the `candidates` of (B, V) logits: one uniform number per
-    row against their cumulative weights (inverse CDF; torch.multinomial over 30k ids costs
-    ~0.8 ms a row on CPU, a sixth of a seed-config decode step)."""
+    row against their cumulative weights (inverse CDF; torch.multinomial over the whole
+    vocabulary costs a sizeable share of a decode step on CPU)."""
     ids, weights = candidates(logits, temperature, top_k, top_p)
     cdf = weights.cumsum(-1)
     total = cdf[:, -1:]
