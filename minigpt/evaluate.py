@@ -1,53 +1,28 @@
 """Evaluation: sliding-window perplexity, bits per byte, masked SFT loss, ROUGE/BLEU/chrF, samples.
 
 Design choices (and why)
-- Perplexity uses the standard sliding window (Hugging Face's "perplexity of fixed-length models"):
-  windows of `block_size` tokens advance by `stride`; the first window scores all its targets, each
-  later one only the targets it has not seen, so every token is predicted exactly once and (past
-  the first window) with at least `block_size - stride` tokens of context. One change from the HF
-  recipe: the last window is moved back to end at the last token instead of being cut short, so
-  every window has the same length (one batched tensor shape) and the tail gets more context.
-- The pre-training test stream is scored as stored: documents *and* the `<|endoftext|>` after each
-  one. Predicting where a document ends is part of modelling text, and it keeps the token stream
-  identical to what training saw. One `<|endoftext|>` is prepended as context so the first
-  document's first token is predicted too, exactly like every later document's (each follows an
-  EOT): every token of test.bin is scored once. The EOT predictions' cost is spread over the
-  text's bytes and words: total NLL of the corpus / its size.
-- Bits per byte = total NLL / ln 2 / UTF-8 bytes; word-level perplexity = exp(total NLL / words),
-  with bytes and whitespace words recorded by the process stage. Neither depends on the tokenizer,
-  so runs with different vocabularies can be compared. The words are those of the detokenized
-  text; published WikiText word perplexities divide by the tokenized text's word count (larger:
-  punctuation is split off), so they are close to, not identical with, ours. When `max_tokens` caps
-  the stream, bytes and words are scaled by the fraction of tokens scored (an estimate, flagged
-  in the output as `settings.sizes_scaled`).
-- Losses go through the model's own `model(idx, targets)` path (targets -100 = ignored), which
-  skips ignored rows before the LM head: unscored window positions and SFT prompts cost nothing
-  there. The returned mean is turned back into a sum with the count of scored targets.
-- All forward passes run in fp32, or under bf16 autocast on GPUs that have it; CPUs stay fp32
-  even where bf16 is fast, so a metric does not move with the evaluating machine's instruction set.
-- SFT loss is the response-only loss that fine-tuning minimises (the loss mask from encode), over
-  the whole SFT test split, each example cut exactly as fine-tuning cuts it (`sft.build_split`:
-  `template.truncate_example` to block_size + 1; an example whose response alone does not fit is
-  dropped, and the drops are counted in the output).
-- Generation is greedy (temperature 0, stop at `<|endoftext|>`), so numbers are deterministic.
-  Both models get the same chat-template prompt; the pre-trained one shows what instruction tuning
-  added. A long prompt is cut like a training example (end of the context first) so that the
-  answer fits the context. An echo baseline (answer = the instruction and context) is scored the
-  same way: a floor.
-- Scores keep their libraries' native scales: ROUGE F1 in [0, 1] (`rouge_score`, stemming on, the
-  mean over examples; its tokenizer keeps only ASCII letters and digits), BLEU and chrF in
-  [0, 100] (`sacrebleu` corpus scores, default tokenization).
-- Speed on CPU: windows go through one worker thread per core, each on one intra-op thread
-  (`summed_batches`; the ops of a 1,024-token batch are too small to share two threads well), and
-  the test answers are decoded as one ragged batch (`sample.greedy_batch`).
-  The sliding window is ~700k token-forwards per model on the quick start and dominates; a larger
-  `eval.stride` or an `eval.max_tokens` cap trades context or coverage for time. Measured with
-  `python bench/eval_throughput.py` (numbers in its docstring). The cap is on by default (1M
-  tokens: WikiText's test split, ~0.3M, is scored whole) so that a carved test split of a large
-  corpus costs a bounded time, and only the scored prefix is read from the token file.
-- One model per call (`run_eval`), one DVC stage per model (`eval@pretrain`, `eval@finetune`):
-  an experiment that changes only fine-tuning re-scores only the fine-tuned model, since the
-  pre-trained one's deps did not change (quick start, 2-core AVX2: ~26 s instead of ~58 s).
+- Perplexity uses HF's sliding window ("perplexity of fixed-length models"): windows of block_size
+  advance by `stride`, each scoring only targets not yet seen, so every token is predicted once with
+  at least `block_size - stride` of context. The last window is moved back to end at the last token
+  (one batched shape, more context for the tail).
+- The pre-training test stream is scored as stored, `<|endoftext|>` after each document included,
+  with one EOT prepended so the first document is predicted like every later one.
+- Bits per byte = total NLL / ln 2 / UTF-8 bytes; word perplexity = exp(total NLL / words), counts
+  from the process stage: both independent of the tokenizer. Words are those of the detokenized
+  text, so published WikiText word perplexities are close to ours, not identical. A `max_tokens`
+  cap scales bytes and words by the fraction scored (flagged `settings.sizes_scaled`).
+- Losses go through `model(idx, targets)` (-100 ignored, skipped before the head). CPUs stay fp32,
+  so a metric does not move with the evaluating machine's instruction set.
+- SFT loss is fine-tuning's response-only loss over the SFT test split, each example cut as
+  fine-tuning cuts it (`sft.build_split`); dropped examples are counted.
+- Generation is greedy (deterministic), same chat prompt for both models, a long prompt cut like a
+  training example; an echo baseline (answer = instruction + context) is the floor. Scores keep
+  their libraries' scales: ROUGE F1 in [0, 1] (`rouge_score`), BLEU and chrF in [0, 100] (sacrebleu).
+- Speed on CPU: one worker thread per core over the windows (`summed_batches`), the answers as one
+  ragged batch (`sample.greedy_batch`); timings in bench/eval_throughput.py. `eval.max_tokens` caps
+  the scored stream by default (WikiText's test split is scored whole) so a carved test split of a
+  large corpus costs a bounded time; only the scored prefix is read. One model per call and per
+  DVC stage (`eval@pretrain`, `eval@finetune`): a fine-tuning experiment re-scores only that model.
 """
 
 from __future__ import annotations
@@ -160,8 +135,8 @@ def summed_batches(model: Callable, batches: Iterator, n: int, device: torch.dev
 
     On CPU the batches are spread over one worker thread per core, each running its ops on one
     intra-op thread (torch releases the GIL inside ops): at this model size a batch's ops are
-    too small for two threads to share well. Measured (bench/eval_throughput.py, 2-core AVX2
-    EPYC, quick-start model): see that script's docstring. `workers` 0 = one per intra-op
+    too small for two threads to share well (timings: bench/eval_throughput.py's docstring).
+    `workers` 0 = one per intra-op
     thread on CPU, 1 on other devices; 1 = the batches in turn on torch's intra-op threads."""
     if workers <= 0:
         workers = torch.get_num_threads() if device.type == "cpu" else 1
