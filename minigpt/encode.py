@@ -6,30 +6,20 @@ documents or examples, tokenizer_hash). SFT adds `{split}.mask.bin` (uint8 loss 
 the ids) and `{split}.idx.bin` (uint64 offsets, examples + 1).
 
 Design choices
-- Streaming on every core: this process reads raw lines `batch_size` at a time (fewer once they
-  pass CHUNK_BYTES) and hands them to `encode.num_proc` worker processes (`minigpt.parallel`),
-  each with its own tokenizer on one thread; a worker parses the JSON, encodes and converts the ids
-  to a numpy array, and this process appends the arrays in input order. Reading, encoding and
-  writing overlap, and the Python side (JSON, ids -> numpy) runs on every core too, which the Rust
-  thread pool alone did not do. The files are byte-identical for any worker count (tested).
-  Memory is bounded by the chunks in flight whatever the corpus size; ids never pile up as
-  Python ints.
-- Bounded by bytes, not documents: a document longer than PIECE_CHARS is cut into pieces at
-  whitespace that the byte-level pre-tokenizer splits at anyway (before a space or newline that
-  follows a non-space and precedes a non-space: no pre-token spans it, and neither side's
-  pre-tokens look across it), and pieces are encoded at most BATCH_BYTES at a time. The ids
-  are exactly those of the whole document (tested), while one 50 MB document no longer needs
-  the tokenizer to hold 50 MB of Encodings at once. A stretch of PIECE_CHARS without such a
-  boundary (no whitespace at all) is left whole.
-- Text is encoded as ordinary text (`minigpt.tokenizer.encode_texts`): a literal "<|endoftext|>"
-  in an article is plain text; the only EOT ids in a pretrain stream are the ones appended here,
-  one after every document, so document boundaries are exact.
-- A corpus is written into a temporary directory beside its destination, then renamed into
-  place: a crash leaves the previous tokens or the new ones, never a mix of the two. The
-  temporary names carry the writer's pid (`.NAME.tmp-PID-*`); the next run removes those whose
-  writer is gone (killed runs), never a live run's.
-- Every reader checks the sidecar against the file (dtype, size) and, when asked, against the
-  current tokenizer's hash, failing with one line that says what to re-run.
+- Streaming on every core: raw lines go `batch_size` at a time (fewer past CHUNK_BYTES) to
+  `encode.num_proc` worker processes (`minigpt.parallel`), each with its own one-thread tokenizer,
+  which parse, encode and return numpy ids; this process appends them in input order. Reading,
+  encoding and writing overlap, the Python side runs on every core too, memory is bounded by the
+  chunks in flight, and the files are byte-identical for any worker count (tested).
+- A document longer than PIECE_CHARS is cut into pieces at whitespace the byte-level pre-tokenizer
+  splits at anyway (`split_text`), so its ids are exactly those of the whole document (tested)
+  while the tokenizer never holds a huge document's Encodings at once.
+- Text is encoded as ordinary text: a literal "<|endoftext|>" in an article is plain text; the
+  only EOT ids in a pretrain stream are the ones appended here, one after every document.
+- A corpus is written into a temporary directory beside its destination (named with the writer's
+  pid, so the next run removes only dead writers' leftovers), then renamed into place: the old
+  tokens or the new ones, never a mix. Readers check the sidecar against the file (dtype, size)
+  and the tokenizer hash, failing with one line that says what to re-run.
 """
 
 from __future__ import annotations
@@ -56,13 +46,13 @@ from minigpt.tokenizer import (EOT, encode_texts, load_tokenizer, same_tokenizer
 CORPORA = ("pretrain", "sft")
 MASK_DTYPE = np.dtype("u1")
 IDX_DTYPE = np.dtype("<u8")
-# A batch also ends at this much JSONL: an encoded batch costs ~200 bytes per token until its
-# ids are written (`tokenizers` Encoding objects with token strings, then Python int lists),
-# measured ~700 MB for 16 MB of text, so 1000 book-sized documents would need many GB.
-# 8 MB of text is ~1.8M tokens, ~350 MB in flight, and still hundreds of articles per batch.
+# A batch also ends at this much JSONL: an encoded batch costs hundreds of bytes per token until
+# its ids are written (`tokenizers` Encoding objects with token strings, then Python int lists),
+# so 1000 book-sized documents would need many GB; 8 MB still holds hundreds of articles
+# (docs/EXPERIMENTS.md).
 BATCH_BYTES = 8 * 2**20
-# What one worker gets at a time (a batch also ends here): ~90 MB in flight per worker, and
-# enough chunks to keep every worker busy.
+# What one worker gets at a time (a batch also ends here): bounded memory in flight per worker,
+# and enough chunks to keep every worker busy.
 CHUNK_BYTES = 2 * 2**20
 # Documents longer than this (characters) are encoded in pieces (see the module docstring).
 PIECE_CHARS = 2**20

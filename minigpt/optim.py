@@ -5,8 +5,7 @@ Design choices
   decay_fraction) to lr * min_lr_ratio, a pure function of (step, cfg), so a resume needs no
   scheduler state.
 - AdamW decays matrices (linears, embedding) only, never norm gains; fused on CUDA and CPU
-  (seed config on the 2-core Zen 5: 14 ms per CPU step against 46 ms for foreach), foreach
-  elsewhere.
+  (several times faster than foreach there: docs/EXPERIMENTS.md), foreach elsewhere.
 - Optimizer `muon`: our `Muon` (torch.optim.Muon's update, Newton-Schulz in fp32 on CPU) for the
   blocks' matrices, AdamW for embedding/head and norm gains, stepped as one optimizer
   (`MuonAdamW`); each param group's `lr_ratio` maps the one schedule onto both peaks
@@ -43,9 +42,8 @@ class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update (Nesterov momentum, 5 Newton-Schulz steps, lr scaled by
     sqrt(max(1, rows / cols)), decoupled weight decay) with the orthogonalisation in `ns_dtype`.
 
-    torch's Muon always runs it in bf16: measured on the AVX2-only dev box, bf16 matmuls run at
-    under 1 GFLOP/s, which made a 4x128 step several times slower; here it is fp32 on CPUs and
-    bf16 only on CUDA (as torch's)."""
+    torch's Muon always runs it in bf16, which CPUs without native bf16 only emulate, far slower
+    (docs/EXPERIMENTS.md); here it is fp32 on CPUs and bf16 only on CUDA (as torch's)."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_dtype=torch.float32):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
