@@ -1,35 +1,23 @@
 """Supervised fine-tuning data: truncation, loss masking, batching (padding or packing).
 
 Design choices
-- One example is the chat-template token ids plus the loss mask that `encode` wrote
-  (docs/FORMATS.md): 1 on the assistant response and its closing `<|endoftext|>`, 0 on the prompt.
-  Inputs are `x = ids[:-1]`, targets `y = ids[1:]`, and `y = -100` wherever `mask[1:] == 0`, so
-  the cross-entropy (`ignore_index=-100`) sees response tokens only: prompt tokens are context,
-  never targets, and padding is neither.
-- Too-long examples are cut with `template.truncate_example(ids, mask, block_size + 1)` (+1 because
-  x and y are the window shifted by one): it removes tokens from the end of the user segment, never
-  from the response. An example whose response alone cannot fit is dropped. Both are counted and
-  reported per split, so nothing is lost silently.
-- Two batching strategies, one `row` abstraction: a row is a list of examples concatenated
-  (padding: exactly one example; packing: as many as fit in `block_size + 1` tokens, first-fit in
-  the shuffled order, never split across rows, then the rows shuffled). A batch pads its rows to
-  its longest row with `<|pad|>` inputs and -100 targets. `batching_stats` measures both.
-  Measured on the Dolly 5k subset at block_size 256, batch 16: padding wastes 45% of the input
-  slots, packing 2% (1.8 examples per row), so packing trains 1.8x more response tokens per step.
-- Packing separates examples with the `<|endoftext|>` that already closes every response; the next
-  example's first target (its `<|user|>`) is masked, so the set of trained targets is exactly the
-  padded one. BUT attention is plain causal, with no document mask: a packed example can attend to
-  the examples before it in its window, so its loss is conditioned on unrelated earlier context
-  that generation never has. `batching_stats` reports the share of targets so exposed
-  (`cross_example_targets`: 26% at block_size 256). Measured effect: the same fine-tuned model's
-  masked validation loss differs by at most 0.02 nats between packed and padded batches, and at an
-  equal step budget the packing-trained model scores 0.10 nats lower on padded validation than the
-  padding-trained one (5.54 vs 5.64). Validation always uses padding (one example per row), so the
-  validation loss measures the real task whatever `finetune.packing` says.
-- Data order: epoch `e` is `torch.randperm` under a generator seeded with `seed + e`, so the state
-  needed for an exact resume is two ints (epoch, row cursor), safe for `torch.load(weights_only=True)`.
-- DDP: every rank walks the same global stream of `batch_size * world_size` rows per micro-batch
-  and takes its own contiguous slice, so ranks never overlap and a resume on any rank is exact.
+- One example is the chat-template ids plus the loss mask `encode` wrote (docs/FORMATS.md): 1 on
+  the assistant response and its closing `<|endoftext|>`. x = ids[:-1], y = ids[1:], y = -100
+  where mask[1:] == 0, so only response tokens are targets; prompts are context, padding neither.
+- Too-long examples are cut with `template.truncate_example(ids, mask, block_size + 1)` (user text
+  goes first, never the response); one whose response alone cannot fit is dropped. Both counted.
+- Two batching strategies over one `row` abstraction: padding (one example per row) or packing (as
+  many as fit in block_size + 1, first-fit in shuffled order, never split). A batch pads its rows
+  to its longest with `<|pad|>` inputs and -100 targets. `batching_stats` measures the waste, so
+  `finetune.packing` is chosen on numbers (docs/EXPERIMENTS.md).
+- Packing trains exactly the padded set of targets (examples are separated by the EOT that closes
+  every response; the next `<|user|>` target is masked), BUT attention has no document mask: a
+  packed example can attend to earlier ones in its row, context generation never has
+  (`cross_example_targets` reports the share). Validation always pads, so the validation loss
+  measures the real task whatever `finetune.packing` says.
+- Data order: epoch e is `torch.randperm` seeded with seed + e, so an exact resume needs two ints
+  (epoch, row cursor). DDP: every rank walks the same global stream of batch_size * world_size
+  rows per micro-batch and takes its own contiguous slice.
 """
 
 from __future__ import annotations
