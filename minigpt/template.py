@@ -7,24 +7,16 @@ optional `<|system|>\\n{text}\\n` turn comes first. Encode, finetune, eval, gene
 export all call this module, so training and inference can never disagree on the format.
 
 Design choices
-- One description of the template, `_segments`: a conversation becomes a list of pieces, each a
-  special token or a run of text, each marked target or not. Python encoding (`encode_*`), string
-  rendering (`render`) and the loss mask all come from it; `CHAT_TEMPLATE_JINJA` is the same
-  template for Hugging Face `apply_chat_template`, and the tests check that all of them agree.
-- Special-token ids are appended directly and text is encoded as ordinary text between them, so a
-  user who types "<|endoftext|>" gets plain text tokens, never a turn boundary. For text without
-  literal special tokens this equals what a Hugging Face tokenizer does with the rendered string
-  (it splits at special tokens first, then encodes each piece), so an exported model gets the
-  same ids from `apply_chat_template`.
-- The loss mask is 1 on what the model must produce: the assistant segment `\\n{response}` and the
-  closing `<|endoftext|>`. The prompt for generation (`encode_prompt`) ends with
-  `<|assistant|>\\n`; when the response starts with a non-space character (process strips them)
-  the training ids start with exactly the generation prompt's ids.
-- Many examples are encoded in one `encode_batch` call (`encode_examples`): the SFT encode stage
-  gets the Rust thread pool for free, and `encode_example` is the batch of one.
-- Truncation (`truncate_example`) works on ids, not text: it drops the tail of the user text
-  (context first, then instruction) and keeps the template tokens and the whole response, so the
-  model never learns from a cut-off answer.
+- One description, `_segments` (pieces marked target or not), feeds Python encoding, `render`, the
+  loss mask and `CHAT_TEMPLATE_JINJA` (Hugging Face's `apply_chat_template`); tests check they agree.
+- Special-token ids are appended directly and text between them is encoded as ordinary text, so a
+  typed "<|endoftext|>" is never a turn boundary; otherwise the ids equal a Hugging Face tokenizer's
+  on the rendered string, so an exported model gets the same ids.
+- The loss mask is 1 on `\\n{response}` and the closing `<|endoftext|>`; the generation prompt
+  (`encode_prompt`) ends with `<|assistant|>\\n`, a prefix of the training ids.
+- `encode_examples` encodes many examples in one `encode_batch` call (the Rust thread pool).
+- `truncate_example` works on ids: it drops the tail of the user text (context first) and keeps
+  the template tokens and the whole response, so the model never learns from a cut-off answer.
 """
 
 from __future__ import annotations
