@@ -266,7 +266,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu"):
     same_tokenizer(got, want, f"{tok_path}: tokenizer hash {got} differs from config.json's {want}",
                    CheckpointError, optional=True)
     check_vocab(tok, config, gpt_config.vocab_size, tok_path)
-    model = GPT(gpt_config).to(device)  # plain init (~0.1 s at seed size): buffers stay right
+    model = GPT(gpt_config).to(device)  # plain init (cheap at these sizes): buffers stay right
     try:
         st_load_model(model, str(directory / MODEL_FILE), strict=True, device=str(device))
     except (SafetensorError, RuntimeError, OSError) as e:

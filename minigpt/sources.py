@@ -9,7 +9,7 @@ Design choices
   local path, because offline is by far the most common cause. Offline fails fast: before a hub
   load, a 2 s TCP probe of the endpoint (skipped under HF_HUB_OFFLINE=1) decides; unreachable ->
   `datasets` runs in offline mode, so a cached dataset still loads and a missing one fails at once
-  (measured: 36 s of retries before against an unreachable HF_ENDPOINT).
+  instead of after a long series of retries (docs/EXPERIMENTS.md).
 - Local files use the hub's own formats, so a downloaded dataset works unchanged: `.txt`/`.raw` are
   read like the HF `text` builder (each line a row, newline removed, `text_column` not needed),
   `.jsonl`/`.json` (JSON lines, or one JSON array) and `.parquet` need the configured column(s).
@@ -107,7 +107,7 @@ def hub_offline(timeout: float = 2.0) -> bool:
     """True when hub loads must use the local cache only: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is
     set, or a TCP connection to the endpoint (HF_ENDPOINT, default huggingface.co) fails within
     `timeout` seconds (not probed behind an HTTP(S) proxy). Offline, `datasets` loads a cached dataset or fails at once, instead of
-    retrying HTTP requests for ~30 s; a user who downloaded once can work without a network."""
+    retrying HTTP requests first; a user who downloaded once can work without a network."""
     global _OFFLINE_WHY
     from urllib.parse import urlsplit
 
