@@ -6,22 +6,15 @@ Design choices
   are handled by dropping the line ending before anything else. Whitespace-only lines before the
   first heading are not a document.
 - Detokenization (`detokenize: true`) turns WikiText back into ordinary prose, line by line, with
-  token-level rules (see `detokenize_line`): ` @-@ ` -> `-`, ` @,@ ` -> `,`, ` @.@ ` -> `.`; no
-  space before `, . ; : ! ? % ) ] }` or before `'s 't 're 'll n't` and other attached apostrophes;
-  no space after `( [ {`; none around `‑` (non-breaking hyphen) and `⁄`; `"` and `'` quotes are
-  re-attached to what they enclose when they pair up on a line (an unpaired one is left as it is,
-  because guessing wrong would glue words together); ` ' ` after a plural (`ships ' hulls`) is a
-  possessive; `3 : 04` -> `3:04`; `$ 5` -> `$5`; `50 °` -> `50°`. Dashes (`–`, `—`) keep their
-  spaces: Wikipedia writes both `1996–97` and `strangers – what`, and the tokenized text cannot
-  tell them apart. Whitespace inside a line is normalised to single spaces.
-  An article then reads naturally: headings become plain lines (`= = Gameplay = =` -> `Gameplay`),
-  each paragraph is one line, blank lines separate headings from paragraphs as in the source, runs
-  of blank lines collapse to one, and leading/trailing blank lines go. With `detokenize: false`
-  the article is the source lines verbatim (only leading/trailing blank lines removed), which is
-  what published WikiText perplexities are measured on. The rules assume WikiText's tokenization
-  (every quote and punctuation mark spaced): on ordinary text they are nearly, not exactly, a
-  no-op (runs of spaces collapse; `written 'aleph` becomes `written'aleph`), so set
-  `detokenize: false` for plain corpora.
+  token-level rules (`detokenize_line`: ` @-@ ` -> `-`, no space before `, . ; : ! ? %` or
+  attached apostrophes, quotes re-attached when they pair up on a line, `3 : 04` -> `3:04`, ...).
+  Where the tokenized text is ambiguous the rule leaves it alone: an unpaired quote stays as it
+  is, and dashes (`–`, `—`) keep their spaces (Wikipedia writes both `1996–97` and `a – b`).
+  Headings become plain lines, each paragraph one line, runs of blank lines collapse to one.
+- With `detokenize: false` the article is the source lines verbatim (only leading/trailing blank
+  lines removed), which is what published WikiText perplexities are computed on. The rules assume
+  WikiText's tokenization: on ordinary text they are nearly, not exactly, a no-op (`written
+  'aleph` becomes `written'aleph`), so set `detokenize: false` for plain corpora.
 """
 
 from __future__ import annotations
@@ -85,7 +78,15 @@ def _pair(indices: list[int], glue_left: list[bool], glue_right: list[bool]) -> 
 
 
 def detokenize_line(line: str) -> str:
-    """Undo WikiText's tokenization on one line (one paragraph). See the module docstring.
+    """Undo WikiText's tokenization on one line (one paragraph).
+
+    ` @-@ ` -> `-`, ` @,@ ` -> `,`, ` @.@ ` -> `.`; no space before `, . ; : ! ? % ) ] }` or before
+    `'s 't 're 'll n't` and other attached apostrophes; no space after `( [ {`; none around `‑`
+    (non-breaking hyphen) and `⁄`; `"` and `'` quotes re-attached to what they enclose when they
+    pair up on the line (an unpaired one is left as it is: guessing wrong would glue words
+    together); ` ' ` after a plural (`ships ' hulls`) is a possessive; `3 : 04` -> `3:04`;
+    `$ 5` -> `$5`; `50 °` -> `50°`. Dashes keep their spaces. Whitespace is normalised to single
+    spaces.
 
     Works on whitespace-separated tokens: each rule only decides whether the space before or
     after a token goes, so no rule can delete text, and rules never interact through regex
