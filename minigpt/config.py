@@ -218,7 +218,9 @@ class TrainConfig:
     nproc: int = 1
     """Processes per node for DDP (torchrun); 1 = plain single process."""
     batch_size: int = 16
-    """Sequences per micro-batch per process."""
+    """Rows per micro-batch per process. Pre-training: windows of block_size tokens. Fine-tuning:
+    one example per row when padding; with `packing`, as many whole examples as fit in
+    block_size + 1 tokens (validation always pads: one example per row)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     max_steps: int = 350
