@@ -5,47 +5,23 @@
     GET  /v1/models, /health    the model's name and size
     GET  /                      a static chat page (serve_page.html: no CDN, no build step)
 
-Design choices
-- FastAPI + uvicorn: JSON request bodies are parsed, then validated by pydantic models, so
-  malformed JSON and wrong fields are rejected before any work; every error (ours, pydantic's,
-  404/405) is answered in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a
-  4xx status.
-- The same code path as the CLI: prompts are built by `minigpt.template.encode_conversation` (chat)
-  or as `<|endoftext|>` + text (completions, the ids of `generate --raw`), tokens come from `engine.sample_ids` (the KV-cache sampler, stopped at
-  <|endoftext|>), text from `engine.TextStream`. So a request with `seed` (or temperature 0) answers
-  exactly what `minigpt generate` prints with the same settings. OpenAI has no top_k: it is off.
-- One model, one worker thread: every generation runs on a single-thread executor, so requests are
-  served one at a time in arrival order, never sharing the KV cache or the seeded generator, while
-  the event loop keeps accepting connections (and /health answers during a long generation).
-- Streaming: the worker pushes text pieces into an asyncio queue (call_soon_threadsafe). When the
-  client goes away the response generator is closed; it sets the job's cancel flag and the sampler
-  stops at the next token (the on_token callback raises), so a dropped client frees the model.
-  A failure after the 200 is sent ends the stream with an error event, then `[DONE]`.
-- `stop` strings: generation ends at the first occurrence (not included); while the text ends with
-  a prefix of a stop string that piece is held back, so streamed pieces add up to the final text.
-- Limits: `max_tokens` above `--max_tokens` (the cap) and prompts longer than the context are 400s
-  (code `context_length_exceeded`); an answer that runs past the context slides the sampler's window,
-  as in `generate`, with the notice logged on its own line on stderr, never inside an answer.
-- Binds 127.0.0.1 by default: exposing a model to the network is an explicit `--host 0.0.0.0`.
-
-Hostile web pages (any page the user opens can send requests to a port on localhost)
-- POST bodies must say `Content-Type: application/json` (else 415): a cross-site page can send
-  text/plain or form bodies without a CORS preflight, but not JSON, and we answer no preflight.
-- Bound to a loopback address, every request's Host header must name loopback (127.0.0.1,
-  localhost, [::1], any port; else 403): a DNS-rebinding page reaches us under its own host name.
-- `api_key` (`--api-key` or MINIGPT_API_KEY): every route but the static page `/` needs
-  `Authorization: Bearer <key>` (else 401, compared in constant time). The page asks the user
-  for the key and keeps it in the tab's sessionStorage: the server never hands the key out.
-  A non-loopback host (no Host check there) without a key is served with a warning, not
-  refused: in a container, 0.0.0.0 behind a port mapping is the usual and safe setup.
-
-Cheap requests that would cost a lot
-- A body over `max(1 MiB, 32 bytes per context token)` is a 413, read no further; at most
-  MAX_STOPS stop strings of at most MAX_STOP_CHARS characters (400); prompts are tokenized on the
-  model thread, not the event loop, so /health answers while a long message is encoded; a stop
-  string is searched only in the text that is new since the last token.
-- Values the model code cannot take are 400s, not 500s: `seed` outside torch's 64-bit range,
-  strings with lone surrogates (valid JSON, not valid Unicode).
+Design choices (errors and limits in docs/FORMATS.md)
+- FastAPI + uvicorn + pydantic: bad JSON and fields are rejected before any work; every error is a
+  4xx in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
+- The CLI's code path (`template`, `engine.sample_ids`, `engine.TextStream`), so a seeded request
+  answers what `minigpt generate` prints with the same sampling settings (OpenAI has no top_k: off).
+- One model thread: requests run one at a time in arrival order, never sharing the KV cache or the
+  seeded generator, while the event loop keeps accepting (and /health answers). A dropped client
+  cancels its generation at the next token; a failure after the 200 ends the stream with an error
+  event, then `[DONE]`. Text that may begin a `stop` string is held back until it cannot.
+- Any web page the user opens can reach a port on localhost, so requests are hostile: POST bodies
+  must be JSON (415: no CORS preflight is answered), a loopback-bound server checks the Host header
+  (403: DNS rebinding), `--api-key` / MINIGPT_API_KEY guards every route but `/` (401, constant-time
+  compare). Binds 127.0.0.1 unless `--host` says otherwise; 0.0.0.0 without a key only warns.
+- Cheap requests must not cost a lot: a body size limit (413), few and short `stop` strings,
+  prompts tokenized on the model thread; a prompt longer than the context or `max_tokens` above
+  `--max_tokens` is a 400 (an answer that runs past the context slides the window, as `generate`
+  does). Values the model code cannot take (a seed outside 64 bits, lone surrogates) are 400s.
 """
 
 from __future__ import annotations
