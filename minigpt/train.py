@@ -1,35 +1,25 @@
 """One training loop for pre-training and fine-tuning: `fit`, its resume and its curves.
 
 Design choices
-- Device, precision and DDP are `minigpt.runtime`; parameter updates (LR schedule, AdamW groups,
-  Muon) `minigpt.optim`; batches come from a `BatchSource` (`windows.TokenWindows`,
-  `sft.SFTBatches`).
+- Device, precision and DDP are `minigpt.runtime`; parameter updates `minigpt.optim`; batches
+  come from a `BatchSource` (`windows.TokenWindows`, `sft.SFTBatches`).
 - Resume: ckpt_dir is undeclared scratch (not a DVC out), used only to finish an interrupted run of
-  exactly the same inputs. Its meta.json holds the run's fingerprint: the WHOLE training config
-  (log/save intervals included: they change the curves), the architecture, resolved device/dtype/
-  world size, the caller's `meta` and `inputs` (SHA-256 of data / starting weights, read by rank
-  0 alone and broadcast: once per start, not once per rank). Equal ->
-  restore weights, optimizer, step, per-rank RNG and data state and the metric history; anything
-  else -> one line saying what differs, start fresh. So a stage's output is a function of its deps
-  and params only: a finished 20-step run is never continued by a 40-step one.
-- A step's loss is the mean over every target of the global batch: micro-batches and ranks are
-  weighted by their target counts (one all-reduce of a scalar), so masked SFT batches train exactly
-  like one big batch under grad accumulation and DDP.
-- Divergence: loss and grad norm are checked every step BEFORE the optimizer step (all-reduced
-  first, so every rank decides alike), so a non-finite loss stops training without touching the
-  weights or the last good checkpoint; `TrainingError` names the step.
-- fp16 (`runtime.grad_scaler`): the loss is scaled before backward and the gradients unscaled
-  before clipping. Non-finite gradients under a finite loss are an overflow of the scale, not a
-  divergence: the step is skipped (it still counts against max_steps, like in torch's GradScaler
-  recipe), the scale halved, the skip counted (History.skipped_steps, the log line, the metrics).
-  Overflowing at a scale <= 1 (unscaled) is a divergence. The scaler's state is in state.pt, so
-  a resume continues with the same scale.
-- Validation at step 0 (the untrained or base model), every eval_interval steps and at the end;
-  keep_best/patience are part of the identity, the best weights live in ckpt_dir/best.safetensors.
-- tokens/s and MFU (`runtime.peak_flops`) leave out each session's first step (compile, warm-up).
-- Only rank 0 writes, holding a lock on ckpt_dir (`checkpoint.lock_scratch`). The TSV curves are
-  rewritten atomically at every log row and evaluation, so plots of a running experiment are
-  current. `fit` returns the metrics; the stage writes them once (with what it adds).
+  exactly the same inputs. Its meta.json holds the run's fingerprint: the whole training config
+  (intervals included: they change the curves), the architecture, resolved device/dtype/world size,
+  the caller's `meta` and `inputs` (SHA-256 of data / starting weights, hashed by rank 0 and
+  broadcast). Equal -> restore everything, per-rank RNG and data state included; anything else ->
+  one line saying what differs, start fresh. So a stage's output is a function of its deps and
+  params only: a finished 20-step run is never continued by a 40-step one.
+- A step's loss is the mean over every target of the global batch (micro-batches and ranks weighted
+  by their target counts), so masked SFT batches train like one big batch under accumulation/DDP.
+- Loss and grad norm are checked (all-reduced) BEFORE the optimizer step: a non-finite loss stops
+  training without touching the weights or the last good checkpoint (`TrainingError`, the step).
+- fp16 (`runtime.grad_scaler`): non-finite gradients under a finite loss are an overflow, not a
+  divergence: the step is skipped (it counts against max_steps, as in torch's recipe), the scale
+  halved and the skip counted; at a scale <= 1 it is a divergence. The scale resumes from state.pt.
+- Validation at step 0, every eval_interval steps and at the end; tokens/s and MFU leave out each
+  session's first step (compile, warm-up). Only rank 0 writes, holding a lock on ckpt_dir; the TSV
+  curves are rewritten atomically at every log row, so plots of a running experiment are current.
 """
 
 from __future__ import annotations
