@@ -1,25 +1,16 @@
 """Atomic save/load of model directories and of resumable training state.
 
 Design choices
-- Nothing is ever unpickled: weights are safetensors, configs are JSON, and the resume state
-  (`state.pt`) holds only tensors and plain Python values, loaded with `torch.load(weights_only=True)`.
-- Every file is written (`minigpt.files`) to a temporary name in its final directory, fsynced, then `os.replace`d,
-  so a reader sees the old file or the new one, never a torn one.
-- Model directory (`save_model`): built complete in a sibling temporary directory, then swapped in
-  with two renames (old -> trash, new -> final). A crash between the two leaves the final path
-  missing (never half-written); `save_model` sweeps such leftovers next time. DVC deletes the
-  directory before a stage runs anyway, so "absent or complete" is the property that matters.
-- Resume state (`save_state`) keeps the flat layout of docs/FORMATS.md (`model.safetensors`,
-  `state.pt`, `meta.json`) and makes it crash-safe with a tiny journal: the two payload files are
-  written under unique temporary names, then `meta.json` is replaced atomically. That rename is
-  the commit point: `meta.json` records the SHA-256 and the temporary name of each payload file.
-  Only then are the payloads renamed into place. A reader (`load_state`) takes each payload from
-  its final name if the hash matches, else from the recorded temporary name (a commit interrupted
-  after the meta rename), else the checkpoint is invalid. So a `kill -9` at any instant leaves
-  the previous checkpoint (crash before the meta rename: old meta, old payloads untouched) or the
-  new one (crash after it), never a mix. The next `save_state` first finishes a pending commit.
-- Tied weights: `safetensors.torch.save_model`/`load_model` store a shared tensor once and
-  re-tie on load, so the model file never duplicates the embedding.
+- Nothing is ever unpickled: safetensors weights, JSON configs, and a `state.pt` of tensors and
+  plain values loaded with `torch.load(weights_only=True)`.
+- Every file is written (`minigpt.files`) to a temporary name, fsynced, then `os.replace`d. A model
+  directory (`save_model`) is built beside its path and swapped in with two renames: a crash
+  leaves it absent or complete, never half-written (leftovers are swept next time).
+- Resume state (`save_state`, the flat layout of docs/FORMATS.md) is crash-safe by a tiny journal:
+  payloads go to temporary names, then the atomic replace of `meta.json`, which records each
+  payload's SHA-256 and temporary name, commits; `load_state` takes each payload from its final or
+  recorded temporary name by hash. A `kill -9` at any instant leaves the old or the new checkpoint.
+- Tied weights are stored once and re-tied on load (`safetensors.torch.save_model`/`load_model`).
 - Untrusted input: a model directory or checkpoint may come from someone else. `meta.json` may
   only name plain files of the expected shapes (`model.safetensors`, `state.pt`, `*.safetensors`
   and their `.NAME.PID-HEX.tmp` temporaries), so nothing outside the directory is ever opened,
@@ -286,7 +277,13 @@ def save_state(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: torch.op
     `state` must hold only tensors and plain Python values (torch.load(weights_only=True) must
     read it back); the optimizer's state_dict is stored under "optimizer". `meta` is what the run
     was configured with (compared on resume). `extra` maps file names to extra state dicts saved
-    as safetensors (e.g. the best weights so far). See the module docstring for the commit order."""
+    as safetensors (e.g. the best weights so far).
+
+    Commit order: a pending commit is finished first; the payloads are written under unique
+    temporary names; `meta.json` (their SHA-256 and temporary names) is replaced atomically, the
+    commit point; only then are the payloads renamed into place. A crash before the meta rename
+    leaves the old checkpoint untouched, one after it the new one (`load_state` finds each
+    payload by hash under its final or temporary name)."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     try:
