@@ -1,19 +1,14 @@
 """The `minigpt` command: `generate`, `chat`, `serve` and `export` over a model directory; `plots` of runs.
 
 Design choices
-- Plain argparse subcommands, one small function per command; `main(argv) -> int` so tests call it
-  in-process and the console script (`minigpt = "minigpt.cli:main"`) exits with its return value.
-- Bad input is the user's mistake, not a crash: every usage error (argparse's own included) is one
-  line `error: ...` on stderr naming the flag, and exit code 2. Value ranges are checked by the
-  argparse `type=` functions, so they fail before the model is loaded; checkpoint and tokenizer
-  problems become the same one-line errors. Genuine bugs still raise with a traceback.
-- torch and the model code are imported inside the commands: `minigpt --help` and argument
-  errors answer at once instead of after a second of importing torch.
-- Loading a model directory and sampling from it are `minigpt.engine` (shared with `serve`): a
-  chat model's prompt is wrapped in the chat template unless `--raw`; raw text starts after
-  `<|endoftext|>`, so an empty prompt means "start a new document".
-- A chat model's output is only the response; a raw prompt is echoed and then continued, so the
-  text reads as one document.
+- Plain argparse subcommands; `main(argv) -> int`, so tests call it in-process. torch is imported
+  inside the commands, so `--help` and argument errors answer at once.
+- Bad input is the user's mistake, not a crash: every usage error (argparse's included) is one
+  line `error: ...` naming the flag, exit 2; ranges are checked by the `type=` functions before
+  the model loads. Genuine bugs still raise with a traceback.
+- Loading and sampling are `minigpt.engine` (shared with `serve`): a chat model's prompt is wrapped
+  in the chat template and only the response printed; `--raw` text follows `<|endoftext|>` and is
+  echoed, then continued, so it reads as one document.
 - Untrusted text: a `--prompt` or chat line that is not valid UTF-8 (e.g. `$'\xff'`) is refused
   with one line, exit 2 (rather than guessed at with U+FFFD), naming the flag or stdin line.
   `--max_new_tokens` is capped at MAX_NEW_TOKENS (65536, 256 windows of the largest context
@@ -21,13 +16,11 @@ Design choices
 - `export` refuses an OUT_DIR that is, or is inside, the model directory (or contains it), and
   writes atomically (`minigpt.export`).
 - `chat` keeps the conversation within the context: before each answer, while the encoded
-  conversation plus `--max_new_tokens` exceeds `block_size`, the oldest user/assistant turn is
-  dropped for good (the system message stays), and the user is told. The room kept for the answer
-  is capped at half the context, so a large `--max_new_tokens` does not erase the history every
-  turn (an answer that runs longer slides the sampler's window instead). Ctrl-C during an answer
-  stops that answer (the partial text stays in the history, as the user saw it); Ctrl-D or
-  `/quit` leaves; `/reset` starts over. Non-tty stdin is read line by line, without a prompt,
-  so the chat can be scripted and tested. Notices go to stderr, answers to stdout.
+  conversation plus `--max_new_tokens` exceeds `block_size`, the oldest turn is dropped for good
+  (the system message stays) and the user told; the room kept for the answer is at most half the
+  context. Ctrl-C stops an answer (its partial text stays in the history), Ctrl-D or `/quit`
+  leaves, `/reset` starts over. Non-tty stdin is read line by line and notices go to stderr, so
+  the chat can be scripted.
 """
 
 from __future__ import annotations
