@@ -4,32 +4,22 @@ Where rows come from (hub or local, which file is which split) is `minigpt.sourc
 articles and detokenization are `minigpt.wikitext`; this module splits, cleans and writes.
 
 Design choices
-- Official splits are kept as they are. A missing validation/test split is carved out of train by
-  a stable hash (SHA-256 of the raw document, mapped to [0, 1)): the first `validation_fraction`
-  of the unit interval goes to validation, the next `test_fraction` to test. No RNG, so the
-  result does not depend on order, seeds, library versions or `max_documents`, and adding
-  documents never moves existing ones. The hash is taken before detokenization, so switching
-  `detokenize` never reshuffles the splits.
+- Official splits are kept. A missing validation/test split is carved out of train by a stable
+  hash of the raw document (SHA-256 mapped to [0, 1): validation, then test bands), not an RNG: no
+  dependence on order, seeds or versions; adding documents never moves existing ones; switching
+  `detokenize` never reshuffles.
 - `max_documents` caps train only, applied after carving, so the validation and test sets of a
   quick experiment are the same as those of the full run.
 - SFT: fields are stripped of surrounding whitespace; rows with an empty instruction or response,
-  and exact duplicates (same instruction, context and response; the first is kept), are dropped and
-  counted by reason. A local directory's named split files (`train.jsonl`, `test.jsonl`,
-  `validation.jsonl`, named as above) are kept as official splits, as for pre-training; only the
-  missing ones are carved out of train, by a stable hash of (instruction, context): adding rows
-  never moves existing ones, and two answers to the same prompt always land in the same split (no
-  leakage). A single file (Dolly) or the hub's `train` split is carved into all three. A duplicate
-  is dropped wherever it recurs (the first copy, in train < validation < test order, is kept).
-- stats.json: per split `documents` (`examples` for SFT), `characters`, `bytes` (UTF-8), `words`
-  (whitespace split) and `dropped` counts by reason, plus totals and where the data came from. For
-  SFT the text measures count the response only: it is what the loss and the reference metrics
-  are computed on.
-- Output is all-or-nothing (`minigpt.files.atomic_directory`): files are built in a temporary
-  directory beside the target and renamed into place only when complete, so a failure leaves
-  the previous output untouched and never a partial one that looks valid. Temporary directories left by a killed run (`.NAME.tmp-*`) are
-  removed by the next run.
-- JSONL is written with `ensure_ascii=False` (readable, compact) but with U+2028, U+2029 and U+0085
-  escaped: `str.splitlines()` treats them as line breaks, and one document must stay one line.
+  exact duplicates (the first copy, in train < validation < test order, is kept) are dropped and
+  counted by reason. Named split files are official splits; missing ones are carved by a hash of
+  (instruction, context), so two answers to one prompt share a split (no leakage).
+- stats.json: per split documents (SFT: examples), characters, bytes, whitespace words and drops by
+  reason; for SFT the text measures count the response only (what loss and metrics score).
+- Output is all-or-nothing (`minigpt.files.atomic_directory`): a failure leaves the previous output
+  untouched, never a partial one that looks valid; a killed run's temporaries go on the next run.
+- JSONL keeps non-ASCII text but escapes U+2028, U+2029 and U+0085: `str.splitlines()` breaks
+  lines there, and one document must stay one line.
 """
 
 from __future__ import annotations
