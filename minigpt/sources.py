@@ -1,31 +1,20 @@
 """Where the corpora come from: a hub id or a local path, resolved to rows per split.
 
 Design choices
-- One rule decides hub vs local: a `source` that exists on disk is local; one that looks like a
-  path (starts with `./`, `../`, `/`, `~`, `raw/`, has more than one `/`, or ends in a data-file
-  extension) but does not exist is an error ("source not found: PATH"); anything else is a
-  Hugging Face hub id.
-  A failed hub load becomes one line saying the hub could not be reached and that `source` may be a
-  local path, because offline is by far the most common cause. Offline fails fast: before a hub
-  load, a 2 s TCP probe of the endpoint (skipped under HF_HUB_OFFLINE=1) decides; unreachable ->
-  `datasets` runs in offline mode, so a cached dataset still loads and a missing one fails at once
-  instead of after a long series of retries (docs/EXPERIMENTS.md).
-- Local files use the hub's own formats, so a downloaded dataset works unchanged: `.txt`/`.raw` are
-  read like the HF `text` builder (each line a row, newline removed, `text_column` not needed),
-  `.jsonl`/`.json` (JSON lines, or one JSON array) and `.parquet` need the configured column(s).
-  JSON is parsed here line by line rather than by `datasets`, so a broken line is reported as
-  `FILE:LINE: invalid JSON (...)` instead of an Arrow traceback.
-- In a directory, splits are recognised from file (or folder) names as `datasets` does:
-  `train|training`, `validation|valid|val|dev`, `test|testing|eval|evaluation` between
-  `-._ 0-9/` separators (`wiki.train.raw`, `train-00000-of-00001.parquet`). If no name carries a
-  split, every file is train. A file whose split cannot be told, in a directory where others can,
-  is an error rather than silently skipped. Hidden files, `*.md` and `*.dvc` are ignored.
-- Local text is decoded strictly: a byte that is not UTF-8 is an error naming `FILE:LINE` (and
-  the byte), a leading UTF-8 byte-order mark is dropped (it is an encoding marker, not text),
-  and a NUL character (U+0000, raw or `\u0000` in JSON) is refused with `FILE:LINE`: it is
-  never prose, usually a binary or UTF-16 file read by mistake, and passing it on would put
-  garbage in the corpus. A `.json` file may hold one (or several) pretty-printed JSON objects
-  instead of lines or an array; each object is one record.
+- Hub or local, one rule: a `source` that exists on disk is local; one that looks like a path
+  (`./`, `../`, `/`, `~`, `raw/`, more than one `/`, a data-file extension) but does not exist is
+  an error ("source not found: PATH"); anything else is a hub id. A failed hub load is one line
+  naming offline as the likely cause; before a hub load a short TCP probe of the endpoint decides,
+  so offline a cached dataset still loads and a missing one fails at once, not after retries.
+- Local files use the hub's own formats, so a downloaded dataset works unchanged (`.txt`/`.raw`
+  like the HF `text` builder, `.jsonl`/`.json`, `.parquet`); JSON is parsed here line by line, so
+  a broken line is `FILE:LINE: invalid JSON (...)`, not an Arrow traceback.
+- In a directory, splits are told from file or folder names as `datasets` does (`wiki.train.raw`,
+  `train-00000-of-00001.parquet`); no split names: all train; a file whose split cannot be told
+  among others that can is an error. Hidden files, `*.md` and `*.dvc` are ignored.
+- Local text is decoded strictly: non-UTF-8 bytes and NUL characters (a binary or UTF-16 file read
+  by mistake) are errors naming `FILE:LINE`; a leading byte-order mark is dropped. A `.json` file
+  may also hold pretty-printed JSON objects, one record each, instead of lines or an array.
 - The rows are lazy: `pretrain_rows` / `sft_records` open and check the source at once (so a bad
   source fails before any work), but read it only as `minigpt.data` consumes it.
 """
