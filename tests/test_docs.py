@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted(p for p in (ROOT / "minigpt").glob("*.py") if p.name != "__init__.py")
 # machine names and speed units: what a measurement looks like, not a design reason
-MEASURED = re.compile(r"EPYC|Zen ?\d|Milan|Xeon|H100|H200|AVX2 box|"
+MEASURED = re.compile(r"EPYC|Zen ?\d|Milan|Xeon|H100|H200|AVX2 box|\d-core|"
                       r"\d[\d,.]*k? ?(?:tok/s|tokens/s|ms|GB/s|GFLOP/s)\b")
 
 
