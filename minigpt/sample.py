@@ -14,12 +14,15 @@ Design choices (timings: bench/generate_throughput.py and docs/EXPERIMENTS.md)
   have the same length, so no padding or masks. `generate` is the N = 1 case.
 - `greedy_batch` answers many prompts at once (the eval stage): each is prefilled alone, exactly as
   `generate` would, then all unfinished rows decode together, each at its own position.
-- Positions never exceed block_size: when the context fills, the most recent 3/4 of the window is
-  re-prefilled (one batched prefill every block_size/4 tokens), with one warning per call.
-- Filters follow Hugging Face (temperature, repetition penalty over every id seen, top-k, top-p,
-  at least one token kept), so temperature 0, top_k 1 and a tiny top_p are all greedy. A sampled
-  step draws from the kept candidates only (`candidates`, `sample_next`): no full-vocabulary sort
-  or mask, one uniform number per row instead of `torch.multinomial`.
+- Positions never exceed block_size (RoPE tables stop there). When the context fills up, the
+  sampler keeps the most recent 3/4 of the window and re-prefills it, then continues token by
+  token: one batched prefill every block_size/4 tokens instead of a full forward per token.
+  It warns once per call (`warnings.warn`, or `on_window` if given) when that first happens.
+- Filters follow Hugging Face's semantics (temperature, then repetition penalty on the raw logits
+  CTRL-style over every id seen, then top-k, then top-p, keeping at least one token), so
+  temperature 0, top_k 1 and a tiny top_p are all greedy. A sampled step draws from the kept
+  candidates only (`candidates`, `sample_next`): no full-vocabulary sort or mask, one uniform
+  number per row instead of `torch.multinomial`.
 """
 
 from __future__ import annotations
