@@ -21,6 +21,7 @@ from typing import Any, Optional
 import yaml
 
 BYTE_ALPHABET = 256  # byte-level BPE always holds the 256 byte symbols
+PRETRAIN_FORMATS = ("auto", "wikitext", "documents")
 
 
 class ConfigError(ValueError):
@@ -69,20 +70,27 @@ class PretrainDataConfig:
     """Hub revision (commit sha or tag) to pin; null means the default branch."""
     text_column: str = "text"
     """Column holding the text."""
-    wikitext: bool = True
-    """Rows are WikiText lines: regroup them into articles at ` = Title = ` headings."""
+    format: str = "auto"
+    """auto | wikitext | documents. wikitext: rows are lines, regrouped into articles at
+    ` = Title = ` headings; documents: one document per JSONL/parquet row, per blank-line-separated
+    block of a text file. auto: wikitext for the Salesforce/wikitext hub id or local files that
+    start with a ` = Title = ` heading, else documents."""
     detokenize: bool = True
-    """Undo WikiText tokenization artifacts (` @-@ `, ` @,@ `, space before punctuation)."""
+    """Undo WikiText tokenization artifacts (` @-@ `, ` @,@ `, space before punctuation);
+    WikiText format only (documents are never changed)."""
     validation_fraction: float = 0.05
     """Fraction of documents carved out for validation when the source has no validation split."""
     test_fraction: float = 0.05
     """Fraction of documents carved out for test when the source has no test split."""
     max_documents: int = 0
-    """Keep at most this many train documents (0 = all); for quick experiments."""
+    """Keep at most this many train documents (0 = all); for quick experiments. A hub source is
+    then streamed, and read only until train holds this many."""
 
     def validate(self, prefix: str) -> None:
         _check(bool(self.source.strip()), f"{prefix}.source", self.source, "must not be empty")
         _check(self.max_documents >= 0, f"{prefix}.max_documents", self.max_documents, "must be >= 0")
+        _check(self.format in PRETRAIN_FORMATS, f"{prefix}.format", self.format,
+               f"must be one of {', '.join(PRETRAIN_FORMATS)}")
         _fraction(self, prefix)
 
 
@@ -144,6 +152,11 @@ class TokenizerConfig:
     """Target vocabulary size, special tokens included."""
     min_frequency: int = 2
     """Minimum pair frequency for a merge."""
+    max_chars: int = 1_000_000_000
+    """Train on at most this many characters (0 = all): a larger train split is sampled by a
+    stable hash of each document (minigpt.tokenizer.TrainingSample)."""
+    max_doc_chars: int = 0
+    """Train on at most this many characters of each document (0 = all of it)."""
 
     def validate(self, prefix: str) -> None:
         from minigpt.tokenizer import SPECIAL_TOKENS  # one list of specials, defined once
@@ -153,6 +166,9 @@ class TokenizerConfig:
                f"must exceed the byte alphabet plus special tokens ({floor})")
         _check(self.vocab_size <= 2**32 - 1, f"{prefix}.vocab_size", self.vocab_size, "too large")
         _check(self.min_frequency >= 1, f"{prefix}.min_frequency", self.min_frequency, "must be >= 1")
+        _check(self.max_chars >= 0, f"{prefix}.max_chars", self.max_chars, "must be >= 0")
+        _check(self.max_doc_chars >= 0, f"{prefix}.max_doc_chars", self.max_doc_chars,
+               "must be >= 0")
 
 
 @dataclass(frozen=True)

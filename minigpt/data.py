@@ -9,7 +9,12 @@ Design choices
   dependence on order, seeds or versions; adding documents never moves existing ones; switching
   `detokenize` never reshuffles.
 - `max_documents` caps train only, applied after carving, so the validation and test sets of a
-  quick experiment are the same as those of the full run.
+  quick experiment are the same as those of the full run. Except for a streamed hub source
+  (`minigpt.sources.is_streamed`): there reading stops once train holds `max_documents`, so the
+  carved validation/test sets are the hash bands of the documents read up to then (official
+  validation/test splits are read whole), and `dropped.max_documents` is 0: the rest is never read.
+- The format (`minigpt.sources.pretrain_format`) is decided once, before reading; WikiText
+  articles are regrouped and detokenized, documents are written as they are (never detokenized).
 - SFT: fields are stripped of surrounding whitespace; rows with an empty instruction or response,
   exact duplicates (the first copy, in train < validation < test order, is kept) are dropped and
   counted by reason. Named split files are official splits; missing ones are carved by a hash of
@@ -24,9 +29,10 @@ Design choices
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -34,8 +40,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 from minigpt.config import PretrainDataConfig, SFTDataConfig
 from minigpt.files import atomic_directory, write_json
 from minigpt.parallel import ordered_map, resolve_workers
-from minigpt.sources import SFT_FIELDS, SPLITS, DataError, pretrain_rows, resolve_source, sft_records
-from minigpt.wikitext import article_text, detokenize, wikitext_articles
+from minigpt.sources import (SFT_FIELDS, SPLITS, DataError, is_streamed, pretrain_format,
+                             pretrain_rows, resolve_source, sft_records)
+from minigpt.wikitext import article_text, wikitext_articles
 
 PRETRAIN_DROP_REASONS = ("empty", "max_documents")
 SFT_DROP_REASONS = ("empty_instruction", "empty_response", "duplicate")
@@ -94,7 +101,7 @@ Prepared = tuple[str, Optional[str], Measures]  # split, JSONL line (None: empty
 
 
 def measure(text: str) -> Measures:
-    return len(text), len(text.encode("utf-8")), len(text.split())
+    return len(text), len(text.encode("utf-8")), count_words(text)
 
 
 @dataclass
@@ -118,6 +125,19 @@ class SplitStats:
                 "words": self.words, "dropped": {r: self.dropped[r] for r in reasons}}
 
 
+def count_words(text: str, chunk: int = 2**20) -> int:
+    """`len(text.split())` without building the list of words (a 100 MB document's list alone
+    is ~1 GB): count chunk by chunk, minus the words a chunk boundary cut in two."""
+    if len(text) <= chunk:
+        return len(text.split())
+    n = 0
+    for i in range(0, len(text), chunk):
+        n += len(text[i:i + chunk].split())
+        if i and not text[i - 1].isspace() and not text[i].isspace():
+            n -= 1
+    return n
+
+
 class SplitWriter:
     """Writes one split's JSONL file and keeps its statistics."""
 
@@ -128,7 +148,8 @@ class SplitWriter:
 
     def write_line(self, line: str, measures: Measures) -> None:
         """Write one JSONL line (`_jsonl_line`); `measures`: of the text the statistics count."""
-        self.file.write(line + "\n")
+        self.file.write(line)
+        self.file.write("\n")  # not `+ "\n"`: that would copy a huge document's line once more
         self.stats.add(measures)
 
     def drop(self, reason: str) -> None:
@@ -168,15 +189,20 @@ def pretrain_documents(rows: Iterable[str], cfg: PretrainDataConfig) -> Iterator
 
 
 def pretrain_units(rows: Iterable[str], cfg: PretrainDataConfig) -> Iterator[Any]:
-    """The source's rows grouped into one unit per document (the sequential part; cheap)."""
-    return wikitext_articles(rows) if cfg.wikitext else iter(rows)
+    """The source's rows grouped into one unit per document (the sequential part; cheap).
+    `cfg.format` is decided (`pretrain_format`): WikiText lines are regrouped into articles; a
+    documents row is one document."""
+    if cfg.format not in ("wikitext", "documents"):
+        raise ValueError(f"format must be decided first (got {cfg.format!r})")
+    return wikitext_articles(rows) if cfg.format == "wikitext" else iter(rows)
 
 
 def pretrain_document(unit: Any, cfg: PretrainDataConfig) -> tuple[str, str]:
-    """(raw, text) of one unit of `pretrain_units` (the per-document work, done by workers)."""
-    if cfg.wikitext:
+    """(raw, text) of one unit of `pretrain_units` (the per-document work, done by workers):
+    an article, detokenized if asked; a document as it is."""
+    if cfg.format == "wikitext":
         return "\n".join(unit), article_text(unit, cfg.detokenize)
-    return unit, detokenize(unit) if cfg.detokenize else unit
+    return unit, unit
 
 
 def _prepare_pretrain(job: tuple[PretrainDataConfig, str, Sequence[str], list]) -> list[Prepared]:
@@ -218,16 +244,33 @@ def process_pretrain(cfg: PretrainDataConfig, out_dir: str | Path, num_proc: int
     `num_proc` worker processes (0 = every core) share the per-document work; the output is
     the same for any number."""
     local = resolve_source(cfg.source) is not None
+    cfg = dataclasses.replace(cfg, format=pretrain_format(cfg))
+    streamed = is_streamed(cfg)
     splits = pretrain_rows(cfg)
     carved = [s for s in ("validation", "test") if s not in splits]
-    jobs = ((cfg, split, carved, units) for split in SPLITS if split in splits
-            for units in chunked(pretrain_units(splits[split], cfg), _unit_chars))
+    source_of: deque[str] = deque()  # the source split of each job, in order
+    train_full = False  # set on a streamed slice once train holds max_documents
+
+    def jobs() -> Iterator[tuple]:
+        for split in (s for s in SPLITS if s in splits):
+            for units in chunked(pretrain_units(splits[split], cfg), _unit_chars):
+                if split == "train" and train_full:
+                    break
+                source_of.append(split)
+                yield cfg, split, carved, units
+
     with atomic_directory(out_dir) as tmp:
         writers = {s: SplitWriter(tmp / f"{s}.jsonl") for s in SPLITS}
         try:
-            for prepared in ordered_map(_prepare_pretrain, jobs, resolve_workers(num_proc)):
+            for prepared in ordered_map(_prepare_pretrain, jobs(), resolve_workers(num_proc)):
+                if source_of.popleft() == "train" and train_full:
+                    continue  # read ahead by the workers, past the end of a streamed slice
                 for split, line, measures in prepared:
                     _route_document(split, line, measures, cfg, writers)
+                    if streamed and split == "train" \
+                            and writers["train"].stats.count >= cfg.max_documents:
+                        train_full = True  # a stream: the rest of train is never downloaded
+                        break
         finally:
             for w in writers.values():
                 w.close()
@@ -236,8 +279,9 @@ def process_pretrain(cfg: PretrainDataConfig, out_dir: str | Path, num_proc: int
             "source": cfg.source,
             "name": None if local else cfg.name,  # a hub config; meaningless for local files
             "revision": cfg.revision,
-            "wikitext": cfg.wikitext,
-            "detokenized": cfg.detokenize,
+            "wikitext": cfg.format == "wikitext",
+            "detokenized": cfg.detokenize and cfg.format == "wikitext",
+            **({"streamed": True} if streamed else {}),
             "official_splits": [s for s in SPLITS if s in splits],
             "carved_splits": carved,
             **{s: w.stats.to_dict("documents", PRETRAIN_DROP_REASONS) for s, w in writers.items()},

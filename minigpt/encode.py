@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -40,8 +39,8 @@ from tqdm import tqdm
 from minigpt.template import encode_examples
 from minigpt.files import SPLITS, FormatError, atomic_directory, json_line, str_field, write_json
 from minigpt.parallel import Workers, resolve_workers
-from minigpt.tokenizer import (EOT, encode_texts, load_tokenizer, same_tokenizer, special_id,
-                               tokenizer_hash)
+from minigpt.tokenizer import (EOT, PIECE_CHARS, encode_texts, load_tokenizer, same_tokenizer,
+                               special_id, split_text, tokenizer_hash)
 
 CORPORA = ("pretrain", "sft")
 MASK_DTYPE = np.dtype("u1")
@@ -54,8 +53,6 @@ BATCH_BYTES = 8 * 2**20
 # What one worker gets at a time (a batch also ends here): bounded memory in flight per worker,
 # and enough chunks to keep every worker busy.
 CHUNK_BYTES = 2 * 2**20
-# Documents longer than this (characters) are encoded in pieces (see the module docstring).
-PIECE_CHARS = 2**20
 
 
 class EncodeError(ValueError):
@@ -189,43 +186,6 @@ def flatten_with_eot(id_lists: list[list[int]], eot: int, dtype: np.dtype) -> np
         out[pos + n] = eot
         pos += n + 1
     return out
-
-
-def split_text(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
-    """`text` cut into pieces of about `max_chars` characters at boundaries where byte-level
-    pre-tokenization already splits, so encoding the pieces gives the whole text's ids.
-
-    A cut goes right before a space or newline c with a non-space before it and a non-space
-    after it: GPT-2's pre-tokenizer pattern never lets a pre-token run from a non-space into
-    whitespace, and `c` + the next character start a pre-token whatever precedes them."""
-    if len(text) <= max_chars:
-        return [text]
-    pieces, start = [], 0
-    while len(text) - start > max_chars:
-        cut = _last_boundary(text, start + max_chars // 2, start + max_chars)
-        if cut is None:  # no safe boundary in range: take the next one (a huge word stays whole)
-            m = _BOUNDARY.search(text, start + max_chars)
-            if m is None:
-                break
-            cut = m.start()
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
-
-
-_BOUNDARY = re.compile(r"(?<=\S)[ \n](?=\S)")
-
-
-def _last_boundary(text: str, lo: int, hi: int) -> int | None:
-    """The last index i in (lo, hi) with text[i] in " \n" between two non-space characters."""
-    for sep in ("\n", " "):
-        i = text.rfind(sep, lo, hi)
-        while i > lo:
-            if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
-                return i
-            i = text.rfind(sep, lo, i)
-    return None
 
 
 def encode_documents(tok: Tokenizer, texts: list[str], dtype: np.dtype,

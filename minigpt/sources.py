@@ -17,6 +17,18 @@ Design choices
   may also hold pretty-printed JSON objects, one record each, instead of lines or an array.
 - The rows are lazy: `pretrain_rows` / `sft_records` open and check the source at once (so a bad
   source fails before any work), but read it only as `minigpt.data` consumes it.
+- Pre-training format by evidence (`pretrain_format`): `format: auto` is WikiText for the
+  Salesforce/wikitext hub id, or for a local source whose first train file starts (first
+  non-blank line, within its first SNIFF_CHARS characters or SNIFF_ROWS rows) with a
+  ` = Title = ` heading; anything else is documents. WikiText rows are lines (regrouped into
+  articles by `minigpt.wikitext`). Documents are one per JSONL/parquet row or hub row, and one
+  per blank-line-separated block of a text file; a block also ends at the first line end past
+  MAX_BLOCK_CHARS characters, so a text file without blank lines is never one giant document
+  (one line is never cut: `minigpt.tokenizer.split_text` handles long documents downstream).
+- A hub source with `max_documents` set is streamed (`load_dataset(..., streaming=True)`):
+  `minigpt.data` stops reading train once it holds `max_documents`, so only the shards holding
+  them are downloaded. Shards stream in the dataset's own (sorted) file order; which split a
+  document lands in is still its content hash alone.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from tqdm import tqdm
 
 from minigpt.config import PretrainDataConfig, SFTDataConfig
 from minigpt.files import SPLITS, FormatError, open_text, read_json, utf8_text
+from minigpt.wikitext import starts_like_wikitext
 
 SFT_FIELDS = ("instruction", "context", "response")
 
@@ -50,6 +63,13 @@ IGNORED_SUFFIXES = (".md", ".dvc")
 # Suffixes that make a missing `source` read as a mistyped path rather than a hub id.
 PATH_SUFFIXES = PRETRAIN_SUFFIXES + (".csv", ".tsv", ".gz", ".zip", ".xz", ".zst", ".arrow",
                                      ".tokens")
+# Hub ids whose rows are WikiText lines ("wikitext" is the id's old, redirected spelling).
+WIKITEXT_HUB_IDS = ("salesforce/wikitext", "wikitext")
+# `format: auto` looks at most this far into the first train file (characters / rows).
+SNIFF_CHARS = 2**20
+SNIFF_ROWS = 1000
+# A text document (blank-line block) ends at the first line end past this many characters.
+MAX_BLOCK_CHARS = 2**20
 
 
 class DataError(ValueError):
@@ -284,7 +304,60 @@ def read_text_lines(path: Path) -> Iterator[str]:
             if "\x00" in line:
                 raise DataError(f"{path}:{lineno}: NUL character (U+0000) in text; remove it "
                                 "(is this a binary or UTF-16 file?)")
-            yield line.rstrip("\n")
+            line = line.rstrip("\n")  # rebound: a huge line is not held twice while in use
+            yield line
+
+
+def text_blocks(lines: Iterable[str], max_chars: Optional[int] = None) -> Iterator[str]:
+    """Blank-line-separated blocks of lines, each joined with "\n"; a block also ends at the
+    first line end past `max_chars` (MAX_BLOCK_CHARS) characters. Whitespace-only lines separate,
+    never start, blocks."""
+    max_chars = max_chars or MAX_BLOCK_CHARS
+    block: list[str] = []
+    size = 0
+    for line in lines:
+        if not line or line.isspace():  # (not strip(): no copy of a huge line)
+            if block:
+                yield "\n".join(block)
+                block, size = [], 0
+            continue
+        block.append(line)
+        size += len(line) + 1
+        if size > max_chars:
+            yield "\n".join(block)
+            block, size = [], 0
+    if block:
+        yield "\n".join(block)
+
+
+def _first_rows(path: Path, column: str, hint: str) -> list[str]:
+    """The rows `format: auto` looks at: the complete lines among the first SNIFF_CHARS
+    characters of a text file, or the first SNIFF_ROWS records of a JSON/parquet file."""
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        with open_text(path) as f:
+            head = f.read(SNIFF_CHARS)
+            more = bool(f.read(1))
+        lines = head.split("\n")
+        return lines[:-1] if more else lines  # the last line may be cut off
+    rows = read_records(path, [column], hint)
+    return [r[column] for _, r in zip(range(SNIFF_ROWS), rows)]
+
+
+def pretrain_format(cfg: PretrainDataConfig) -> str:
+    """`cfg.format`, with `auto` decided on evidence: "wikitext" or "documents" (module docstring)."""
+    if cfg.format != "auto":
+        return cfg.format
+    path = resolve_source(cfg.source)
+    if path is None:
+        return "wikitext" if cfg.source.strip().lower() in WIKITEXT_HUB_IDS else "documents"
+    first = local_splits(path, PRETRAIN_SUFFIXES)["train"][0]
+    rows = _first_rows(first, cfg.text_column, " (set process.pretrain.text_column)")
+    return "wikitext" if starts_like_wikitext(rows) else "documents"
+
+
+def is_streamed(cfg: PretrainDataConfig) -> bool:
+    """Is this pre-training source streamed (a hub id with `max_documents` set)?"""
+    return cfg.max_documents > 0 and resolve_source(cfg.source) is None
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:
@@ -308,29 +381,35 @@ def progress(rows: Iterable, desc: str, total: Optional[int] = None) -> Iterator
 
 def pretrain_rows(cfg: PretrainDataConfig) -> dict[str, Iterable[str]]:
     """The source's rows (strings) per split it provides, lazily: `train` always, plus
-    `validation`/`test` when the source has them."""
+    `validation`/`test` when the source has them. `cfg.format` must be decided (not auto): a
+    text file's rows are its lines for wikitext, its blank-line blocks for documents."""
+    if cfg.format not in ("wikitext", "documents"):
+        raise ValueError(f"format must be decided before reading rows (got {cfg.format!r})")
     path = resolve_source(cfg.source)
     if path is None:
         return _hub_pretrain_rows(cfg)
     hint = " (set process.pretrain.text_column)"
+    blocks = cfg.format == "documents"
     out: dict[str, Iterable[str]] = {}
     for split, files in local_splits(path, PRETRAIN_SUFFIXES).items():
-        out[split] = progress(_local_rows(files, cfg.text_column, hint), desc=f"{split}")
+        out[split] = progress(_local_rows(files, cfg.text_column, hint, blocks), desc=f"{split}")
     return out
 
 
-def _local_rows(files: Sequence[Path], column: str, hint: str) -> Iterator[str]:
+def _local_rows(files: Sequence[Path], column: str, hint: str, blocks: bool) -> Iterator[str]:
     for f in files:
         if f.suffix.lower() in TEXT_SUFFIXES:
-            yield from read_text_lines(f)
+            yield from text_blocks(read_text_lines(f)) if blocks else read_text_lines(f)
         else:
             for record in read_records(f, [column], hint):
                 yield record[column]
 
 
 def _hub_pretrain_rows(cfg: PretrainDataConfig) -> dict[str, Iterable[str]]:
+    streaming = is_streamed(cfg)  # only the shards the slice needs (see the module docstring)
     try:
-        ds = load_dataset(cfg.source, cfg.name, revision=cfg.revision)
+        ds = load_dataset(cfg.source, cfg.name, revision=cfg.revision,
+                          **({"streaming": True} if streaming else {}))
     except Exception as e:
         raise _hub_error(cfg.source, e, "raw/pretrain") from None
     out: dict[str, Iterable[str]] = {}
@@ -338,19 +417,30 @@ def _hub_pretrain_rows(cfg: PretrainDataConfig) -> dict[str, Iterable[str]]:
         split = split_of(str(name))
         if split is None or split in out:
             continue  # e.g. an "unsupervised" split: not ours to guess about
-        if cfg.text_column not in ds[name].column_names:
-            found = ", ".join(ds[name].column_names)
-            raise DataError(f"{cfg.source} [{name}]: no column {cfg.text_column!r} (found: "
-                            f"{found}) (set process.pretrain.text_column)")
-        out[split] = progress(_hub_column(ds[name], cfg.text_column), desc=split,
-                               total=len(ds[name]))
+        where = f"{cfg.source} [{name}]"
+        columns = ds[name].column_names  # None for a stream whose features are not declared
+        if columns is not None and cfg.text_column not in columns:
+            raise DataError(f"{where}: no column {cfg.text_column!r} (found: "
+                            f"{', '.join(columns)}) (set process.pretrain.text_column)")
+        out[split] = progress(_hub_column(ds[name], cfg.text_column, where), desc=split,
+                              total=None if streaming else len(ds[name]))
     if "train" not in out:
         raise DataError(f"{cfg.source}: no train split (found: {', '.join(map(str, ds))})")
     return out
 
 
-def _hub_column(dataset: Any, column: str) -> Iterator[str]:
-    for batch in dataset.iter(batch_size=1000):
+def _hub_column(dataset: Any, column: str, where: str) -> Iterator[str]:
+    batches = iter(dataset.iter(batch_size=1000))
+    while True:
+        try:  # a stream reads (and downloads) shards here: a failure is one line, not a traceback
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise DataError(f"{where}: reading failed ({_one_line(e)})") from None
+        if column not in batch:
+            raise DataError(f"{where}: no column {column!r} (found: {', '.join(batch)}) "
+                            "(set process.pretrain.text_column)")
         for value in batch[column]:
             yield value or ""
 

@@ -16,14 +16,33 @@ Design choices
   saved file behaves like any Hugging Face tokenizer (it parses special tokens in a string).
 - `decode` keeps special tokens: skipping them (the `tokenizers` default) would silently change
   text that the model generated.
+- Long documents are cut into pieces of at most PIECE_CHARS characters (`split_text`) at
+  whitespace where the byte-level pre-tokenizer splits anyway, for encoding (`minigpt.encode`) and
+  for training (`training_pieces`): the pieces give exactly the whole text's ids and the trainer
+  the same pre-token counts, so the cut changes no result, while no single string handed to
+  `tokenizers` is larger than a piece (one 100 MB line otherwise exhausts the trainer's memory).
+  For training only, a stretch of more than PIECE_CHARS without such a boundary is also cut
+  (its counts move by one pre-token); encoding leaves it whole.
+- Training on a budget (`TrainingSample`): the first `max_chars` characters in stable-hash order,
+  each document first cut to `max_doc_chars`. Each document gets a place in [0, 1) from a SHA-256
+  of its text (salted, so it is independent of the split hash); a first streaming pass sums the
+  characters per 1/65536 of that interval, which fixes the threshold below which the documents
+  fill the budget; the second pass trains on them in file order (those in the 1/65536 where the
+  budget runs out only until it does, the last one cut). So the
+  sample is spread evenly over the whole corpus (not its first files, which are often one source
+  or one topic), fixed by the texts alone (not by order, seed or shard layout), fills the budget,
+  and needs O(1) memory (a random sample or a sort by hash would hold every document or its
+  hash). A corpus within the budget is used whole, in order, unhashed, in one pass: the result is
+  exactly the unbudgeted one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -35,14 +54,136 @@ SYSTEM = "<|system|>"
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
 SPECIAL_TOKENS = [EOT, PAD, SYSTEM, USER, ASSISTANT]
+# Documents longer than this (characters) are trained on and encoded in pieces (`split_text`).
+PIECE_CHARS = 2**20
 
 
 class TokenizerError(ValueError):
     """A missing or unusable tokenizer file; the message is one line naming the path."""
 
 
+def split_text(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of about `max_chars` characters at boundaries where byte-level
+    pre-tokenization already splits, so encoding the pieces gives the whole text's ids.
+
+    A cut goes right before a space or newline c with a non-space before it and a non-space
+    after it: GPT-2's pre-tokenizer pattern never lets a pre-token run from a non-space into
+    whitespace, and `c` + the next character start a pre-token whatever precedes them."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        cut = _last_boundary(text, start + max_chars // 2, start + max_chars)
+        if cut is None:  # no safe boundary in range: take the next one (a huge word stays whole)
+            m = _BOUNDARY.search(text, start + max_chars)
+            if m is None:
+                break
+            cut = m.start()
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+_BOUNDARY = re.compile(r"(?<=\S)[ \n](?=\S)")
+
+
+def _last_boundary(text: str, lo: int, hi: int) -> int | None:
+    """The last index i in (lo, hi) with text[i] in " \n" between two non-space characters."""
+    for sep in ("\n", " "):
+        i = text.rfind(sep, lo, hi)
+        while i > lo:
+            if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
+                return i
+            i = text.rfind(sep, lo, i)
+    return None
+
+
+def training_pieces(texts: Iterable[str], max_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """Each text as pieces of at most `max_chars` for the trainer: `split_text`, then a hard cut
+    of any stretch it had to leave longer (no whitespace boundary in it)."""
+    for text in texts:
+        for piece in split_text(text, max_chars):
+            if len(piece) <= max_chars:
+                yield piece
+            else:
+                yield from (piece[i:i + max_chars] for i in range(0, len(piece), max_chars))
+
+
+def _sample_fraction(text: str) -> float:
+    """A document's place in [0, 1) for the training sample: SHA-256 with its own salt, so it is
+    uncorrelated with the split hash (`minigpt.data.stable_fraction`), which already decided
+    that every train document lies outside the validation/test bands."""
+    digest = hashlib.sha256(b"tokenizer-sample\0" + text.encode("utf-8")).digest()
+    return (int.from_bytes(digest[:8], "big") >> 11) / 2**53
+
+
+class TrainingSample:
+    """The texts the tokenizer trains on, within a budget (see the module docstring).
+
+    `texts()` returns a fresh iterator over the documents: it is called twice when the corpus
+    may exceed `max_chars` (a counting pass, then training), once when `fits` says it cannot.
+    Iterate once; `documents` and `characters` then say what was used, `total` (None without a
+    counting pass) what there was."""
+
+    BINS = 2**16
+
+    def __init__(self, texts: Callable[[], Iterable[str]], max_chars: int = 0,
+                 max_doc_chars: int = 0, fits: bool = False):
+        self.texts, self.max_chars, self.max_doc_chars = texts, max_chars, max_doc_chars
+        self.edge = self.BINS  # bin of places taken in part; all below it are taken whole
+        self.room = 0  # characters left for the documents of the edge bin
+        self.total: Optional[int] = None
+        self.documents = self.characters = 0
+        if max_chars and not fits:
+            chars = [0] * self.BINS
+            for text in map(self._cap, texts()):
+                chars[self._bin(text)] += len(text)
+            self.total = sum(chars)
+            if self.total > max_chars:
+                below = 0
+                for i, n in enumerate(chars):
+                    if below + n >= max_chars:
+                        self.edge, self.room = i, max_chars - below
+                        break
+                    below += n
+
+    @property
+    def sampled(self) -> bool:
+        return self.edge < self.BINS
+
+    @property
+    def threshold(self) -> float:
+        """Places below this are in the sample (those in the last 1/BINS of it, in part)."""
+        return min(1.0, (self.edge + 1) / self.BINS)
+
+    def _bin(self, text: str) -> int:
+        return int(_sample_fraction(text) * self.BINS)
+
+    def _cap(self, text: str) -> str:
+        return text[:self.max_doc_chars] if self.max_doc_chars else text
+
+    def __iter__(self) -> Iterator[str]:
+        for text in map(self._cap, self.texts()):
+            if self.sampled:
+                b = self._bin(text)
+                if b > self.edge or (b == self.edge and not self.room):
+                    continue
+                if b == self.edge:  # the edge bin fills what the bins below leave, in file order
+                    text = text[:self.room]
+                    self.room -= len(text)
+            if self.max_chars:
+                text = text[:self.max_chars - self.characters]
+            self.documents += 1
+            self.characters += len(text)
+            yield text
+            if self.max_chars and self.characters >= self.max_chars:
+                return
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-    """Train a byte-level BPE on `texts` (any iterable; it is streamed, not materialized).
+    """Train a byte-level BPE on `texts` (any iterable; it is streamed, not materialized, and
+    long texts are handed to the trainer in pieces: `training_pieces`).
 
     `vocab_size` counts the special tokens and the 256 byte symbols; a small corpus may end with
     fewer merges than asked for, so read the real size from `tok.get_vocab_size()`.
@@ -57,7 +198,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing unknown
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(training_pieces(texts), trainer=trainer)
     check_special_tokens(tok)
     return tok
 

@@ -1,8 +1,10 @@
 """WikiText: regrouping lines into articles, and detokenizing them back into ordinary prose.
 
 Design choices
-- WikiText (`wikitext: true`): rows are lines; an article starts at a top-level heading
-  ` = Title = ` (never at ` = = Section = = `). Hub rows end in "\\n", raw-file lines do not: both
+- WikiText (`format: wikitext`): rows are lines; an article starts at a top-level heading
+  ` = Title = ` (never at ` = = Section = = `). `format: auto` takes a source for WikiText when
+  its first non-blank line is such a title (`starts_like_wikitext`), as every WikiText file and
+  hub split does: one heading-like line deep inside ordinary text is not evidence enough. Hub rows end in "\\n", raw-file lines do not: both
   are handled by dropping the line ending before anything else. Whitespace-only lines before the
   first heading are not a document.
 - Detokenization (`detokenize: true`) turns WikiText back into ordinary prose, line by line, with
@@ -42,6 +44,14 @@ _NOT_PLURAL = {"as", "is", "was", "has", "his", "its", "this", "thus", "us", "ye
 def is_title(line: str) -> bool:
     """Is this line a WikiText article title (` = Title = `), as opposed to a section heading?"""
     return _TITLE.fullmatch(line.strip()) is not None
+
+
+def starts_like_wikitext(lines: Iterable[str]) -> bool:
+    """Is the first non-blank line of `lines` a ` = Title = ` heading? (False when all are blank.)"""
+    for line in lines:
+        if line.strip():
+            return is_title(line)
+    return False
 
 
 def heading_text(line: str) -> Optional[str]:

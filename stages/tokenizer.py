@@ -3,7 +3,8 @@
     python stages/tokenizer.py
 
 Reads `tokenizer` from params.yaml (in the current directory), streams
-`data/processed/pretrain/train.jsonl` (never loaded whole) and writes
+`data/processed/pretrain/train.jsonl` (never loaded whole; within `max_chars` /
+`max_doc_chars`, a hash-drawn sample: `minigpt.tokenizer.TrainingSample`) and writes
 `data/tokenizer/tokenizer.json` atomically (docs/FORMATS.md). Only pre-training text is used, so a
 change to the SFT corpus never retrains the tokenizer. Any error is one line `error: ...` on stderr
 and exit status 2; set MINIGPT_DEBUG=1 to get the traceback instead.
@@ -19,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from minigpt.config import load_params  # noqa: E402
 from minigpt.stage import run_stage  # noqa: E402
-from minigpt.tokenizer import TokenizerError, iter_texts, save_tokenizer, train_tokenizer  # noqa: E402
+from minigpt.tokenizer import (TokenizerError, TrainingSample, iter_texts, save_tokenizer,  # noqa: E402
+                               train_tokenizer)
 
 SOURCE = Path("data/processed/pretrain/train.jsonl")
 OUT = Path("data/tokenizer/tokenizer.json")
@@ -31,13 +33,17 @@ def run() -> str:
     if not SOURCE.is_file():
         raise TokenizerError(f"{SOURCE}: not found (run `dvc repro process@pretrain`)")
     start = time.perf_counter()
-    tok = train_tokenizer(iter_texts(SOURCE), cfg.vocab_size, cfg.min_frequency)
+    # A file within the budget in bytes is within it in characters: no counting pass.
+    fits = SOURCE.stat().st_size <= cfg.max_chars
+    sample = TrainingSample(lambda: iter_texts(SOURCE), cfg.max_chars, cfg.max_doc_chars, fits)
+    tok = train_tokenizer(sample, cfg.vocab_size, cfg.min_frequency)
     save_tokenizer(tok, OUT)
     seconds = time.perf_counter() - start
     vocab = tok.get_vocab_size()
     short = f" (corpus too small for {cfg.vocab_size:,})" if vocab < cfg.vocab_size else ""
-    return (f"tokenizer: vocab {vocab:,}{short}, trained on {SOURCE.stat().st_size / 1e6:.1f} MB "
-            f"in {seconds:.1f}s -> {OUT}")
+    of = f" (a sample of {sample.total:,})" if sample.sampled else ""
+    return (f"tokenizer: vocab {vocab:,}{short}, trained on {sample.documents:,} documents, "
+            f"{sample.characters:,} characters{of} in {seconds:.1f}s -> {OUT}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,9 @@ def _with(section: str, key: str, value):
     ("finetune", "patience", -1, "finetune.patience"),
     ("eval", "prompts", ["ok", ""], "eval.prompts"),
     ("process.sft", "columns", {"instruction": "q", "answer": "a"}, "process.sft.columns"),
+    ("process.pretrain", "format", "jsonl", "process.pretrain.format: must be one of auto, "),
+    ("tokenizer", "max_chars", -1, "tokenizer.max_chars: must be >= 0"),
+    ("tokenizer", "max_doc_chars", -5, "tokenizer.max_doc_chars: must be >= 0"),
 ])
 def test_bad_values_name_the_key(section, key, value, needle):
     with pytest.raises(ConfigError) as e:

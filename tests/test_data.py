@@ -3,6 +3,7 @@ splits, error messages, atomic output, and the stage script itself. Tiny fixture
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -312,19 +313,19 @@ def test_parquet_and_jsonl_pretrain_sources(tmp_path):
     docs = [f"Document number {i} about the {WORDS[i % len(WORDS)]} ." for i in range(40)]
     pq.write_table(pa.table({"text": docs + ["   "], "id": list(range(41))}),
                    tmp_path / "train.parquet")
-    cfg = PretrainDataConfig(source=str(tmp_path / "train.parquet"), wikitext=False,
+    cfg = PretrainDataConfig(source=str(tmp_path / "train.parquet"), format="documents",
                              validation_fraction=0.2, test_fraction=0.2)
     stats = process_pretrain(cfg, tmp_path / "out")
     assert sum(stats[s]["documents"] for s in ("train", "validation", "test")) == 40
     assert stats["dropped"]["empty"] == 1
     out = {r["text"] for s in ("train", "validation", "test")
            for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")}
-    assert "Document number 0 about the river." in out  # detokenized row by row
+    assert "Document number 0 about the river ." in out  # documents are written as they are
 
     _write_jsonl(tmp_path / "j" / "corpus.train.jsonl", [{"body": d} for d in docs])
     _write_jsonl(tmp_path / "j" / "corpus.valid.jsonl", [{"body": "v ."}])
     _write_jsonl(tmp_path / "j" / "corpus.test.jsonl", [{"body": "t ."}])
-    cfg = PretrainDataConfig(source=str(tmp_path / "j"), wikitext=False, detokenize=False,
+    cfg = PretrainDataConfig(source=str(tmp_path / "j"), format="documents",
                              text_column="body")
     stats = process_pretrain(cfg, tmp_path / "out2")
     assert [stats[s]["documents"] for s in ("train", "validation", "test")] == [40, 1, 1]
@@ -566,7 +567,7 @@ def test_missing_column_names_column_and_file(tmp_path):
     pq.write_table(pa.table({"content": ["x"]}), tmp_path / "train.parquet")
     with pytest.raises(DataError, match=r"train.parquet: no column 'text' \(found: content\)"):
         process_pretrain(PretrainDataConfig(source=str(tmp_path / "train.parquet"),
-                                            wikitext=False), tmp_path / "out")
+                                            format="documents"), tmp_path / "out")
     with pytest.raises(DataError, match=r"column 'response' is not a string \(got int\)"):
         process_sft(SFTDataConfig(source=str(_write_jsonl(
             tmp_path / "num.jsonl", [{"instruction": "i", "context": "", "response": 3}]))),
@@ -701,7 +702,7 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
 
 def test_jsonl_keeps_one_document_per_line(tmp_path):
     path = _write_jsonl(tmp_path / "w.jsonl", [{"text": "a\u2028b\x85c\nd"}] * 3)
-    process_pretrain(PretrainDataConfig(source=str(path), wikitext=False, detokenize=False,
+    process_pretrain(PretrainDataConfig(source=str(path), format="documents",
                                         validation_fraction=0, test_fraction=0), tmp_path / "o")
     raw = (tmp_path / "o" / "train.jsonl").read_text(encoding="utf-8")
     assert len(raw.splitlines()) == 3
@@ -759,3 +760,227 @@ def test_stage_script_end_to_end(tmp_path):
 
     result = _run_stage(tmp_path, "nonsense")
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Format by evidence, text blocks, streamed hub slices
+# --------------------------------------------------------------------------------------------
+
+def _texts(out: Path, split: str = "train") -> list[str]:
+    return [r["text"] for r in read_jsonl(out / f"{split}.jsonl")]
+
+
+def _no_carving(**kw) -> PretrainDataConfig:
+    return PretrainDataConfig(validation_fraction=0, test_fraction=0, **kw)
+
+
+def test_format_auto_is_wikitext_only_on_evidence(tmp_path):
+    wiki = _write_lines(tmp_path / "wiki" / "wiki.train.raw", WIKI_LINES)
+    assert sources.pretrain_format(_no_carving(source=str(wiki))) == "wikitext"
+    # The real quick-start files, and WikiText rows kept as parquet (the hub's own layout).
+    if SHARED.is_dir():
+        assert sources.pretrain_format(_no_carving(source=str(SHARED / "wikitext-2-raw"))) \
+            == "wikitext"
+        assert sources.pretrain_format(_no_carving(source=str(SHARED / "extra"))) == "documents"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [l + "\n" for l in WIKI_LINES]}), tmp_path / "w.parquet")
+    assert sources.pretrain_format(_no_carving(source=str(tmp_path / "w.parquet"))) == "wikitext"
+    # Hub ids: WikiText's only (no network needed to decide).
+    assert sources.pretrain_format(_no_carving(source="Salesforce/wikitext")) == "wikitext"
+    assert sources.pretrain_format(_no_carving(source="HuggingFaceFW/fineweb-edu")) == "documents"
+    # A heading-like line that is not the first non-blank line is not evidence.
+    prose = _write_lines(tmp_path / "p" / "train.txt",
+                         ["Some prose.", "", " = Not A Title Here = ", "", "More prose."])
+    assert sources.pretrain_format(_no_carving(source=str(prose))) == "documents"
+    # An explicit format is never second-guessed.
+    assert sources.pretrain_format(_no_carving(source=str(prose), format="wikitext")) == "wikitext"
+
+
+def test_format_auto_decides_on_a_bounded_prefix(tmp_path, monkeypatch):
+    path = _write_lines(tmp_path / "train.txt", [" "] * 40 + WIKI_LINES[1:])
+    assert sources.pretrain_format(_no_carving(source=str(path))) == "wikitext"
+    monkeypatch.setattr(sources, "SNIFF_CHARS", 64)  # the title now lies past the prefix
+    assert sources.pretrain_format(_no_carving(source=str(path))) == "documents"
+    rows = [{"text": " "}] * 5 + [{"text": " = T = "}]
+    jsonl = _write_jsonl(tmp_path / "j.jsonl", rows)
+    assert sources.pretrain_format(_no_carving(source=str(jsonl))) == "wikitext"
+    monkeypatch.setattr(sources, "SNIFF_ROWS", 3)
+    assert sources.pretrain_format(_no_carving(source=str(jsonl))) == "documents"
+
+
+def test_jsonl_corpus_is_one_document_per_row_with_default_params(tmp_path):
+    # The default params (format auto, detokenize true) once made this ONE document.
+    docs = [f"Document {i} : the {WORDS[i % len(WORDS)]} @-@ thing ." for i in range(60)]
+    path = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": d} for d in docs])
+    stats = process_pretrain(PretrainDataConfig(source=str(path)), tmp_path / "out")
+    assert sum(stats[s]["documents"] for s in SPLITS_) == 60
+    assert stats["wikitext"] is False and stats["detokenized"] is False
+    written = {t for s in SPLITS_ for t in _texts(tmp_path / "out", s)}
+    assert written == set(docs)  # never detokenized: documents are written as they are
+
+
+SPLITS_ = ("train", "validation", "test")
+
+
+def test_formats_wikitext_and_documents_on_the_same_file(tmp_path):
+    path = _write_lines(tmp_path / "wiki.train.raw", WIKI_LINES)
+    auto = process_pretrain(_no_carving(source=str(path)), tmp_path / "auto")
+    wiki = process_pretrain(_no_carving(source=str(path), format="wikitext"), tmp_path / "wiki")
+    assert auto == wiki and auto["train"]["documents"] == 2
+    assert _texts(tmp_path / "auto") == _texts(tmp_path / "wiki")
+    verbatim = process_pretrain(_no_carving(source=str(path), format="wikitext",
+                                            detokenize=False), tmp_path / "verbatim")
+    assert verbatim["detokenized"] is False
+    assert _texts(tmp_path / "verbatim")[1] == "\n".join(WIKI_LINES[15:18])  # as in the file
+    # documents: blank-line blocks, verbatim (WIKI_LINES has blank lines between most lines).
+    docs = process_pretrain(_no_carving(source=str(path), format="documents"), tmp_path / "docs")
+    assert docs["wikitext"] is False and docs["detokenized"] is False
+    blocks = _texts(tmp_path / "docs")
+    assert len(blocks) == 8 and blocks[0] == WIKI_LINES[1]
+    assert blocks[1] == WIKI_LINES[3] + "\n" + WIKI_LINES[4] and "@-@" in blocks[1]
+    # wikitext forced on a file auto would call documents: regrouped at the titles all the same.
+    late = _write_lines(tmp_path / "late" / "train.txt", ["Preface line."] + WIKI_LINES)
+    assert sources.pretrain_format(_no_carving(source=str(late))) == "documents"
+    forced = process_pretrain(_no_carving(source=str(late), format="wikitext"), tmp_path / "f")
+    assert forced["train"]["documents"] == 3 and _texts(tmp_path / "f")[0] == "Preface line."
+
+
+def test_text_documents_are_blank_line_blocks_with_a_size_cap(tmp_path, monkeypatch):
+    lines = ["First doc, line one.", "line two.", "", "  ", "\t", "Second doc.", " ",
+             "Third doc."]
+    path = _write_lines(tmp_path / "train.txt", lines)
+    process_pretrain(_no_carving(source=str(path)), tmp_path / "a")
+    assert _texts(tmp_path / "a") == ["First doc, line one.\nline two.", "Second doc.",
+                                      "Third doc."]
+    # A file without blank lines is never one giant document: a block ends at the first line
+    # end past MAX_BLOCK_CHARS; a line is never cut.
+    monkeypatch.setattr(sources, "MAX_BLOCK_CHARS", 100)
+    many = _write_lines(tmp_path / "b" / "train.txt", [f"line {i} " + "x" * 30 for i in range(50)])
+    process_pretrain(_no_carving(source=str(many)), tmp_path / "b_out")
+    blocks = _texts(tmp_path / "b_out")
+    assert len(blocks) == 17 and all(b.count("\n") == 2 for b in blocks[:-1])  # 3 x 39 > 100
+    assert "\n".join(blocks) == many.read_text().rstrip("\n")
+    long_line = "word " * 100
+    one = _write_lines(tmp_path / "c" / "train.txt", ["short", long_line, "after"])
+    process_pretrain(_no_carving(source=str(one)), tmp_path / "c_out")
+    assert _texts(tmp_path / "c_out") == [f"short\n{long_line}", "after"]
+
+
+def test_word_count_of_a_huge_document_matches_split():
+    from minigpt.data import count_words
+
+    rng = random.Random(0)
+    text = "".join(rng.choice(["ab", "c", " ", "\n", "  ", "déf"]) for _ in range(20_000))
+    for chunk in (7, 64, 1000, 2**20):
+        assert count_words(text, chunk) == len(text.split())
+    assert count_words("x" * 100, 7) == 1 and count_words(" " * 50, 7) == 0
+
+
+FINEWEB_README = """---
+configs:
+- config_name: sample-10BT
+  data_files:
+  - split: train
+    path: sample/10BT/*
+---
+A local copy of a hub dataset in the hub's own layout (FineWeb-Edu's).
+"""
+
+
+def _hub_layout(root: Path, shards: list[list[str]], broken_last: bool = False) -> Path:
+    """`root` laid out like FineWeb-Edu on the hub: a README with configs, parquet shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "sample" / "10BT").mkdir(parents=True)
+    (root / "README.md").write_text(FINEWEB_README)
+    for k, docs in enumerate(shards):
+        pq.write_table(pa.table({"text": docs, "id": [f"{k}-{i}" for i in range(len(docs))]}),
+                       root / "sample" / "10BT" / f"{k:03d}_00000.parquet")
+    if broken_last:  # reading it would fail: proves the stream never gets there
+        (root / "sample" / "10BT" / f"{len(shards):03d}_00000.parquet").write_bytes(b"not parquet")
+    return root
+
+
+def _serve_hub_from(monkeypatch, repos: dict[str, Path]) -> list:
+    """Replace only the network: a hub id loads, with the same arguments, from a local copy."""
+    import datasets
+
+    calls = []
+
+    def load(source, *args, **kwargs):
+        calls.append((source, args, kwargs))
+        kwargs = {k: v for k, v in kwargs.items() if not (k == "revision" and v is None)}
+        return datasets.load_dataset(str(repos[source]), *args, **kwargs)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sources, "load_dataset", load)
+    return calls
+
+
+def test_hub_slice_is_streamed_from_the_shards_it_needs(tmp_path, monkeypatch):
+    # Shards of 1500 rows: `datasets` streams 1000-row batches, which may run into the next shard.
+    docs = [f"Web page {i} about the {WORDS[i % len(WORDS)]} and more." for i in range(4000)]
+    repo = _hub_layout(tmp_path / "fw", [docs[:1500], docs[1500:3000], docs[3000:]],
+                       broken_last=True)
+    calls = _serve_hub_from(monkeypatch, {"HuggingFaceFW/fineweb-edu": repo})
+    cfg = PretrainDataConfig(source="HuggingFaceFW/fineweb-edu", name="sample-10BT",
+                             max_documents=1600, validation_fraction=0.1, test_fraction=0.1)
+    stats = process_pretrain(cfg, tmp_path / "out")
+    assert calls == [("HuggingFaceFW/fineweb-edu", ("sample-10BT",),
+                      {"revision": None, "streaming": True})]
+    assert stats["streamed"] is True and stats["wikitext"] is False
+    assert stats["train"]["documents"] == 1600 and stats["dropped"]["max_documents"] == 0
+    read = {t: s for s in SPLITS_ for t in _texts(tmp_path / "out", s)}
+    # Only a prefix of the stream was read (the broken last shard never was) ...
+    assert 1600 < len(read) < 2200 and set(read) == set(docs[:len(read)])
+    # ... and each document's split is its hash's alone, as for any source.
+    assert all(split == assign_split(t, 0.1, 0.1) for t, split in read.items())
+    assert stats["validation"]["documents"] > 0 and stats["test"]["documents"] > 0
+
+    # Shard order does not move a document between splits: the same pages, shards rearranged.
+    again = _hub_layout(tmp_path / "fw2", [docs[2500:][::-1], docs[:1200], docs[1200:2500]])
+    _serve_hub_from(monkeypatch, {"HuggingFaceFW/fineweb-edu": again})
+    full = process_pretrain(dataclasses.replace(cfg, max_documents=10_000), tmp_path / "out2")
+    assert sum(full[s]["documents"] for s in SPLITS_) == 4000
+    everything = {t: s for s in SPLITS_ for t in _texts(tmp_path / "out2", s)}
+    assert all(everything[t] == s for t, s in read.items())
+
+
+def test_a_failed_shard_read_is_one_line(tmp_path, monkeypatch):
+    repo = _hub_layout(tmp_path / "fw", [["a b c", "d e f"]], broken_last=True)
+    calls = _serve_hub_from(monkeypatch, {"org/web": repo})
+    with pytest.raises(DataError) as err:  # 2 documents < 10: the stream reaches the broken shard
+        process_pretrain(PretrainDataConfig(source="org/web", name="sample-10BT",
+                                            max_documents=10), tmp_path / "out")
+    assert calls[0][2] == {"revision": None, "streaming": True}
+    assert str(err.value).startswith("org/web [train]: reading failed (")
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_a_long_document_is_one_document_in_the_token_stream(tmp_path, monkeypatch):
+    """process keeps a long text document whole; the tokenizer trains on it in pieces and encode
+    encodes it in pieces: the stream holds its exact ids and one <|endoftext|> after it."""
+
+    import minigpt.encode as enc
+    from minigpt.tokenizer import EOT, encode_text, save_tokenizer, train_tokenizer
+
+    rng = random.Random(0)
+    long_line = " ".join(rng.choice(WORDS) for _ in range(3000))  # ~20k characters, one line
+    path = _write_lines(tmp_path / "train.txt", ["Short one.", "", long_line, long_line, "",
+                                                 "Last one."])
+    process_pretrain(_no_carving(source=str(path)), tmp_path / "processed")
+    docs = _texts(tmp_path / "processed")
+    assert docs == ["Short one.", f"{long_line}\n{long_line}", "Last one."]
+    monkeypatch.setattr(enc, "PIECE_CHARS", 1000)  # so the long document is encoded in pieces
+    tok = train_tokenizer(docs, 400)
+    save_tokenizer(tok, tmp_path / "tok.json")
+    enc.encode_corpus("pretrain", tmp_path / "processed", tmp_path / "tok.json",
+                      tmp_path / "tokens", splits=("train",))
+    ids = enc.read_tokens(tmp_path / "tokens" / "train").tolist()
+    eot = tok.token_to_id(EOT)
+    want = [i for d in docs for i in encode_text(tok, d) + [eot]]
+    assert ids == want and ids.count(eot) == 3
+    assert len(enc.split_text(docs[1], 1000)) > 10

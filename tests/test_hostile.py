@@ -521,13 +521,13 @@ def _process_txt(tmp_path: Path, data: bytes, name: str = "train.txt", **cfg) ->
     raw.mkdir(exist_ok=True)
     (raw / name).write_bytes(data)
     out = tmp_path / "processed"
-    process_pretrain(PretrainDataConfig(source=str(raw), wikitext=False, detokenize=False,
+    process_pretrain(PretrainDataConfig(source=str(raw), format="documents",
                                         validation_fraction=0.0, test_fraction=0.0, **cfg), out)
     return [json.loads(line)["text"] for line in (out / "train.jsonl").read_text().splitlines()]
 
 
 def test_bom_is_not_text(tmp_path):
-    docs = _process_txt(tmp_path, "\ufeffFirst line.\nSecond line.\n".encode())
+    docs = _process_txt(tmp_path, "\ufeffFirst line.\n\nSecond line.\n".encode())
     assert docs == ["First line.", "Second line."]
     raw = tmp_path / "raw2"
     raw.mkdir()

@@ -176,3 +176,129 @@ def test_stage_trains_and_writes_the_tokenizer(tmp_path):
     assert "vocab 500" in result.stdout
     tok = load_tokenizer(tmp_path / "data" / "tokenizer" / "tokenizer.json")
     assert tok.get_vocab_size() == 500
+
+
+# --------------------------------------------------------------------------------------------
+# Long documents in pieces; training on a budget
+# --------------------------------------------------------------------------------------------
+
+def test_training_pieces_are_bounded_and_lose_nothing():
+    from minigpt.tokenizer import split_text, training_pieces
+
+    text = "".join(corpus(300))
+    pieces = list(training_pieces([text, "short", ""], 500))
+    assert "".join(pieces) == text + "short"
+    assert max(map(len, pieces)) <= 500 and len(pieces) > len(text) // 500
+    # A stretch with no whitespace boundary: split_text leaves it whole, training cuts it.
+    blob = "a b " + "x" * 1200 + " c"
+    assert max(map(len, split_text(blob, 500))) > 500
+    cut = list(training_pieces([blob], 500))
+    assert "".join(cut) == blob and max(map(len, cut)) <= 500
+
+
+def test_training_on_pieces_gives_the_same_tokenizer():
+    from minigpt.tokenizer import training_pieces
+
+    docs = corpus(400)
+    long_docs = ["".join(docs[i:i + 100]) for i in range(0, 400, 100)]  # ~25k characters each
+    whole = train_tokenizer(long_docs, vocab_size=600)
+    pieces = train_tokenizer(list(training_pieces(long_docs, 700)), vocab_size=600)
+    assert whole.to_str() == pieces.to_str()
+
+
+HUGE_LINE_SCRIPT = """
+import random
+import minigpt.tokenizer as T
+def peak_kb():  # VmHWM, not ru_maxrss: that one carries the parent's peak over a vfork + exec
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+rng = random.Random(0)
+words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 8))) for _ in range(5000)]
+text = " ".join(rng.choice(words) for _ in range(1_000_000))  # one ~6 MB line
+base = peak_kb()
+T.train_tokenizer([text], 300)
+print((peak_kb() - base) / 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_one_huge_line_trains_in_bounded_memory():
+    # Whole, the trainer needs ~80 bytes per character of one sequence (a 100 MB line exhausted
+    # 8 GB); in PIECE_CHARS pieces, a ~6 MB line grows the process by ~200 MB (mostly fixed).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAYON_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-c", HUGE_LINE_SCRIPT], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) < 350, f"grew {result.stdout.strip()} MB"
+
+
+def test_training_sample_within_budget_is_the_corpus_itself():
+    from minigpt.tokenizer import TrainingSample
+
+    docs = corpus(200)
+    size = sum(map(len, docs))
+    for sample in (TrainingSample(lambda: docs), TrainingSample(lambda: docs, size, 0),
+                   TrainingSample(lambda: docs, size, 0, fits=True)):
+        assert list(sample) == docs and not sample.sampled
+        assert sample.documents == 200 and sample.characters == size
+
+
+def test_training_sample_over_budget_is_the_first_characters_in_hash_order():
+    from minigpt.tokenizer import TrainingSample, _sample_fraction
+
+    docs = corpus(2000)
+    total, budget = sum(map(len, docs)), sum(map(len, docs)) // 4
+    reads = []
+
+    def texts():
+        reads.append(1)
+        return iter(docs)
+
+    sample = TrainingSample(texts, budget)
+    chosen = list(sample)
+    assert len(reads) == 2 and sample.sampled and sample.total == total
+    assert sample.characters == sum(map(len, chosen)) == budget  # the budget is filled
+    assert chosen == list(TrainingSample(lambda: docs, budget))  # deterministic
+    # Chosen by each text's own hash, not its position: the lowest places, from all over (in
+    # the last 1/65536 of places, where the budget runs out, in file order, one of them cut).
+    whole = [t for t in chosen if t in set(docs)]
+    assert len(whole) >= len(chosen) - 1
+    assert all(_sample_fraction(t) < sample.threshold for t in whole)
+    core = {d for d in docs if _sample_fraction(d) < sample.threshold - 2**-16}
+    assert core <= set(chosen) and len(core) > len(chosen) - 10
+    assert set(chosen) & set(docs[-500:]) and set(chosen) & set(docs[:500])
+    # So another order picks the same documents (up to that last sliver).
+    assert core <= set(TrainingSample(lambda: docs[::-1], budget))
+    # A per-document cap cuts each document first (the budget counts what is kept).
+    assert list(TrainingSample(lambda: docs, 0, 40)) == [d[:40] for d in docs]
+    capped = TrainingSample(lambda: docs, budget // 10, 40)
+    assert all(len(t) <= 40 for t in capped) and capped.characters == budget // 10
+
+
+def _stage_dir(tmp_path: Path, docs: list[str], params: str) -> Path:
+    src = tmp_path / "data" / "processed" / "pretrain"
+    src.mkdir(parents=True)
+    (src / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "params.yaml").write_text(params)
+    return tmp_path / "data" / "tokenizer" / "tokenizer.json"
+
+
+def test_stage_defaults_train_on_everything_and_a_budget_samples(tmp_path):
+    docs = corpus(600)
+    vocab = "tokenizer:\n  vocab_size: 700\n"
+    # Defaults (max_chars 1e9, no per-document cap): exactly the tokenizer of the whole split.
+    out = _stage_dir(tmp_path / "a", docs, vocab)
+    result = _run_stage(tmp_path / "a")
+    assert result.returncode == 0, result.stderr
+    assert "trained on 600 documents" in result.stdout and "sample" not in result.stdout
+    full = train_tokenizer(docs, 700).to_str(pretty=True)
+    assert out.read_text(encoding="utf-8") == full
+    # A budget of a third: a hash sample, the same on every run, a different tokenizer.
+    third = sum(map(len, docs)) // 3
+    outs = []
+    for name in ("b", "c"):
+        outs.append(_stage_dir(tmp_path / name, docs, vocab + f"  max_chars: {third}\n"))
+        result = _run_stage(tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        assert f"{third:,} characters (a sample of {sum(map(len, docs)):,})" in result.stdout
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    assert outs[0].read_text(encoding="utf-8") != full
