@@ -50,7 +50,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minigpt.config import PretrainDataConfig  # noqa: E402
 from minigpt.parallel import cpu_count  # noqa: E402
 from minigpt.wikitext import detokenize  # noqa: E402
 
@@ -199,11 +198,8 @@ def digest_dir(path: Path) -> dict[str, str]:
 
 
 def write_params(project: Path, fmt: str, vocab: int, workers: int) -> None:
-    pre = {"source": "raw/pretrain", "name": None, "detokenize": fmt == "wikitext"}
-    if "format" in {f.name for f in dataclasses.fields(PretrainDataConfig)}:
-        pre["format"] = "wikitext" if fmt == "wikitext" else "documents"
-    else:
-        pre["wikitext"] = fmt == "wikitext"
+    pre = {"source": "raw/pretrain", "name": None,
+           "format": "wikitext" if fmt == "wikitext" else "documents"}
     params = {"process": {"pretrain": pre, "num_proc": workers},
               "tokenizer": {"vocab_size": vocab}, "encode": {"num_proc": workers}}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

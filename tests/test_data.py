@@ -452,7 +452,7 @@ def test_workers_write_the_same_bytes_as_one_process(tmp_path, monkeypatch):
             source=str(tmp_path / "wiki"), validation_fraction=0.2, test_fraction=0.2,
             max_documents=20), out, num_proc=n),
         "docs": lambda n, out: process_pretrain(PretrainDataConfig(
-            source=str(tmp_path / "docs"), wikitext=False, validation_fraction=0.2,
+            source=str(tmp_path / "docs"), format="documents", validation_fraction=0.2,
             test_fraction=0.2, max_documents=30), out, num_proc=n),
         "sft": lambda n, out: process_sft(SFTDataConfig(
             source=str(dolly), validation_fraction=0.2, test_fraction=0.2), out, num_proc=n),
@@ -921,7 +921,11 @@ def _serve_hub_from(monkeypatch, repos: dict[str, Path]) -> list:
 
 
 def test_hub_slice_is_streamed_from_the_shards_it_needs(tmp_path, monkeypatch):
-    # Shards of 1500 rows: `datasets` streams 1000-row batches, which may run into the next shard.
+    import minigpt.data as data
+
+    # Shards of 1500 rows: `datasets` streams 1000-row batches, which may run into the next
+    # shard, and process reads ahead by the chunks in flight (2 per worker): small ones here.
+    monkeypatch.setattr(data, "CHUNK_ITEMS", 50)
     docs = [f"Web page {i} about the {WORDS[i % len(WORDS)]} and more." for i in range(4000)]
     repo = _hub_layout(tmp_path / "fw", [docs[:1500], docs[1500:3000], docs[3000:]],
                        broken_last=True)
@@ -939,6 +943,13 @@ def test_hub_slice_is_streamed_from_the_shards_it_needs(tmp_path, monkeypatch):
     # ... and each document's split is its hash's alone, as for any source.
     assert all(split == assign_split(t, 0.1, 0.1) for t, split in read.items())
     assert stats["validation"]["documents"] > 0 and stats["test"]["documents"] > 0
+
+    # Workers read ahead of the writer: a streamed slice still ends at the same document.
+    process_pretrain(cfg, tmp_path / "one", num_proc=1)
+    process_pretrain(cfg, tmp_path / "three", num_proc=3)
+    for f in ("train.jsonl", "validation.jsonl", "test.jsonl", "stats.json"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "three" / f).read_bytes()
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "out" / f).read_bytes()
 
     # Shard order does not move a document between splits: the same pages, shards rearranged.
     again = _hub_layout(tmp_path / "fw2", [docs[2500:][::-1], docs[:1200], docs[1200:2500]])
