@@ -9,12 +9,12 @@ Design choices
   dependence on order, seeds or versions; adding documents never moves existing ones; switching
   `detokenize` never reshuffles.
 - `max_documents` caps train only, applied after carving, so the validation and test sets of a
-  quick experiment are the same as those of the full run. Except for a streamed hub source
-  (`minigpt.sources.is_streamed`): there reading stops once train holds `max_documents`, so the
-  carved validation/test sets are the hash bands of the documents read up to then (official
-  validation/test splits are read whole), and `dropped.max_documents` is 0: the rest is never read.
-- The format (`minigpt.sources.pretrain_format`) is decided once, before reading; WikiText
-  articles are regrouped and detokenized, documents are written as they are (never detokenized).
+  quick experiment are the same as those of the full run. A streamed hub slice
+  (`minigpt.sources.is_streamed`) instead stops at the document that fills train, whatever the
+  workers read ahead: carved validation/test hold what was read until then (official ones are
+  read whole), and `dropped.max_documents` is 0.
+- The format (`minigpt.sources.pretrain_format`) is decided once, before reading: WikiText
+  articles are regrouped and detokenized; documents are written as they are.
 - SFT: fields are stripped of surrounding whitespace; rows with an empty instruction or response,
   exact duplicates (the first copy, in train < validation < test order, is kept) are dropped and
   counted by reason. Named split files are official splits; missing ones are carved by a hash of

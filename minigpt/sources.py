@@ -18,17 +18,13 @@ Design choices
 - The rows are lazy: `pretrain_rows` / `sft_records` open and check the source at once (so a bad
   source fails before any work), but read it only as `minigpt.data` consumes it.
 - Pre-training format by evidence (`pretrain_format`): `format: auto` is WikiText for the
-  Salesforce/wikitext hub id, or for a local source whose first train file starts (first
-  non-blank line, within its first SNIFF_CHARS characters or SNIFF_ROWS rows) with a
-  ` = Title = ` heading; anything else is documents. WikiText rows are lines (regrouped into
-  articles by `minigpt.wikitext`). Documents are one per JSONL/parquet row or hub row, and one
-  per blank-line-separated block of a text file; a block also ends at the first line end past
-  MAX_BLOCK_CHARS characters, so a text file without blank lines is never one giant document
-  (one line is never cut: `minigpt.tokenizer.split_text` handles long documents downstream).
-- A hub source with `max_documents` set is streamed (`load_dataset(..., streaming=True)`):
-  `minigpt.data` stops reading train once it holds `max_documents`, so only the shards holding
-  them are downloaded. Shards stream in the dataset's own (sorted) file order; which split a
-  document lands in is still its content hash alone.
+  Salesforce/wikitext hub id, or a local source whose first train file's first non-blank line
+  (within SNIFF_CHARS characters / SNIFF_ROWS rows) is a ` = Title = ` heading; else documents:
+  one per JSONL/parquet/hub row, one per blank-line block of a text file (a block also ends at the
+  first line end past MAX_BLOCK_CHARS, so a file without blank lines is never one document).
+- With `max_documents` set, a hub source is streamed (`streaming=True`): `minigpt.data` stops
+  once train holds that many, so only the shards holding them (and the chunks read ahead) are
+  downloaded; each document's split is still its hash alone, whatever the shard order.
 """
 
 from __future__ import annotations

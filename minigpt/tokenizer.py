@@ -16,24 +16,19 @@ Design choices
   saved file behaves like any Hugging Face tokenizer (it parses special tokens in a string).
 - `decode` keeps special tokens: skipping them (the `tokenizers` default) would silently change
   text that the model generated.
-- Long documents are cut into pieces of at most PIECE_CHARS characters (`split_text`) at
-  whitespace where the byte-level pre-tokenizer splits anyway, for encoding (`minigpt.encode`) and
-  for training (`training_pieces`): the pieces give exactly the whole text's ids and the trainer
-  the same pre-token counts, so the cut changes no result, while no single string handed to
-  `tokenizers` is larger than a piece (one 100 MB line otherwise exhausts the trainer's memory).
-  For training only, a stretch of more than PIECE_CHARS without such a boundary is also cut
-  (its counts move by one pre-token); encoding leaves it whole.
-- Training on a budget (`TrainingSample`): the first `max_chars` characters in stable-hash order,
-  each document first cut to `max_doc_chars`. Each document gets a place in [0, 1) from a SHA-256
-  of its text (salted, so it is independent of the split hash); a first streaming pass sums the
-  characters per 1/65536 of that interval, which fixes the threshold below which the documents
-  fill the budget; the second pass trains on them in file order (those in the 1/65536 where the
-  budget runs out only until it does, the last one cut). So the
-  sample is spread evenly over the whole corpus (not its first files, which are often one source
-  or one topic), fixed by the texts alone (not by order, seed or shard layout), fills the budget,
-  and needs O(1) memory (a random sample or a sort by hash would hold every document or its
-  hash). A corpus within the budget is used whole, in order, unhashed, in one pass: the result is
-  exactly the unbudgeted one.
+- Long documents reach `tokenizers` in pieces of at most PIECE_CHARS (`split_text`), cut at
+  whitespace where the byte-level pre-tokenizer splits anyway: encoding (`minigpt.encode`) gives
+  exactly the whole text's ids and training (`training_pieces`) the same pre-token counts, while
+  no one string outgrows a piece (one 100 MB line otherwise exhausts the trainer's memory). For
+  training only, a longer stretch without such a boundary is cut too; encoding leaves it whole.
+- Training on a budget (`TrainingSample`): the first `max_chars` characters in stable-hash order
+  (a salted SHA-256 per document, independent of the split hash), each document first cut to
+  `max_doc_chars`. A counting pass sums characters per 1/65536 of hash space, which fixes the
+  threshold; training then streams the documents below it in file order. The sample spreads
+  over the whole corpus (not its first files, often one source or topic), depends on the texts
+  alone (not order, seed or shard layout), fills the budget, and needs O(1) memory (a sort by
+  hash would hold every hash). A corpus within the budget is used whole, in order, in one pass:
+  exactly the unbudgeted result.
 """
 
 from __future__ import annotations

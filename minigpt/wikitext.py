@@ -2,11 +2,10 @@
 
 Design choices
 - WikiText (`format: wikitext`): rows are lines; an article starts at a top-level heading
-  ` = Title = ` (never at ` = = Section = = `). `format: auto` takes a source for WikiText when
-  its first non-blank line is such a title (`starts_like_wikitext`), as every WikiText file and
-  hub split does: one heading-like line deep inside ordinary text is not evidence enough. Hub rows end in "\\n", raw-file lines do not: both
-  are handled by dropping the line ending before anything else. Whitespace-only lines before the
-  first heading are not a document.
+  ` = Title = ` (never at ` = = Section = = `). Hub rows end in "\\n", raw-file lines do not:
+  both are handled by dropping the line ending first. Whitespace-only lines before the first
+  heading are not a document. `format: auto` needs evidence (`starts_like_wikitext`): the first
+  non-blank line is a title, as in every WikiText file and hub split.
 - Detokenization (`detokenize: true`) turns WikiText back into ordinary prose, line by line, with
   token-level rules (`detokenize_line`: ` @-@ ` -> `-`, no space before `, . ; : ! ? %` or
   attached apostrophes, quotes re-attached when they pair up on a line, `3 : 04` -> `3:04`, ...).
