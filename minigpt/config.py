@@ -22,6 +22,9 @@ import yaml
 
 BYTE_ALPHABET = 256  # byte-level BPE always holds the 256 byte symbols
 PRETRAIN_FORMATS = ("auto", "wikitext", "documents")
+# Keys of older params.yaml files: what took their place.
+REPLACED = {"process.pretrain.wikitext": "replaced by format: auto | wikitext | documents; "
+                                         "auto is WikiText only for WikiText sources"}
 
 
 class ConfigError(ValueError):
@@ -406,6 +409,8 @@ def _build(cls: type, data: Any, key: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{key}.{unknown[0]}" if key else unknown[0]
+        if where in REPLACED:
+            raise ConfigError(f"{where}: unknown key ({REPLACED[where]})")
         raise ConfigError(f"{where}: unknown key (allowed: {', '.join(sorted(names))})")
     kwargs = {}
     for name, value in data.items():

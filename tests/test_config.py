@@ -52,6 +52,12 @@ def test_bad_values_name_the_key(section, key, value, needle):
     assert needle in msg and "\n" not in msg
 
 
+def test_the_old_wikitext_switch_says_what_replaced_it():
+    with pytest.raises(ConfigError, match=r"process\.pretrain\.wikitext: unknown key \(replaced "
+                                          r"by format: auto \| wikitext \| documents"):
+        parse_params(_with("process.pretrain", "wikitext", True))
+
+
 def test_unknown_key_is_rejected_with_its_dotted_name():
     data = _with("model", "n_layers", 6)  # typo of n_layer
     with pytest.raises(ConfigError, match=r"model\.n_layers: unknown key"):
