@@ -188,3 +188,49 @@ def test_eval_stride_beyond_block_size_fails_before_training(project):
     line = _one_error(_stage(project, "pretrain.py"), "eval.stride", "model.block_size (16)")
     assert "128" in line
     assert not (project / "out").exists()
+
+
+# --- item 11: a failed `dvc repro` leaves no git-trackable output behind -----------------------------
+
+def test_outputs_under_metrics_stay_ignored_after_a_failed_repro(tmp_path):
+    """DVC writes an out's .gitignore entry when it saves the stage, and a command that fails
+    takes back every entry it wrote (dvc/repo/scm_context.py), so after `dvc repro` fails at
+    finetune, metrics/pretrain/ (saved, cached) is no longer ignored; `git add metrics` (the
+    natural way to keep the metrics JSON) then made every later run fail "already tracked by
+    SCM". The repo's own .gitignore covers the cached outs under metrics/, like data/ and out/."""
+    import random
+    import shutil
+
+    from test_pipeline import (ROOT as PIPELINE_ROOT, TINY_PARAMS, _dolly_file, _dvc, _run,
+                               _set_params as set_pipeline_params, _wikitext_file)
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(PIPELINE_ROOT / name, repo / name)
+    for name in ("minigpt", "stages"):
+        shutil.copytree(PIPELINE_ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    rng = random.Random(0)
+    for d in ("raw/pretrain", "raw/sft"):
+        (repo / d).mkdir(parents=True)
+    for split, n in (("train", 20), ("valid", 3), ("test", 3)):
+        _wikitext_file(repo / f"raw/pretrain/wiki.{split}.raw", n, rng)
+    _dolly_file(repo / "raw/sft/dolly.jsonl", 60, rng)
+    set_pipeline_params(repo, TINY_PARAMS)
+    set_pipeline_params(repo, {"finetune": {"device": "cuda:99"}})  # fails at finetune only
+    _run(repo, "git", "init", "-q", "-b", "main")
+    _dvc(repo, "init", "-q")
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "fixture")
+    failed = _dvc(repo, "repro", "finetune", check=False)
+    assert failed.returncode != 0 and "cuda:99" in failed.stderr, failed.stderr[-2000:]
+    assert (repo / "metrics/pretrain/train.tsv").is_file()
+    _run(repo, "git", "add", "metrics")  # keep the metrics JSON, as a user would
+    tracked = _run(repo, "git", "ls-files", "metrics").stdout.split()
+    assert tracked == ["metrics/pretrain.json"], tracked
+    _run(repo, "git", "commit", "-qm", "metrics of the failed run")
+    set_pipeline_params(repo, {"finetune": {"device": "cpu"}})
+    # the next experiment re-trains the pre-trained model, so DVC saves metrics/pretrain again
+    again = _dvc(repo, "exp", "run", "-S", "pretrain.seed=7", "finetune", check=False)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Running stage 'pretrain'" in again.stdout
