@@ -390,8 +390,8 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, train_source: Bat
 
     Writes (rank 0 only): resumable state in ckpt_dir every cfg.save_interval steps and at the end;
     the model directory (best-by-validation weights when keep_best) with config.json = architecture
-    + `meta` + {"training": summary less RUN_DEPENDENT} and curves_dir/{train,val}.tsv. Returns the summary (the
-    caller writes it as its metrics, with whatever it adds).
+    + `meta` + {"training": summary less RUN_DEPENDENT} and curves_dir/{train,val}.tsv. Returns
+    the summary (the caller writes it as its metrics, with whatever it adds).
     `meta` identifies the run beyond the config (tokenizer_hash, stage, data identity, the starting
     weights for fine-tuning) and `inputs` ({file: SHA-256} of the data and starting weights, see
     `file_digests`) are part of the fingerprint: any change forbids resuming. patience > 0 stops
