@@ -41,6 +41,10 @@ def _with(section: str, key: str, value):
     ("finetune", "patience", -1, "finetune.patience"),
     ("eval", "prompts", ["ok", ""], "eval.prompts"),
     ("process.sft", "columns", {"instruction": "q", "answer": "a"}, "process.sft.columns"),
+    ("pretrain", "lr", float("inf"), "pretrain.lr: must be a finite number (got inf)"),
+    ("finetune", "beta2", float("nan"), "finetune.beta2: must be a finite number (got nan)"),
+    ("pretrain", "grad_clip", 10**400, "pretrain.grad_clip: must be a finite number"),
+    ("eval", "stride", 512, "eval.stride: must be <= model.block_size (256)"),
 ])
 def test_bad_values_name_the_key(section, key, value, needle):
     with pytest.raises(ConfigError) as e:

@@ -123,13 +123,29 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_last_one
 
 # --- item 9: under torchrun, still one line and exit 2 ----------------------------------------------
 
+def _dvc_cmd(project: Path, stage: str = "pretrain", **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(_dvc_args(project, stage), cwd=project, env=_env(), capture_output=True,
+                          **kw)
+
+
+def _dvc_args(project: Path, stage: str = "pretrain") -> list[str]:
+    """The stage's command exactly as dvc.yaml gives it to DVC (params interpolated)."""
+    import shlex
+
+    cmd = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["cmd"]
+    nproc = yaml.safe_load((project / "params.yaml").read_text())[stage].get("nproc", 1)
+    exe = {"python": sys.executable, "torchrun": str(Path(sys.executable).with_name("torchrun"))}
+    return [exe.get(a, str(ROOT / a) if a.startswith("stages/") else a)
+            for a in shlex.split(cmd.replace("${%s.nproc}" % stage, str(nproc)))]
+
+
 def test_torchrun_launch_keeps_one_line_and_status_2(project):
     """`pretrain.nproc: 2` runs two DDP workers (gloo, CPU) through torchrun's launcher; an error
     in the workers is one line, exit 2, no ChildFailedError traceback; bad params fail before
     any worker starts; and a good run trains with world size 2."""
     _set_params(project, pretrain={"nproc": 2, "warmup_steps": 5})
     (project / "data/tokens/pretrain/validation.bin").unlink()
-    proc = _stage(project, "pretrain.py", timeout=240)
+    proc = _dvc_cmd(project, timeout=240)
     err = proc.stderr.decode()
     line = _one_error(proc, "validation")
     assert "ChildFailedError" not in err and "torch.distributed" not in err, err[-3000:]
@@ -139,7 +155,7 @@ def test_torchrun_launch_keeps_one_line_and_status_2(project):
 
 def test_torchrun_launch_reports_bad_params_before_starting_workers(project):
     _set_params(project, pretrain={"nproc": 2, "lr": -1})
-    proc = _stage(project, "pretrain.py", timeout=60)
+    proc = _dvc_cmd(project, timeout=60)
     line = _one_error(proc, "params.yaml: pretrain.lr: must be > 0")
     assert proc.stderr.decode().strip() == line
 
@@ -147,7 +163,7 @@ def test_torchrun_launch_reports_bad_params_before_starting_workers(project):
 @pytest.mark.slow
 def test_torchrun_launch_trains_with_two_workers(project):
     _set_params(project, pretrain={"nproc": 2})
-    proc = _stage(project, "pretrain.py", timeout=300)
+    proc = _dvc_cmd(project, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     assert b"2 process(es)" in proc.stdout
     config = json.loads((project / "out/pretrain/config.json").read_text())
@@ -160,7 +176,7 @@ def test_a_killed_worker_is_reported_in_one_line(project):
                                    "eval_interval": 10**6, "log_interval": 10**6})
     code = textwrap.dedent(f"""
         import os, signal, subprocess, sys, time
-        proc = subprocess.Popen([sys.executable, {str(ROOT / 'stages/pretrain.py')!r}],
+        proc = subprocess.Popen({_dvc_args(project)!r},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 200
         victim = None
