@@ -11,8 +11,8 @@ themselves: 1 runs in this process; more launch that many copies of the script t
 torchrun's own launcher (`torch.distributed.run`, standalone rendezvous), in this process, so
 the promise holds at the level the user sees: each worker leaves its error line in a temporary
 directory instead of printing it, torchrun's failure log and ChildFailedError traceback are
-kept quiet, and the first failure (by time, then rank) is printed once, exit status 2. A
-worker killed by a signal is reported as such. Params are validated before any worker starts.
+kept quiet, and the first failure (by time; said as rank 0's when every rank failed alike) is
+printed once, exit status 2. A worker killed by a signal is reported as such. Params are validated before any worker starts.
 Started by the user's own `torchrun` (multi-node), a script just runs as a worker.
 """
 
@@ -116,9 +116,10 @@ def _torchrun(script: str, nproc: int) -> int:
             # sends the other workers once one has failed.
             killed = sorted(r for r, f in e.failures.items() if f.exitcode < 0
                             and f.exitcode != -signal.SIGTERM)
-            lines = sorted(Path(errors).iterdir())
-            if lines and not killed:
-                print(lines[0].read_text(), file=sys.stderr)
+            lines = [f.read_text() for f in sorted(Path(errors).iterdir())]
+            if lines and not killed:  # the same error on every rank is said as rank 0's
+                same = [x for x in lines if x.partition(": ")[2] == lines[0].partition(": ")[2]]
+                print(min(same, key=lambda x: (x.startswith("error ("), x)), file=sys.stderr)
             else:
                 rank = killed[0] if killed else e.get_first_failure()[0]
                 code = e.failures[rank].exitcode
