@@ -31,6 +31,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -84,12 +85,16 @@ def save_model(model: torch.nn.Module, directory: str | Path, *, tokenizer_file:
     config.json = the architecture (`asdict(model.config)`) + `meta` (tokenizer_hash, stage,
     chat_template, training summary). Built in a temporary sibling, then swapped in."""
     model = unwrap(model)
-    with atomic_directory(directory, durable=True) as tmp:
-        st_save_model(model, str(tmp / MODEL_FILE))
-        public(tmp / MODEL_FILE)
-        config = {**dataclasses.asdict(model.config), **meta}
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+    try:
+        with atomic_directory(directory, durable=True) as tmp:
+            st_save_model(model, str(tmp / MODEL_FILE))
+            public(tmp / MODEL_FILE)
+            config = {**dataclasses.asdict(model.config), **meta}
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+    except (OSError, SafetensorError) as e:  # a full disk: the old directory, if any, is untouched
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{directory}: model directory not written ({first})") from None
 
 
 def read_config(directory: str | Path) -> dict:
@@ -299,19 +304,27 @@ def save_state(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: torch.op
     }
     for name, tensors in (extra or {}).items():
         writers[name] = lambda p, t=tensors: _save_tensors(t, p)
+    name = META_FILE
     try:
         for name, write in writers.items():
             tmp = ckpt_dir / f".{name}.{tag}.tmp"
+            payload[name] = {"sha256": "", "tmp": tmp.name}  # listed first: removed on failure
             write(tmp)
             public(tmp)
             fsync_file(tmp)
-            payload[name] = {"sha256": sha256_file(tmp), "tmp": tmp.name}
+            payload[name]["sha256"] = sha256_file(tmp)
+        name = META_FILE
         record = {"format": STATE_FORMAT, "step": int(state.get("step", 0)), "files": payload,
                   "meta": meta}
         atomic_write_json(ckpt_dir / META_FILE, record)  # the commit point
-    except BaseException:
+    except BaseException as e:
         for entry in payload.values():
             (ckpt_dir / entry["tmp"]).unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError, SafetensorError)):  # a full disk, a quota
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{ckpt_dir}: checkpoint of step {state.get('step', 0)} not "
+                                  f"saved (writing {name}: {first}); the previous checkpoint is "
+                                  "kept") from None
         raise
     finish_commit(ckpt_dir)
     for stale in ckpt_dir.glob("*.safetensors"):  # e.g. best.safetensors of an earlier keep_best run
@@ -408,9 +421,14 @@ def load_state(ckpt_dir: str | Path, model: torch.nn.Module,
     try:
         st_load_model(unwrap(model), str(paths[MODEL_FILE]), strict=True, device=str(device))
         state = torch.load(paths[STATE_FILE], map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError) as e:
+    except pickle.UnpicklingError:  # its message advises weights_only=False: never for us
+        raise CheckpointError(f"{paths[STATE_FILE]}: refused, it holds objects other than tensors "
+                              "and plain values (torch.load(weights_only=True))") from None
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
         first = (str(e).splitlines() or ["unreadable"])[0]
         raise CheckpointError(f"{ckpt_dir}: checkpoint does not load ({first})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{paths[STATE_FILE]}: not a training state (a {type(state).__name__})")
     opt_state = state.pop("optimizer", None)
     if optimizer is not None and opt_state is not None:
         try:

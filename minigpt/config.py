@@ -12,6 +12,7 @@ Design choices
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -382,6 +383,10 @@ class Params:
     def validate(self, prefix: str = "") -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        # across sections: caught here, before pretrain and finetune run, not by the eval stage
+        _check(self.eval.stride <= self.model.block_size, "eval.stride", self.eval.stride,
+               f"must be <= model.block_size ({self.model.block_size}): each perplexity window "
+               "is one block")
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -396,6 +401,13 @@ def _type_ok(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, origin or hint)
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def _build(cls: type, data: Any, key: str) -> Any:
@@ -423,6 +435,8 @@ def _build(cls: type, data: Any, key: str) -> Any:
         elif not _type_ok(value, hint):
             expected = getattr(hint, "__name__", str(hint).replace("typing.", ""))
             raise ConfigError(f"{sub}: expected {expected} (got {value!r})")
+        elif hint is float and not _finite(value):  # YAML's .inf/.nan, `-S key=.inf`, 10**400
+            raise ConfigError(f"{sub}: must be a finite number (got {value!r})")
         else:
             kwargs[name] = float(value) if hint is float else value
     return cls(**kwargs)

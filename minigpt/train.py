@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ from minigpt.runtime import Runtime, grad_scaler
 if TYPE_CHECKING:
     from minigpt.config import TrainConfig  # FinetuneConfig is a TrainConfig
 
+# summary entries that depend on the machine and the session, not on deps and params: in the
+# metrics JSON only, never in the model directory's config.json (a DVC out that other stages hash)
+RUN_DEPENDENT = ("tokens_per_s", "mfu", "train_time_s", "time_s", "resumed_from_step")
 BEST_FILE = "best.safetensors"  # extra file in ckpt_dir when keep_best: the best weights so far
 TRAIN_COLUMNS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 VAL_COLUMNS = ("step", "tokens", "val_loss")
@@ -386,8 +390,8 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, train_source: Bat
 
     Writes (rank 0 only): resumable state in ckpt_dir every cfg.save_interval steps and at the end;
     the model directory (best-by-validation weights when keep_best) with config.json = architecture
-    + `meta` + {"training": summary} and curves_dir/{train,val}.tsv. Returns the summary (the
-    caller writes it as its metrics, with whatever it adds).
+    + `meta` + {"training": summary less RUN_DEPENDENT} and curves_dir/{train,val}.tsv. Returns
+    the summary (the caller writes it as its metrics, with whatever it adds).
     `meta` identifies the run beyond the config (tokenizer_hash, stage, data identity, the starting
     weights for fine-tuning) and `inputs` ({file: SHA-256} of the data and starting weights, see
     `file_digests`) are part of the fingerprint: any change forbids resuming. patience > 0 stops
@@ -426,7 +430,8 @@ def _fit(model, cfg, rt, train_source, val_batches, model_dir, ckpt_dir, curves_
     if rt.is_main:
         if keep_best and run.best is not None:
             raw.load_state_dict(run.best)
-        info = {**summary, "device": str(rt.device), "dtype": rt.dtype, "world_size": rt.world_size}
+        info = {**{k: v for k, v in summary.items() if k not in RUN_DEPENDENT},
+                "device": str(rt.device), "dtype": rt.dtype, "world_size": rt.world_size}
         save_model(raw, model_dir, tokenizer_file=tokenizer_file, meta={**meta, "training": info})
     return summary
 
@@ -438,15 +443,31 @@ def _loop(run: _Run, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience
     _write_curves(run, curves_dir)  # a fresh run's empty curves, or a resumed run's history
     bar = tqdm(total=cfg.max_steps, initial=h.step, disable=not rt.is_main, dynamic_ncols=True,
                mininterval=1.0, desc=curves_dir.name or "train", unit="step")
+    try:  # the bar's line is ended before any error is printed
+        _steps(run, bar, ckpt_dir, curves_dir, keep_best, patience, log)
+    finally:
+        bar.close()
+
+
+def _steps(run: _Run, bar, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience: int,
+           log) -> None:
+    cfg, rt, h = run.cfg, run.rt, run.h
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "norm": 0.0, "normed": 0}
     start = time.perf_counter()
     last_saved = h.step if h.step else None  # a resumed run's checkpoint; a fresh run has none yet
     warm_up = True  # the first step of a session compiles/allocates: kept out of tokens/s
     while h.step < cfg.max_steps and not h.stopped_early:
         t0 = time.perf_counter()
-        loss, norm, tokens = train_step(run)
+        try:
+            loss, norm, tokens = train_step(run)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                raise
+            key = _section(cfg)
+            raise TrainingError(f"{key}.batch_size: out of memory at step {h.step + 1} with "
+                                f"{cfg.batch_size} sequences per micro-batch; lower it (raise "
+                                f"{key}.grad_accum to keep the batch)") from None
         if not (math.isfinite(loss) and (math.isfinite(norm) or run.skipped)):
-            bar.close()
             kept = (f"the last good checkpoint (step {last_saved}) in {ckpt_dir} is kept"
                     if last_saved is not None else "no checkpoint of this run was saved yet")
             scale = f", fp16 loss scale {run.scaler.get_scale():g}" if run.scaler is not None else ""
@@ -488,7 +509,7 @@ def _loop(run: _Run, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience
             start = time.perf_counter()
             _save(run, ckpt_dir)
             last_saved = h.step
-    bar.close()  # the last step (and an early stop) always saves: nothing is left to write
+    # the last step (and an early stop) always saves: nothing is left to write
     h.wall_time += time.perf_counter() - start
 
 
@@ -506,3 +527,74 @@ def _log_row(run: _Run, window: dict, log) -> None:
     log(f"step {h.step:6d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | "
         f"{tps:,.0f} tok/s | mfu {100 * mfu:.1f}%{scale}")
     window.update(loss=0.0, steps=0, tokens=0, time=0.0, norm=0.0, normed=0)
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+
+def _section(cfg: TrainConfig) -> str:
+    from minigpt.config import FinetuneConfig
+
+    return "finetune" if isinstance(cfg, FinetuneConfig) else "pretrain"
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process could still allocate on `device`, or None where that is unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return None
+
+
+def _saved_bytes(model: torch.nn.Module, rows: int, rt: Runtime) -> int:
+    """Bytes of the tensors autograd keeps for backward after a forward of `rows` full sequences
+    (parameters excluded: they exist already)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    T = model.config.block_size
+    x = torch.zeros((rows, T), dtype=torch.long, device=rt.device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rt.autocast():
+        model(x, x)
+    return sum(seen.values())
+
+
+def check_batch_fits(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime) -> None:
+    """Refuse a micro-batch whose activations cannot fit in memory, before allocating them.
+
+    What autograd keeps per sequence is measured on 1 and 2 sequences (eval mode: no RNG drawn;
+    the difference excludes per-step constants such as autocast's weight copies), scaled to
+    batch_size, plus a gradient and one optimizer moment per parameter: a lower bound of a step's
+    peak. CPU ranks of one node share its memory."""
+    available = available_memory(rt.device)
+    if available is None:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        one, two = _saved_bytes(model, 1, rt), _saved_bytes(model, 2, rt)
+    finally:
+        model.train(was_training)
+    per_seq = max(two - one, 0)
+    need = max(one - per_seq, 0) + per_seq * cfg.batch_size + 8 * unwrap(model).num_params()
+    if rt.device.type == "cpu":
+        need *= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if need > available:
+        key = _section(cfg)
+        raise TrainingError(
+            f"{key}.batch_size: {cfg.batch_size} sequences of {model.config.block_size} tokens "
+            f"need at least {need / 2**30:.1f} GiB on {rt.device}, {available / 2**30:.1f} GiB is "
+            f"available; lower it (raise {key}.grad_accum to keep the batch)")

@@ -1,6 +1,7 @@
 """DVC stage `finetune`: instruction-tune the pre-trained model on the encoded SFT data.
 
-    torchrun --standalone --nproc_per_node N stages/finetune.py     (or: python stages/finetune.py)
+    python stages/finetune.py      (`finetune.nproc` > 1: DDP workers through torchrun's launcher)
+    torchrun --nnodes ... stages/finetune.py                       (your own torchrun: multi-node)
 
 Reads `finetune` from params.yaml, the model directory out/pretrain/ and data/tokens/sft/{train,
 validation}, and writes out/finetune/ (a model directory whose config.json says `stage: finetune`,
@@ -39,9 +40,9 @@ from minigpt.config import load_params  # noqa: E402
 from minigpt.encode import read_meta  # noqa: E402
 from minigpt.finetune import check_tokenizer, data_report, with_dropout  # noqa: E402
 from minigpt.runtime import setup_runtime, teardown  # noqa: E402
-from minigpt.stage import run_stage  # noqa: E402
+from minigpt.stage import run_training_stage  # noqa: E402
 from minigpt.tokenizer import PAD  # noqa: E402
-from minigpt.train import file_digests, fit  # noqa: E402
+from minigpt.train import check_batch_fits, file_digests, fit  # noqa: E402
 
 PRETRAINED = Path("out/pretrain")
 TOKENS = Path("data/tokens/sft")
@@ -63,7 +64,8 @@ def run() -> str | None:
     pad_id = tok.token_to_id(PAD)
     rt = setup_runtime(cfg, "finetune")
     try:
-        model = with_dropout(model, cfg.dropout)
+        model = with_dropout(model, cfg.dropout).to(rt.device)
+        check_batch_fits(model, cfg, rt)  # before the batches exist
         source = sft.SFTBatches(splits["train"], cfg.batch_size, pad_id, packing=cfg.packing,
                                 seed=cfg.seed, rank=rt.rank, world_size=rt.world_size)
         val = sft.val_batches(splits["validation"], cfg.batch_size, pad_id,
@@ -109,7 +111,7 @@ def report(s: dict, seconds: float) -> str:
 
 
 def main() -> int:
-    return run_stage(run)
+    return run_training_stage(__file__, run, lambda: load_params().finetune.nproc)
 
 
 if __name__ == "__main__":

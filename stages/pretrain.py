@@ -1,6 +1,7 @@
 """DVC stage `pretrain`: train the GPT on the pre-training token stream.
 
-    torchrun --standalone --nproc_per_node N stages/pretrain.py     (or: python stages/pretrain.py)
+    python stages/pretrain.py      (`pretrain.nproc` > 1: DDP workers through torchrun's launcher)
+    torchrun --nnodes ... stages/pretrain.py                       (your own torchrun: multi-node)
 
 Reads `model` and `pretrain` from params.yaml, the tokenizer and data/tokens/pretrain/{train,
 validation}.bin, and writes out/pretrain/ (model directory), metrics/pretrain.json and
@@ -27,10 +28,10 @@ from minigpt.files import atomic_write_json  # noqa: E402
 from minigpt.config import load_params  # noqa: E402
 from minigpt.encode import check_tokenizer_hash, read_meta  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
-from minigpt.stage import run_stage  # noqa: E402
+from minigpt.stage import run_training_stage  # noqa: E402
 from minigpt.tokenizer import load_tokenizer, tokenizer_hash  # noqa: E402
 from minigpt.runtime import setup_runtime, teardown  # noqa: E402
-from minigpt.train import file_digests, fit  # noqa: E402
+from minigpt.train import check_batch_fits, file_digests, fit  # noqa: E402
 from minigpt.windows import TokenWindows, val_windows  # noqa: E402
 
 TOKENIZER = Path("data/tokenizer/tokenizer.json")
@@ -53,7 +54,8 @@ def run() -> str | None:
         check_tokenizer_hash(sidecars[split], thash, TOKENS / f"{split}.json")
     rt = setup_runtime(cfg)
     try:
-        model = GPT(GPTConfig.from_params(shape, tok.get_vocab_size()))
+        model = GPT(GPTConfig.from_params(shape, tok.get_vocab_size())).to(rt.device)
+        check_batch_fits(model, cfg, rt)  # before the batches (and the validation set) exist
         source = TokenWindows(TOKENS / "train.bin", shape.block_size, cfg.batch_size, cfg.seed,
                               rt.rank, rt.world_size)
         val = val_windows(TOKENS / "validation.bin", shape.block_size, cfg.batch_size,
@@ -85,7 +87,7 @@ def report(s: dict, seconds: float) -> str:
 
 
 def main() -> int:
-    return run_stage(run)
+    return run_training_stage(__file__, run, lambda: load_params().pretrain.nproc)
 
 
 if __name__ == "__main__":

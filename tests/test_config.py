@@ -44,6 +44,10 @@ def _with(section: str, key: str, value):
     ("process.pretrain", "format", "jsonl", "process.pretrain.format: must be one of auto, "),
     ("tokenizer", "max_chars", -1, "tokenizer.max_chars: must be >= 0"),
     ("tokenizer", "max_doc_chars", -5, "tokenizer.max_doc_chars: must be >= 0"),
+    ("pretrain", "lr", float("inf"), "pretrain.lr: must be a finite number (got inf)"),
+    ("finetune", "beta2", float("nan"), "finetune.beta2: must be a finite number (got nan)"),
+    ("pretrain", "grad_clip", 10**400, "pretrain.grad_clip: must be a finite number"),
+    ("eval", "stride", 512, "eval.stride: must be <= model.block_size (256)"),
 ])
 def test_bad_values_name_the_key(section, key, value, needle):
     with pytest.raises(ConfigError) as e:

@@ -97,6 +97,7 @@ TINY_PARAMS = {
     "pretrain": {"device": "cpu", "dtype": "fp32", "batch_size": 2, "max_steps": 2,
                  "warmup_steps": 1, "eval_interval": 2, "eval_batches": 1, "save_interval": 2,
                  "log_interval": 1},
+    "eval": {"stride": 16},  # <= block_size, checked at load
 }
 
 

@@ -471,6 +471,7 @@ def test_pretrain_stage_errors_and_run(tmp_path, monkeypatch, capsys):
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"] = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.0}
+    params["eval"]["stride"] = 16  # <= block_size, checked at load
     params["pretrain"].update(device="cpu", dtype="fp32", batch_size=4, max_steps=4, warmup_steps=1,
                               eval_interval=2, eval_batches=2, save_interval=2, log_interval=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
