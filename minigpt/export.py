@@ -26,8 +26,9 @@ from safetensors.torch import save_file
 from minigpt.files import atomic_directory, public, write_json
 
 
-# Architecture knobs (GPTConfig field: Llama's value) that LlamaForCausalLM cannot express.
-# zero_init only changes the starting weights, so it exports.
+# Architecture knobs (GPTConfig field: Llama's value) that LlamaForCausalLM, and llama.cpp's
+# `llama` architecture (`minigpt.export_gguf`), cannot express. zero_init only changes the
+# starting weights, so it exports.
 NOT_LLAMA = {"mlp": "swiglu", "qk_norm": False, "logit_softcap": 0.0}
 
 
@@ -35,12 +36,13 @@ class ExportError(ValueError):
     """The model cannot be written as a LlamaForCausalLM; the message is one line."""
 
 
-def check_exportable(model) -> None:
-    """Raise ExportError naming the first knob that makes `model` differ from Llama."""
+def check_exportable(model, target: str = "LlamaForCausalLM") -> None:
+    """Raise ExportError naming the first knob that makes `model` differ from Llama (both
+    exports call it before writing anything; `target` names the format in the message)."""
     for knob, llama in NOT_LLAMA.items():
         value = getattr(model.config, knob, llama)
         if value != llama:
-            raise ExportError(f"model.{knob}={value!r} has no LlamaForCausalLM equivalent "
+            raise ExportError(f"model.{knob}={value!r} has no {target} equivalent "
                               f"(export needs {knob}={llama!r})")
 
 

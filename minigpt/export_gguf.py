@@ -14,6 +14,9 @@ Design choices
   normalizer). Special tokens are CONTROL tokens; eos = pad's neighbour <|endoftext|>, which is
   also bos (never added: `add_bos_token` false, like the HF export; set so that llama.cpp does
   not fall back to its GPT-2 default id 11). The chat template is the same Jinja string.
+- Only Llama-shaped models: a qk_norm, logit_softcap or relu2 model is refused before anything
+  is written (`minigpt.export.check_exportable`, the Hugging Face export's check): llama.cpp
+  would read such a file as a plain Llama and compute other logits.
 - Types: f32, f16, or q8_0 for the 2-D weights; norms stay f32 (as llama.cpp's converter does).
   q8_0 needs rows that are a multiple of 32; a tensor whose rows are not falls back to f16.
 """
@@ -27,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minigpt.export import hf_state_dict
+from minigpt.export import check_exportable, hf_state_dict
 
 TYPES = ("f32", "f16", "q8_0")
 
@@ -72,6 +75,7 @@ def export_gguf(model, tokenizer_file: str | os.PathLike, out_file: str | os.Pat
 
     if dtype not in TYPES:
         raise ValueError(f"dtype must be one of {', '.join(TYPES)} (got {dtype!r})")
+    check_exportable(model, "llama.cpp `llama`")  # before anything is written
     c = model.config
     tok = Tokenizer.from_file(str(tokenizer_file))
     raw = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))

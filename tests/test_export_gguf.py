@@ -158,3 +158,24 @@ def test_llama_cpp_generates_our_greedy_tokens(env):
         if len(got) == len(ours):
             break
     assert got == ours
+
+
+@pytest.mark.parametrize("knob,value", [("qk_norm", True), ("mlp", "relu2"), ("logit_softcap", 30.0)])
+def test_non_llama_models_are_refused_before_writing(env, tmp_path, capsys, knob, value):
+    """llama.cpp would read these as a plain Llama (other logits) or the export crashed (relu2)."""
+    from minigpt.checkpoint import save_model
+    from minigpt.model import GPT, GPTConfig
+    from minigpt.tokenizer import tokenizer_hash
+
+    tok_file = env.root / "tokenizer.json"
+    model = GPT(GPTConfig(vocab_size=env.model.config.vocab_size, n_layer=1, n_head=2, n_embd=32,
+                          block_size=32, **{knob: value}))
+    save_model(model, tmp_path / "m", tokenizer_file=tok_file,
+               meta={"tokenizer_hash": tokenizer_hash(tok_file), "stage": "pretrain",
+                     "chat_template": None})
+    out = tmp_path / "out"
+    code = cli.main(["export", str(out), "--format", "gguf", "--checkpoint_path", str(tmp_path / "m")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"model.{knob}=" in err and "llama" in err, err
+    assert not out.exists() or not any(out.iterdir())  # neither a .gguf nor a .tmp
