@@ -26,6 +26,7 @@ Design choices
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -60,8 +61,8 @@ def _float_in(name: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value != value or not ok(value):  # NaN passes no range check
-            raise argparse.ArgumentTypeError(f"must be {name}, got {text}")
+        if not math.isfinite(value) or not ok(value):  # NaN and inf are never a setting
+            raise argparse.ArgumentTypeError(f"must be {name} and finite, got {text}")
         return value
 
     return parse

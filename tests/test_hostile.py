@@ -246,16 +246,19 @@ def test_huge_header_length_is_refused(model_dir):
 
 # --- 3. tokenizer vocabulary always checked ------------------------------------------------------
 
-def test_larger_tokenizer_without_hash_is_refused(tmp_path, tok_file):
-    big = tmp_path / "big.json"
-    save_tokenizer(train_tokenizer(CORPUS * 3 + [" ".join(CORPUS)], vocab_size=340), big)
-    d = _model_dir(tmp_path / "m", tok_file)
+@pytest.mark.parametrize("vocab", [340, 300])
+def test_config_without_tokenizer_hash_is_refused(tmp_path, tok_file, vocab):
+    """Without a hash a foreign tokenizer.json was accepted when it was not larger than the
+    embedding (issue 25, item 8): a model directory must name its tokenizer's hash."""
+    other = tmp_path / "other.json"
+    save_tokenizer(train_tokenizer(CORPUS * 3 + [" ".join(CORPUS)], vocab_size=vocab), other)
+    d = _model_dir(tmp_path / "m", tok_file, vocab_size=400)
     config = json.loads((d / "config.json").read_text())
     del config["tokenizer_hash"]  # a config without a hash: the hash check cannot catch it
     (d / "config.json").write_text(json.dumps(config))
-    (d / "tokenizer.json").write_bytes(big.read_bytes())
+    (d / "tokenizer.json").write_bytes(other.read_bytes())
     proc = _cli("generate", "--checkpoint_path", str(d), "--device", "cpu", "--max_new_tokens", "3")
-    _one_error(proc, "tokenizer.json", "more than the model's vocab_size")
+    _one_error(proc, "config.json: no tokenizer_hash")
 
 
 def test_tokenizer_of_another_size_than_recorded_is_refused(tmp_path, tok_file):
@@ -298,8 +301,10 @@ def test_export_is_atomic_and_leaves_no_stale_files(model_dir, tmp_path):
     killed = tmp_path / f".hf.{os.getpid()}-deadbeef.tmp"  # what a killed export leaves behind
     killed.mkdir()
     (killed / "model.safetensors").write_bytes(b"half")
-    (model_dir / "config.json").write_text(json.dumps(
-        {**json.loads((model_dir / "config.json").read_text()), "norm_eps": 1e-6}))
+    model, _, config = load_model(model_dir)  # another model (an edited config.json is refused)
+    model.config.norm_eps = 1e-6
+    save_model(model, model_dir, tokenizer_file=model_dir / "tokenizer.json",
+               meta={k: config[k] for k in ("tokenizer_hash", "stage", "chat_template")})
     assert _cli("export", "--checkpoint_path", str(model_dir), str(out)).returncode == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(EXPORT_FILES)
     assert not killed.exists()
@@ -643,3 +648,54 @@ def test_model_files_get_ordinary_permissions(tmp_path, tok_file, project):
         assert p.stat().st_mode & 0o777 == 0o666 & ~old, (p, oct(p.stat().st_mode))
     assert _cli("export", "--checkpoint_path", str(d), str(tmp_path / "hf")).returncode == 0
     assert (tmp_path / "hf/model.safetensors").stat().st_mode & 0o777 == 0o666 & ~old
+
+
+# --- issue 25: model directories that lie, settings that are not numbers, faults in exports -------
+
+def _edit_config(d: Path, **fields) -> None:
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, **fields}))
+
+
+@pytest.mark.parametrize("field,value", [("block_size", 16), ("qk_norm", True),
+                                         ("logit_softcap", 30.0), ("rope_theta", 500000.0),
+                                         ("norm_eps", 1e-6)])
+def test_config_edit_that_no_weight_pins_is_refused(model_dir, field, value):
+    """No tensor shape depends on these: the weights' metadata records what they were saved with."""
+    _edit_config(model_dir, **{field: value})
+    proc = _cli("generate", "--checkpoint_path", str(model_dir), "--device", "cpu",
+                "--max_new_tokens", "3", "--temperature", "0")
+    _one_error(proc, "config.json", f"{field}=", "does not match the weights")
+
+
+def test_unknown_mlp_in_config_names_the_field_and_file(model_dir):
+    _edit_config(model_dir, mlp="gelu")
+    proc = _cli("generate", "--checkpoint_path", str(model_dir), "--device", "cpu", "--max_new_tokens", "3")
+    _one_error(proc, "config.json", "mlp must be one of swiglu, relu2", "'gelu'")
+
+
+@pytest.mark.parametrize("field,value", [("qk_norm", "yes"), ("zero_init", 1), ("logit_softcap", -1.0)])
+def test_mistyped_architecture_flags_are_refused(model_dir, field, value):
+    _edit_config(model_dir, **{field: value})
+    with pytest.raises(CheckpointError, match=rf"config.json: not a GPT config \({field} "):
+        load_model(model_dir)
+
+
+def _diverged_dir(path: Path, tok_file: Path) -> Path:
+    d = _model_dir(path, tok_file)
+    model, _, config = load_model(d)
+    with torch.no_grad():
+        model.norm.weight.fill_(float("nan"))
+    save_model(model, d, tokenizer_file=tok_file,
+               meta={k: config[k] for k in ("tokenizer_hash", "stage", "chat_template")})
+    return d
+
+
+@pytest.mark.parametrize("flags", [["--temperature", "0"], ["--top_k", "1"],
+                                   ["--temperature", "0", "--num_samples", "2"]])
+def test_diverged_model_decoding_greedily_is_an_error(tmp_path, tok_file, flags):
+    """Greedy decoding of NaN logits gave id 0 (empty text) and exit 0; sampling already erred."""
+    d = _diverged_dir(tmp_path / "nan", tok_file)
+    proc = _cli("generate", "--checkpoint_path", str(d), "--device", "cpu", "--prompt", "the",
+                "--max_new_tokens", "3", *flags)
+    _one_error(proc, "cannot decode: the logits hold NaN or inf")
