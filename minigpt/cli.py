@@ -12,7 +12,9 @@ Design choices
 - Untrusted text: a `--prompt` or chat line that is not valid UTF-8 (e.g. `$'\xff'`) is refused
   with one line, exit 2 (rather than guessed at with U+FFFD), naming the flag or stdin line.
   `--max_new_tokens` is capped at MAX_NEW_TOKENS (65536, 256 windows of the largest context
-  trained here): a typo must not mean a run that never ends.
+  trained here): a typo must not mean a run that never ends. `--num_samples` is capped at
+  MAX_NUM_SAMPLES (256): the samples are one batch, each row with its own KV cache, so 200,000
+  asked for many GB at once. `--seed` is what torch's generator takes (0 .. 2**64-1).
 - `export` refuses an OUT_DIR that is, or is inside, the model directory (or contains it), and
   writes atomically (`minigpt.export`).
 - `chat` keeps the conversation within the context: before each answer, while the encoded
@@ -39,6 +41,8 @@ DEFAULT_CHECKPOINT = "out/finetune"
 HISTORY_FILE = Path("~/.minigpt_history")
 QUIT_COMMANDS = ("/quit", "/exit")
 MAX_NEW_TOKENS = 65536
+MAX_NUM_SAMPLES = 256
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest
 CHAT_HELP = "commands: /reset (start over), /quit or Ctrl-D (leave), Ctrl-C (stop the answer)"
 
 
@@ -110,7 +114,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="nucleus sampling mass, in (0, 1]; 1 = off (default: 0.95)")
     p.add_argument("--repetition_penalty", type=_float_in("> 0", lambda x: x > 0), default=1.0,
                    help="divide the logits of tokens already in the context (CTRL); 1 = off")
-    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    p.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=None,
+                   help="random seed, for reproducible sampling (0..2**64-1)")
     p.add_argument("--device", type=_device, default="auto",
                    help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (default: auto)")
 
@@ -125,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", default="",
                      help="the prompt; may be empty for a base model (starts a new document)")
     _add_sampling_args(gen)
-    gen.add_argument("--num_samples", type=_int_at_least(1), default=1,
-                     help="independent samples to draw, decoded as one batch unless --stream "
-                          "(default: 1)")
+    gen.add_argument("--num_samples", type=_int_at_least(1, MAX_NUM_SAMPLES), default=1,
+                     help=f"independent samples to draw, 1..{MAX_NUM_SAMPLES}, decoded as one "
+                          "batch unless --stream (default: 1)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.add_argument("--raw", action="store_true",
                      help="send the prompt as plain text, even to an instruction-tuned model")
@@ -288,6 +293,8 @@ def _reply(m: Loaded, ids: list[int], settings: Sampling, generator) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.system is not None:
+        utf8_text(args.system, "--system")  # before the (slow) model load
     m = load(args.checkpoint_path, args.device, args.tokenizer_path)
     if not m.is_chat:
         print(f"warning: {args.checkpoint_path} is not instruction-tuned (config.json has no "

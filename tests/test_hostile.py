@@ -699,3 +699,30 @@ def test_diverged_model_decoding_greedily_is_an_error(tmp_path, tok_file, flags)
     proc = _cli("generate", "--checkpoint_path", str(d), "--device", "cpu", "--prompt", "the",
                 "--max_new_tokens", "3", *flags)
     _one_error(proc, "cannot decode: the logits hold NaN or inf")
+
+
+@pytest.mark.parametrize("command,flags,needles", [
+    ("generate", ["--temperature", "inf"], ["--temperature", "finite", "inf"]),
+    ("generate", ["--temperature", "nan"], ["--temperature", "finite"]),
+    ("chat", ["--repetition_penalty", "inf"], ["--repetition_penalty", "finite"]),
+    ("generate", ["--repetition_penalty", "nan"], ["--repetition_penalty", "finite"]),
+    ("generate", ["--seed", str(2**70)], ["--seed", "<= 18446744073709551615"]),
+    ("chat", ["--seed", str(2**70)], ["--seed", "<= 18446744073709551615"]),
+    ("generate", ["--seed", "-1"], ["--seed", ">= 0"]),
+    ("generate", ["--num_samples", "200000"], ["--num_samples", "<= 256"]),
+])
+def test_out_of_range_sampling_flags_are_one_line(model_dir, command, flags, needles):
+    proc = _cli(command, "--checkpoint_path", str(model_dir), "--device", "cpu", *flags)
+    _one_error(proc, *needles)
+
+
+def test_largest_seed_works(model_dir):
+    proc = _cli("generate", "--checkpoint_path", str(model_dir), "--device", "cpu", "--prompt", "the",
+                "--max_new_tokens", "2", "--seed", str(2**64 - 1))
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
+def test_invalid_utf8_system_message_is_one_line(model_dir):
+    proc = _run([sys.executable, "-m", "minigpt.cli", "chat", "--checkpoint_path", str(model_dir),
+                 "--device", "cpu", "--system", b"be \xff brief"], stdin=b"hello\n")
+    _one_error(proc, "--system is not valid UTF-8", "byte 0xff")
