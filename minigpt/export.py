@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from minigpt.files import atomic_directory, public, write_json
@@ -146,7 +147,10 @@ def export_hf(model, tokenizer_file: str | os.PathLike, out_dir: str | os.PathLi
             raise ValueError(f"{out} exists and holds other files ({', '.join(others[:3])}); "
                              "choose a new or empty directory")
     with atomic_directory(out, durable=True) as tmp:  # all or nothing, the card included
-        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        except SafetensorError as e:  # a full disk: an I/O error, not a traceback
+            raise OSError(f"{out / 'model.safetensors'}: cannot write ({e})") from None
         public(tmp / "model.safetensors")
         write_json(tmp / "config.json", llama_config(model, eos_id, pad_id, bos_id))
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")

@@ -726,3 +726,67 @@ def test_invalid_utf8_system_message_is_one_line(model_dir):
     proc = _run([sys.executable, "-m", "minigpt.cli", "chat", "--checkpoint_path", str(model_dir),
                  "--device", "cpu", "--system", b"be \xff brief"], stdin=b"hello\n")
     _one_error(proc, "--system is not valid UTF-8", "byte 0xff")
+
+
+def _cli_with_file_limit(limit: int, *args) -> subprocess.CompletedProcess:
+    """The CLI where no file may grow past `limit` bytes: writes fail as on a full disk (EFBIG)."""
+    def pre():  # runs in the child before exec
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return subprocess.run([sys.executable, "-m", "minigpt.cli", *args], env=_env(),
+                          capture_output=True, timeout=120, preexec_fn=pre)
+
+
+def _leftovers(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if "tmp" in p.name) if d.exists() else []
+
+
+def test_write_failure_during_hf_export_keeps_the_previous_export(model_dir, tmp_path):
+    out = tmp_path / "hf"
+    assert _cli("export", "--checkpoint_path", str(model_dir), str(out)).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = _cli_with_file_limit(40_000, "export", "--checkpoint_path", str(model_dir), str(out))
+    _one_error(proc, f"export to {out}", "model.safetensors: cannot write", "File too large")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_write_failure_during_gguf_export_leaves_no_tmp(model_dir, tmp_path):
+    pytest.importorskip("gguf")
+    out = tmp_path / "gguf"
+    proc = _cli_with_file_limit(40_000, "export", "--format", "gguf", "--dtype", "f32",
+                                "--checkpoint_path", str(model_dir), str(out))
+    _one_error(proc, f"export to {out}", "m-f32.gguf: cannot write (")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_disk_full_during_export_is_one_line(model_dir, tmp_path, monkeypatch, capsys, fmt):
+    """ENOSPC itself, raised by the writer mid-file (after the file was opened and partly written)."""
+    import errno
+
+    from minigpt import cli
+
+    if fmt == "gguf":
+        gguf = pytest.importorskip("gguf")
+
+        def full(self, *a, **kw):
+            self.fout[0].write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    else:
+        from safetensors import SafetensorError
+
+        import minigpt.export
+
+        def full(tensors, path, metadata=None):
+            Path(path).write_bytes(b"partial")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        monkeypatch.setattr(minigpt.export, "save_file", full)
+    out = tmp_path / "out"
+    code = cli.main(["export", "--format", fmt, "--checkpoint_path", str(model_dir), str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "No space left on device" in err, err
+    assert _leftovers(tmp_path) == _leftovers(out) == []
+    assert not out.exists() or list(out.iterdir()) == []
