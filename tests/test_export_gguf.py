@@ -179,3 +179,34 @@ def test_non_llama_models_are_refused_before_writing(env, tmp_path, capsys, knob
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"model.{knob}=" in err and "llama" in err, err
     assert not out.exists() or not any(out.iterdir())  # neither a .gguf nor a .tmp
+
+
+def test_gguf_chat_template_renders_exactly_our_prompt_ids(env):
+    """What llama.cpp --jinja (or any Jinja engine) builds from the GGUF's template is our prompt,
+    token for token, "\\n" tokens included (the built-in GLMEDGE guess dropped them)."""
+    jinja2 = pytest.importorskip("jinja2")
+    from transformers import AutoTokenizer
+
+    from minigpt.template import encode_conversation
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    stored = field(gguf.GGUFReader(env.files["f32"]), "tokenizer.chat_template")
+    path = env.files["f32"]
+    hf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)  # the GGUF's own vocabulary
+    conversations = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\n\nthere"},
+         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "A poem?"}],
+    ]
+    for messages in conversations:
+        env_ = jinja2.Environment()
+        env_.globals["raise_exception"] = raise_exception
+        text = env_.from_string(stored).render(messages=messages, add_generation_prompt=True)
+        want = encode_conversation(env.tok, messages, add_generation_prompt=True)
+        assert hf(text, add_special_tokens=False)["input_ids"] == want
+        assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == text
+    assert encode_prompt(env.tok, "What is the capital of France?") == \
+        hf(hf.apply_chat_template(conversations[0], add_generation_prompt=True, tokenize=False),
+           add_special_tokens=False)["input_ids"]
