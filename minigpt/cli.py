@@ -422,10 +422,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_plots(args: argparse.Namespace) -> int:
     from minigpt.plots import PlotsError, make_plots
 
+    notes: list[str] = []
     try:
-        files = make_plots(args.exp, args.out)
+        files = make_plots(args.exp, args.out, notes=notes)
     except (PlotsError, OSError) as e:
         raise UsageError(str(e)) from None
+    for note in notes:  # curves and points DVC or Vega would drop without a word
+        print(f"warning: {note}", file=sys.stderr)
     print(f"wrote {len(files) - 1} PNG file(s) and {files[-1]} (self-contained, works offline)",
           file=sys.stderr)
     return 0
