@@ -16,7 +16,8 @@ Design choices
   MAX_NUM_SAMPLES (256): the samples are one batch, each row with its own KV cache, so 200,000
   asked for many GB at once. `--seed` is what torch's generator takes (0 .. 2**64-1).
 - `export` refuses an OUT_DIR that is, or is inside, the model directory (or contains it), and
-  writes atomically (`minigpt.export`).
+  writes atomically (`minigpt.export`). A README.md edited since the last export is kept, with a
+  warning, instead of being replaced by a new card (`minigpt.card.card_edited`).
 - `chat` keeps the conversation within the context: before each answer, while the encoded
   conversation plus `--max_new_tokens` exceeds `block_size`, the oldest turn is dropped for good
   (the system message stays) and the user told; the room kept for the answer is at most half the
@@ -366,7 +367,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # --- export -------------------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from minigpt.card import model_card, push_to_hub
+    from minigpt.card import card_edited, model_card, push_to_hub
     from minigpt.template import CHAT_TEMPLATE_JINJA
     from minigpt.export import export_hf
     from minigpt.tokenizer import PAD, special_id
@@ -393,9 +394,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     # The template goes into base models' exports too: harmless, and every export has the same
     # tokenizer_config.
+    readme = Path(args.out_dir) / "README.md"
+    try:  # a card the user edited since the last export is theirs: kept, and they are told
+        kept = readme.read_bytes() if readme.is_file() and not readme.is_symlink() else None
+    except OSError as e:
+        raise UsageError(f"export to {args.out_dir}: {readme}: {e.strerror}") from None
+    if kept is not None and not card_edited(kept):
+        kept = None
     try:
         name = Path(args.checkpoint_path).resolve().name
-        card = model_card(m.config, m.model.num_params(), name, args.project_dir)
+        card = kept or model_card(m.config, m.model.num_params(), name, args.project_dir)
         out = export_hf(m.model, tokenizer_file, args.out_dir,
                         chat_template=CHAT_TEMPLATE_JINJA,
                         eos_id=m.eot,  # <|endoftext|> ends every answer and document
@@ -405,6 +413,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"export to {args.out_dir}: {e}") from None
     print(f"exported {args.checkpoint_path} to {out} (Hugging Face LlamaForCausalLM, "
           "README.md model card)", file=sys.stderr)
+    if kept is not None:
+        print(f"warning: {readme} was edited after it was exported: kept as it is, not "
+              "regenerated (delete it to get a new model card)", file=sys.stderr)
     if args.push_to_hub:
         try:
             url = push_to_hub(out, args.push_to_hub, private=args.private)

@@ -107,7 +107,7 @@ def llama_config(model, eos_id: int, pad_id: int | None, bos_id: int | None) -> 
 
 def export_hf(model, tokenizer_file: str | os.PathLike, out_dir: str | os.PathLike, *,
               chat_template: str | None, eos_id: int, pad_id: int | None,
-              bos_id: int | None = None, extra_files: dict[str, str] | None = None) -> Path:
+              bos_id: int | None = None, extra_files: dict[str, str | bytes] | None = None) -> Path:
     """Write a Hugging Face model directory for `model` (a minigpt GPT) to out_dir; returns it.
 
     tokenizer_file is the model's tokenizer.json (copied); chat_template a Jinja string (or None)
@@ -160,5 +160,8 @@ def export_hf(model, tokenizer_file: str | os.PathLike, out_dir: str | os.PathLi
         gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
         write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
         for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+            if isinstance(text, bytes):  # e.g. a user's own README.md, kept byte for byte
+                (tmp / name).write_bytes(text)
+            else:
+                (tmp / name).write_text(text, encoding="utf-8")
     return out
