@@ -759,3 +759,24 @@ def test_stage_script_end_to_end(tmp_path):
 
     result = _run_stage(tmp_path, "nonsense")
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_source_outside_raw_warns_that_dvc_does_not_track_it(tmp_path):
+    """dvc.yaml declares raw/ as the process stages' dependency: a source elsewhere (outside the
+    repo, say) is read but not tracked, so edits to it would leave stale outputs without a word."""
+    outside = tmp_path / "elsewhere" / "dolly.jsonl"
+    _write_jsonl(outside, _dolly_rows(40))
+    _write_jsonl(tmp_path / "repo" / "raw" / "sft" / "dolly.jsonl", _dolly_rows(40))
+    repo = tmp_path / "repo"
+    for source, warned in ((str(outside), True), ("../elsewhere/dolly.jsonl", True),
+                           ("raw/sft/dolly.jsonl", False), (str(repo / "raw/sft"), False)):
+        (repo / "params.yaml").write_text(yaml.safe_dump({"process": {"sft": {"source": source}}}))
+        result = _run_stage(repo, "sft")
+        assert result.returncode == 0, result.stderr
+        lines = result.stderr.splitlines()
+        if warned:
+            assert lines == [f"warning: process.sft.source {source} is outside raw/, so DVC does not "
+                             "track it: editing it will not re-run process@sft (copy it under raw/ "
+                             "and `dvc add` it, or `dvc import-url` it to raw/; see raw/README.md)"]
+        else:
+            assert lines == [], lines
