@@ -66,8 +66,10 @@ def _float_in(name: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(value) or not ok(value):  # NaN and inf are never a setting
+        if not math.isfinite(value):  # NaN and inf are never a setting
             raise argparse.ArgumentTypeError(f"must be {name} and finite, got {text}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {name}, got {text}")
         return value
 
     return parse
