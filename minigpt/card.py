@@ -13,10 +13,14 @@ Design choices
 - Dataset licenses are known for the pipeline's default sources (WikiText and Dolly: CC BY-SA
   3.0); any other source is named with "see the dataset's own license".
 - Upload is `huggingface_hub.HfApi`: create_repo(exist_ok) then upload_folder of the export.
+- The card's last line is an HTML comment (invisible on the Hub) with the SHA-256 of the text
+  above it, so a re-export can tell a card the user edited (`card_edited`) from one it wrote:
+  an edited card is kept as it is, and the user is told, rather than replaced.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -27,6 +31,22 @@ METRIC_KEYS = ("steps", "tokens", "train_loss", "val_loss", "best_val_loss", "be
                "tokens_per_s")
 EVAL_KEYS = (("lm", "perplexity"), ("lm", "bits_per_byte"), ("lm", "word_perplexity"),
              ("sft", "loss"), ("gen", "rougeL"), ("gen", "bleu"), ("gen", "chrf"))
+
+
+STAMP = re.compile(r"<!-- minigpt model card, sha256 ([0-9a-f]{64}) of the text above[^\n]* -->")
+
+
+def _stamp(card: str) -> str:
+    digest = hashlib.sha256(card.encode("utf-8")).hexdigest()
+    return (f"{card}<!-- minigpt model card, sha256 {digest} of the text above (an edited card is "
+            "kept by a re-export) -->\n")
+
+
+def card_edited(data: bytes) -> bool:
+    """Is README.md `data` anything but a card exactly as `model_card` wrote it?"""
+    body, _, last = data.rstrip(b"\n").rpartition(b"\n")
+    m = STAMP.fullmatch(last.decode("utf-8", "replace"))
+    return m is None or hashlib.sha256(body + b"\n").hexdigest() != m[1]
 
 
 def _read_json(path: Path) -> dict | None:
@@ -173,7 +193,7 @@ def model_card(config: dict, num_params: int, name: str, project_dir: str | Path
                   "asks for attribution and share-alike."]
     else:
         lines += ["Training data sources unknown (no stats.json found)."]
-    return "\n".join(lines) + "\n"
+    return _stamp("\n".join(lines) + "\n")
 
 
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:

@@ -18,6 +18,14 @@ Design choices
   the weights' names, shapes and dtypes are read from the safetensors header (bounded) and
   compared with the config *before* the model is allocated, so a hostile config can neither
   exhaust memory nor fail deep inside torch.
+- The weights remember what they were saved with: `model.safetensors`' metadata holds the
+  architecture (`minigpt.config`, every GPTConfig field but dropout) and the tokenizer's hash
+  (`minigpt.tokenizer_hash`). Most fields are pinned by the tensors' shapes, but block_size,
+  qk_norm, rope_theta, norm_eps and logit_softcap own no weight (RoPE tables are rebuilt from
+  the config), so an edited config.json would load silently and compute other logits; on load
+  each recorded field must equal config.json's (a directory saved before this has no record:
+  only its shapes can be checked). config.json must name its `tokenizer_hash`: without it a
+  foreign tokenizer.json of a fitting size would load.
 - Files are written with the usual permissions (0666 minus the umask): safetensors alone
   creates them 0600.
 - `lock_scratch` holds an exclusive `flock` on a training scratch directory for the life of a run,
@@ -60,6 +68,9 @@ CONFIG_BOUNDS = {"vocab_size": (1, 2**20), "n_layer": (1, 1024), "n_head": (1, 1
                  "n_embd": (2, 2**16), "block_size": (1, 2**20), "intermediate_size": (0, 2**18)}
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # float weights this loader accepts
+# model.safetensors metadata keys: the architecture and tokenizer the weights were saved with
+CONFIG_KEY, TOKENIZER_KEY = "minigpt.config", "minigpt.tokenizer_hash"
+UNRECORDED = ("dropout",)  # training-only: changes no output of a loaded model
 
 
 class CheckpointError(RuntimeError):
@@ -84,10 +95,15 @@ def save_model(model: torch.nn.Module, directory: str | Path, *, tokenizer_file:
 
     config.json = the architecture (`asdict(model.config)`) + `meta` (tokenizer_hash, stage,
     chat_template, training summary). Built in a temporary sibling, then swapped in."""
+    from minigpt.tokenizer import tokenizer_hash
+
     model = unwrap(model)
+    record = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in UNRECORDED}
+    metadata = {"format": "pt", CONFIG_KEY: json.dumps(record, sort_keys=True),
+                TOKENIZER_KEY: tokenizer_hash(tokenizer_file)}
     try:
         with atomic_directory(directory, durable=True) as tmp:
-            st_save_model(model, str(tmp / MODEL_FILE))
+            st_save_model(model, str(tmp / MODEL_FILE), metadata=metadata)
             public(tmp / MODEL_FILE)
             config = {**dataclasses.asdict(model.config), **meta}
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -126,7 +142,9 @@ def check_gpt_config(config: dict, path: str | Path):
     def bad(field: str, why: str, value: Any) -> CheckpointError:
         return CheckpointError(f"{path}: not a GPT config ({field} {why}, got {value!r:.60})")
 
-    floats = {"dropout": (0.0, 1.0), "rope_theta": (0.0, 1e12), "norm_eps": (0.0, 1.0)}
+    floats = {"dropout": (0.0, 1.0), "rope_theta": (0.0, 1e12), "norm_eps": (0.0, 1.0),
+              "logit_softcap": (0.0, 1e6)}
+    choices = {"mlp": ("swiglu", "relu2"), "qk_norm": (False, True), "zero_init": (False, True)}
     kwargs = {}
     for f in dataclasses.fields(GPTConfig):
         if f.name not in config:
@@ -145,8 +163,12 @@ def check_gpt_config(config: dict, path: str | Path):
             if not isinstance(value, (int, float)) or isinstance(value, bool) \
                     or not math.isfinite(value):
                 raise bad(f.name, "must be a finite number", value)
-            if not (lo <= value < hi if f.name == "dropout" else lo < value < hi):
-                raise bad(f.name, f"must be in {'[' if f.name == 'dropout' else '('}{lo}, {hi})", value)
+            closed = f.name in ("dropout", "logit_softcap")  # 0 = off
+            if not (lo <= value < hi if closed else lo < value < hi):
+                raise bad(f.name, f"must be in {'[' if closed else '('}{lo}, {hi})", value)
+        elif f.name in choices:
+            if value not in choices[f.name] or type(value) is not type(choices[f.name][0]):
+                raise bad(f.name, f"must be one of {', '.join(map(str, choices[f.name]))}", value)
         kwargs[f.name] = value
     n_embd, n_head = kwargs["n_embd"], kwargs["n_head"]
     if n_embd % n_head or (n_embd // n_head) % 2:
@@ -156,13 +178,14 @@ def check_gpt_config(config: dict, path: str | Path):
     if cache > 2**32 or rope > 2**30:
         raise bad("block_size", f"too large for n_layer={kwargs['n_layer']}, n_embd={n_embd} "
                   f"(a KV cache of {cache / 2**30:.1f} GiB, limit 4)", kwargs["block_size"])
-    return GPTConfig(**kwargs)
+    try:
+        return GPTConfig(**kwargs)
+    except ValueError as e:  # GPTConfig's own checks: still one line naming the file
+        raise CheckpointError(f"{path}: not a GPT config ({e})") from None
 
 
-def safetensors_header(path: str | Path) -> dict[str, tuple[str, list[int]]]:
-    """{tensor name: (dtype, shape)} from a safetensors file's header, read and checked without
-    loading any tensor (bounded header size; every tensor's byte range must fit the file)."""
-    path = Path(path)
+def _raw_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header (bounded size) and the size of its data section."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -177,7 +200,14 @@ def safetensors_header(path: str | Path) -> dict[str, tuple[str, list[int]]]:
         raise CheckpointError(f"{path}: weights do not load (bad safetensors header: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: weights do not load (header is not an object)")
-    data_size = size - 8 - n
+    return header, size - 8 - n
+
+
+def safetensors_header(path: str | Path) -> dict[str, tuple[str, list[int]]]:
+    """{tensor name: (dtype, shape)} from a safetensors file's header, read and checked without
+    loading any tensor (bounded header size; every tensor's byte range must fit the file)."""
+    path = Path(path)
+    header, data_size = _raw_header(path)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -225,6 +255,35 @@ def check_weights(path: str | Path, gpt_config) -> None:
             raise CheckpointError(f"{path}: weights do not load (unexpected tensor {name!r:.80})")
 
 
+def check_saved_with(directory: Path, config: dict, gpt_config) -> None:
+    """config.json must name a tokenizer hash and agree with what the weights were saved with
+    (`save_model`'s metadata, when there is one): the fields no tensor shape pins."""
+    path, weights = directory / CONFIG_FILE, directory / MODEL_FILE
+    want = config.get("tokenizer_hash")
+    if not isinstance(want, str) or not want:
+        raise CheckpointError(f"{path}: no tokenizer_hash, so {TOKENIZER_FILE} cannot be checked "
+                              "against the model (a model directory's config.json records it)")
+    meta = _raw_header(weights)[0].get("__metadata__")
+    meta = meta if isinstance(meta, dict) else {}
+    saved_hash = meta.get(TOKENIZER_KEY)
+    if saved_hash is not None and saved_hash != want:
+        raise CheckpointError(f"{path}: tokenizer_hash {want!r:.40} differs from the one the weights "
+                              f"were saved with ({saved_hash!r:.40}, {MODEL_FILE} metadata)")
+    if CONFIG_KEY not in meta:
+        return  # saved before the record existed: the shapes are all that can be checked
+    try:
+        saved = json.loads(meta[CONFIG_KEY])
+        assert isinstance(saved, dict)
+    except (TypeError, ValueError, AssertionError):
+        raise CheckpointError(f"{weights}: weights do not load (malformed {CONFIG_KEY} metadata)") from None
+    ours = dataclasses.asdict(gpt_config)
+    for name, value in saved.items():
+        if name in ours and name not in UNRECORDED and ours[name] != value:
+            raise CheckpointError(f"{path}: {name}={ours[name]!r:.40} does not match the weights, "
+                                  f"saved with {name}={value!r:.40} ({MODEL_FILE} metadata); "
+                                  "was config.json edited?")
+
+
 def check_vocab(tok, config: dict, vocab_size: int, where: str | Path) -> None:
     """A tokenizer must fit the model: no more tokens than its embedding has rows, and exactly
     the recorded `tokenizer_vocab_size` when config.json has one."""
@@ -252,6 +311,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu"):
     config = read_config(directory)
     gpt_config = check_gpt_config(config, directory / CONFIG_FILE)
     check_weights(directory / MODEL_FILE, gpt_config)
+    check_saved_with(directory, config, gpt_config)
     tok_path = directory / TOKENIZER_FILE
     try:
         tok = Tokenizer.from_file(str(tok_path))
@@ -260,7 +320,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu"):
     want = config.get("tokenizer_hash")
     got = tokenizer_hash(tok_path)
     same_tokenizer(got, want, f"{tok_path}: tokenizer hash {got} differs from config.json's {want}",
-                   CheckpointError, optional=True)
+                   CheckpointError)
     check_vocab(tok, config, gpt_config.vocab_size, tok_path)
     model = GPT(gpt_config).to(device)  # plain init (cheap at these sizes): buffers stay right
     try:

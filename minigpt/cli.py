@@ -12,9 +12,12 @@ Design choices
 - Untrusted text: a `--prompt` or chat line that is not valid UTF-8 (e.g. `$'\xff'`) is refused
   with one line, exit 2 (rather than guessed at with U+FFFD), naming the flag or stdin line.
   `--max_new_tokens` is capped at MAX_NEW_TOKENS (65536, 256 windows of the largest context
-  trained here): a typo must not mean a run that never ends.
+  trained here): a typo must not mean a run that never ends. `--num_samples` is capped at
+  MAX_NUM_SAMPLES (256): the samples are one batch, each row with its own KV cache, so 200,000
+  asked for many GB at once. `--seed` is what torch's generator takes (0 .. 2**64-1).
 - `export` refuses an OUT_DIR that is, or is inside, the model directory (or contains it), and
-  writes atomically (`minigpt.export`).
+  writes atomically (`minigpt.export`). A README.md edited since the last export is kept, with a
+  warning, instead of being replaced by a new card (`minigpt.card.card_edited`).
 - `chat` keeps the conversation within the context: before each answer, while the encoded
   conversation plus `--max_new_tokens` exceeds `block_size`, the oldest turn is dropped for good
   (the system message stays) and the user told; the room kept for the answer is at most half the
@@ -26,6 +29,7 @@ Design choices
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -38,6 +42,8 @@ DEFAULT_CHECKPOINT = "out/finetune"
 HISTORY_FILE = Path("~/.minigpt_history")
 QUIT_COMMANDS = ("/quit", "/exit")
 MAX_NEW_TOKENS = 65536
+MAX_NUM_SAMPLES = 256
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest
 CHAT_HELP = "commands: /reset (start over), /quit or Ctrl-D (leave), Ctrl-C (stop the answer)"
 
 
@@ -60,7 +66,9 @@ def _float_in(name: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value != value or not ok(value):  # NaN passes no range check
+        if not math.isfinite(value):  # NaN and inf are never a setting
+            raise argparse.ArgumentTypeError(f"must be {name} and finite, got {text}")
+        if not ok(value):
             raise argparse.ArgumentTypeError(f"must be {name}, got {text}")
         return value
 
@@ -109,7 +117,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="nucleus sampling mass, in (0, 1]; 1 = off (default: 0.95)")
     p.add_argument("--repetition_penalty", type=_float_in("> 0", lambda x: x > 0), default=1.0,
                    help="divide the logits of tokens already in the context (CTRL); 1 = off")
-    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    p.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=None,
+                   help="random seed, for reproducible sampling (0..2**64-1)")
     p.add_argument("--device", type=_device, default="auto",
                    help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (default: auto)")
 
@@ -124,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", default="",
                      help="the prompt; may be empty for a base model (starts a new document)")
     _add_sampling_args(gen)
-    gen.add_argument("--num_samples", type=_int_at_least(1), default=1,
-                     help="independent samples to draw, decoded as one batch unless --stream "
-                          "(default: 1)")
+    gen.add_argument("--num_samples", type=_int_at_least(1, MAX_NUM_SAMPLES), default=1,
+                     help=f"independent samples to draw, 1..{MAX_NUM_SAMPLES}, decoded as one "
+                          "batch unless --stream (default: 1)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.add_argument("--raw", action="store_true",
                      help="send the prompt as plain text, even to an instruction-tuned model")
@@ -287,6 +296,8 @@ def _reply(m: Loaded, ids: list[int], settings: Sampling, generator) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.system is not None:
+        utf8_text(args.system, "--system")  # before the (slow) model load
     m = load(args.checkpoint_path, args.device, args.tokenizer_path)
     if not m.is_chat:
         print(f"warning: {args.checkpoint_path} is not instruction-tuned (config.json has no "
@@ -358,7 +369,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # --- export -------------------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from minigpt.card import model_card, push_to_hub
+    from minigpt.card import card_edited, model_card, push_to_hub
     from minigpt.template import CHAT_TEMPLATE_JINJA
     from minigpt.export import export_hf
     from minigpt.tokenizer import PAD, special_id
@@ -385,9 +396,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     # The template goes into base models' exports too: harmless, and every export has the same
     # tokenizer_config.
+    readme = Path(args.out_dir) / "README.md"
+    try:  # a card the user edited since the last export is theirs: kept, and they are told
+        kept = readme.read_bytes() if readme.is_file() and not readme.is_symlink() else None
+    except OSError as e:
+        raise UsageError(f"export to {args.out_dir}: {readme}: {e.strerror}") from None
+    if kept is not None and not card_edited(kept):
+        kept = None
     try:
         name = Path(args.checkpoint_path).resolve().name
-        card = model_card(m.config, m.model.num_params(), name, args.project_dir)
+        card = kept or model_card(m.config, m.model.num_params(), name, args.project_dir)
         out = export_hf(m.model, tokenizer_file, args.out_dir,
                         chat_template=CHAT_TEMPLATE_JINJA,
                         eos_id=m.eot,  # <|endoftext|> ends every answer and document
@@ -397,6 +415,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"export to {args.out_dir}: {e}") from None
     print(f"exported {args.checkpoint_path} to {out} (Hugging Face LlamaForCausalLM, "
           "README.md model card)", file=sys.stderr)
+    if kept is not None:
+        print(f"warning: {readme} was edited after it was exported: kept as it is, not "
+              "regenerated (delete it to get a new model card)", file=sys.stderr)
     if args.push_to_hub:
         try:
             url = push_to_hub(out, args.push_to_hub, private=args.private)
@@ -414,10 +435,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_plots(args: argparse.Namespace) -> int:
     from minigpt.plots import PlotsError, make_plots
 
+    notes: list[str] = []
     try:
-        files = make_plots(args.exp, args.out)
+        files = make_plots(args.exp, args.out, notes=notes)
     except (PlotsError, OSError) as e:
         raise UsageError(str(e)) from None
+    for note in notes:  # curves and points DVC or Vega would drop without a word
+        print(f"warning: {note}", file=sys.stderr)
     print(f"wrote {len(files) - 1} PNG file(s) and {files[-1]} (self-contained, works offline)",
           file=sys.stderr)
     return 0

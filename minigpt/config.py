@@ -7,12 +7,16 @@ Design choices
   `ConfigError` with one line naming the file, the dotted key and the offending value.
 - Each field carries a one-line docstring-style comment, like litgpt's `args.py`.
 - Dataclasses are frozen: a config is a value, not state.
+- A float field also takes a string in YAML 1.2's float syntax: PyYAML (YAML 1.1) reads `3e-3`
+  (no dot) as a string, while DVC (`dvc exp run -S pretrain.lr=3e-3`, ruamel, YAML 1.2) and
+  every other YAML 1.2 reader see a number; both must mean the same run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +30,8 @@ PRETRAIN_FORMATS = ("auto", "wikitext", "documents")
 # Keys of older params.yaml files: what took their place.
 REPLACED = {"process.pretrain.wikitext": "replaced by format: auto | wikitext | documents; "
                                          "auto is WikiText only for WikiText sources"}
+# YAML 1.2 core schema floats PyYAML leaves as strings (`3e-3`, `1E5`): digits, no .inf/.nan
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 
 
 class ConfigError(ValueError):
@@ -289,6 +295,9 @@ class TrainConfig:
                      "eval_batches", "save_interval", "log_interval"):
             _check(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "must be >= 1")
         _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, "must be >= 0")
+        # more warm-up than steps: the lr never reaches its peak and no decay is ever run
+        _check(self.warmup_steps <= self.max_steps, f"{prefix}.warmup_steps", self.warmup_steps,
+               f"must be <= {prefix}.max_steps ({self.max_steps})")
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
         _check(self.schedule in ("cosine", "wsd"), f"{prefix}.schedule", self.schedule,
                "must be cosine or wsd")
@@ -427,6 +436,8 @@ def _build(cls: type, data: Any, key: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         hint, sub = hints[name], f"{key}.{name}" if key else name
+        if hint is float and isinstance(value, str) and _YAML12_FLOAT.fullmatch(value):
+            value = float(value)
         if dataclasses.is_dataclass(hint):
             if value is None:  # `model:` with nothing under it would silently mean the defaults
                 raise ConfigError(f"{sub}: is null; give its keys, or delete the section to use "

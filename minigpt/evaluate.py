@@ -434,6 +434,10 @@ def run_eval(cfg: EvalConfig, model_dir: Path, tokens_dir: Path, processed_dir: 
     data = load_eval_data(tokens_dir, processed_dir, cfg.generate_examples, cfg.max_tokens)
     check_model(read_config(model_dir), data, cfg, model_dir)  # fail before minutes of work
     model, tok, _ = load_model(model_dir, device)
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:  # its losses would be NaN and its greedy answers arbitrary ids: nothing to score
+        raise EvalError(f"{model_dir}: weights hold NaN or inf ({bad[0]}; the training run "
+                        "diverged), not scoring it")
     metrics, _, answers = evaluate_model(model, tok, data, cfg, device, seconds)
     metrics["baseline"] = baseline_scores(data)
     n_targets = data.tokens_total

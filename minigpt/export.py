@@ -21,13 +21,15 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from minigpt.files import atomic_directory, public, write_json
 
 
-# Architecture knobs (GPTConfig field: Llama's value) that LlamaForCausalLM cannot express.
-# zero_init only changes the starting weights, so it exports.
+# Architecture knobs (GPTConfig field: Llama's value) that LlamaForCausalLM, and llama.cpp's
+# `llama` architecture (`minigpt.export_gguf`), cannot express. zero_init only changes the
+# starting weights, so it exports.
 NOT_LLAMA = {"mlp": "swiglu", "qk_norm": False, "logit_softcap": 0.0}
 
 
@@ -35,12 +37,13 @@ class ExportError(ValueError):
     """The model cannot be written as a LlamaForCausalLM; the message is one line."""
 
 
-def check_exportable(model) -> None:
-    """Raise ExportError naming the first knob that makes `model` differ from Llama."""
+def check_exportable(model, target: str = "LlamaForCausalLM") -> None:
+    """Raise ExportError naming the first knob that makes `model` differ from Llama (both
+    exports call it before writing anything; `target` names the format in the message)."""
     for knob, llama in NOT_LLAMA.items():
         value = getattr(model.config, knob, llama)
         if value != llama:
-            raise ExportError(f"model.{knob}={value!r} has no LlamaForCausalLM equivalent "
+            raise ExportError(f"model.{knob}={value!r} has no {target} equivalent "
                               f"(export needs {knob}={llama!r})")
 
 
@@ -104,7 +107,7 @@ def llama_config(model, eos_id: int, pad_id: int | None, bos_id: int | None) -> 
 
 def export_hf(model, tokenizer_file: str | os.PathLike, out_dir: str | os.PathLike, *,
               chat_template: str | None, eos_id: int, pad_id: int | None,
-              bos_id: int | None = None, extra_files: dict[str, str] | None = None) -> Path:
+              bos_id: int | None = None, extra_files: dict[str, str | bytes] | None = None) -> Path:
     """Write a Hugging Face model directory for `model` (a minigpt GPT) to out_dir; returns it.
 
     tokenizer_file is the model's tokenizer.json (copied); chat_template a Jinja string (or None)
@@ -144,7 +147,10 @@ def export_hf(model, tokenizer_file: str | os.PathLike, out_dir: str | os.PathLi
             raise ValueError(f"{out} exists and holds other files ({', '.join(others[:3])}); "
                              "choose a new or empty directory")
     with atomic_directory(out, durable=True) as tmp:  # all or nothing, the card included
-        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        except SafetensorError as e:  # a full disk: an I/O error, not a traceback
+            raise OSError(f"{out / 'model.safetensors'}: cannot write ({e})") from None
         public(tmp / "model.safetensors")
         write_json(tmp / "config.json", llama_config(model, eos_id, pad_id, bos_id))
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
@@ -154,5 +160,8 @@ def export_hf(model, tokenizer_file: str | os.PathLike, out_dir: str | os.PathLi
         gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
         write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
         for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+            if isinstance(text, bytes):  # e.g. a user's own README.md, kept byte for byte
+                (tmp / name).write_bytes(text)
+            else:
+                (tmp / name).write_text(text, encoding="utf-8")
     return out

@@ -14,6 +14,11 @@ Design choices
   normalizer). Special tokens are CONTROL tokens; eos = pad's neighbour <|endoftext|>, which is
   also bos (never added: `add_bos_token` false, like the HF export; set so that llama.cpp does
   not fall back to its GPT-2 default id 11). The chat template is the same Jinja string.
+- Only Llama-shaped models: a qk_norm, logit_softcap or relu2 model is refused before anything
+  is written (`minigpt.export.check_exportable`, the Hugging Face export's check): llama.cpp
+  would read such a file as a plain Llama and compute other logits.
+- Written to `NAME.tmp` beside the target and renamed into place when complete; a failed write
+  (a full disk) removes the `.tmp`, so a file with the final name is always whole.
 - Types: f32, f16, or q8_0 for the 2-D weights; norms stay f32 (as llama.cpp's converter does).
   q8_0 needs rows that are a multiple of 32; a tensor whose rows are not falls back to f16.
 """
@@ -27,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minigpt.export import hf_state_dict
+from minigpt.export import check_exportable, hf_state_dict
 
 TYPES = ("f32", "f16", "q8_0")
 
@@ -72,6 +77,7 @@ def export_gguf(model, tokenizer_file: str | os.PathLike, out_file: str | os.Pat
 
     if dtype not in TYPES:
         raise ValueError(f"dtype must be one of {', '.join(TYPES)} (got {dtype!r})")
+    check_exportable(model, "llama.cpp `llama`")  # before anything is written
     c = model.config
     tok = Tokenizer.from_file(str(tokenizer_file))
     raw = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))
@@ -129,9 +135,20 @@ def export_gguf(model, tokenizer_file: str | os.PathLike, out_file: str | os.Pat
             w.add_tensor(tname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             w.add_tensor(tname, data.astype(np.float16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    except BaseException as e:  # a full disk, Ctrl-C: no half-written .tmp stays behind
+        try:
+            w.close()
+        except OSError:
+            pass  # flushing the rest into a full disk fails again
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            why = e.strerror or f"short write, {e}: is the disk full?"  # numpy's tofile says only that
+            raise OSError(f"{out}: cannot write ({why})") from None
+        raise
     os.replace(tmp, out)
     return out

@@ -13,12 +13,16 @@ Design choices
   external reference, so it draws anywhere, offline, as soon as it is opened.
 - Errors are one line (`PlotsError`): dvc missing or failing (its last line), an unknown
   experiment, nothing to plot, vl-convert not installed (`pip install "minigpt[plots]"`).
+- What is not drawn is said (`dropped`, one `warning:` line each): a curve DVC could not load (a
+  missing file, a missing column: its `errors`) and values that are not numbers (an empty cell,
+  `nan`), which Vega skips without a word.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import math
 import re
 import subprocess
 import sys
@@ -30,8 +34,43 @@ class PlotsError(RuntimeError):
     """The plots cannot be made; the message is one line."""
 
 
-def dvc_plots(exps: Sequence[str], cwd: str | Path = ".") -> dict[str, list[dict]]:
-    """{plot id: [vega-lite spec with its data inlined]} from `dvc plots ... --json`."""
+def dropped(out: dict) -> list[str]:
+    """One line per curve, or part of one, that `dvc plots --json` output `out` will not draw."""
+    notes = [f"{e.get('name', '?')}: {e.get('rev', '?')}: {e.get('source') or 'a curve'} not drawn "
+             f"({' '.join(str(e.get('msg') or e.get('type', '?')).split())})"
+             for e in out.get("errors") or []]
+    for name, renders in (out.get("data") or {}).items():
+        for r in renders:
+            spec = r.get("content") if r.get("type") == "vega" else None
+            x = (((spec or {}).get("encoding") or {}).get("x") or {}).get("field")
+            bad: dict[tuple, list] = {}
+            for row in ((spec or {}).get("data") or {}).get("values") or []:
+                curve = (row.get("rev", "?"), row.get("filename::field", "?"))
+                counts = bad.setdefault(curve, [0, []])
+                counts[0] += 1
+                for value in (row.get("dvc_inferred_y_value"), row.get(x) if x else 0):
+                    if not _number(value):
+                        counts[1].append(value)
+                        break
+            for (rev, curve), (n, values) in bad.items():
+                if values:
+                    shown = ", ".join(repr(v) for v in dict.fromkeys(map(str, values)))
+                    notes.append(f"{name}: {rev}: {curve}: {len(values)} of {n} points not drawn "
+                                 f"(not numbers: {shown:.80})")
+    return notes
+
+
+def _number(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def dvc_plots(exps: Sequence[str], cwd: str | Path = ".",
+              notes: list[str] | None = None) -> dict[str, list[dict]]:
+    """{plot id: [vega-lite spec with its data inlined]} from `dvc plots ... --json`; `notes`,
+    when given, receives what will not be drawn (`dropped`)."""
     args = ["diff", "--json", "workspace", *exps] if exps else ["show", "--json"]
     proc = subprocess.run([sys.executable, "-m", "dvc", "plots", *args], cwd=cwd,
                           capture_output=True, text=True)
@@ -47,10 +86,15 @@ def dvc_plots(exps: Sequence[str], cwd: str | Path = ".") -> dict[str, list[dict
         bad = sorted({e.get("rev", "?") for e in errors if e.get("rev") in exps})
         if bad:
             raise PlotsError(f"--exp {bad[0]}: no such experiment or revision (see `dvc exp show`)")
+    if notes is not None:
+        notes += dropped(out)
     specs = {name: [r["content"] for r in renders if r.get("type") == "vega"]
              for name, renders in (out.get("data") or {}).items()}
     specs = {name: s for name, s in specs.items() if s}
     if not specs:
+        other = [e for e in errors if e.get("type") != "FileNotFoundError"]
+        if other:  # the files are there but unusable: say why rather than "run dvc repro"
+            raise PlotsError(f"nothing to plot: {dropped({'errors': other})[0]}")
         raise PlotsError("nothing to plot: no curves in the workspace yet (run `dvc repro`)")
     return specs
 
@@ -88,6 +132,7 @@ def render(specs: dict[str, list[dict]], out_dir: str | Path, title: str) -> lis
     return written
 
 
-def make_plots(exps: Sequence[str], out_dir: str | Path, cwd: str | Path = ".") -> list[Path]:
+def make_plots(exps: Sequence[str], out_dir: str | Path, cwd: str | Path = ".",
+               notes: list[str] | None = None) -> list[Path]:
     title = "minigpt: " + ", ".join(["workspace", *exps])
-    return render(dvc_plots(exps, cwd), out_dir, title)
+    return render(dvc_plots(exps, cwd, notes), out_dir, title)

@@ -18,6 +18,9 @@ Design choices (timings: bench/generate_throughput.py and docs/EXPERIMENTS.md)
   sampler keeps the most recent 3/4 of the window and re-prefills it, then continues token by
   token: one batched prefill every block_size/4 tokens instead of a full forward per token.
   It warns once per call (`warnings.warn`, or `on_window` if given) when that first happens.
+- A diverged model (NaN/inf logits) is an error, greedy or sampled (`DIVERGED`): argmax over a
+  NaN row picks an arbitrary id (often 0, which decodes to nothing), so the check is folded
+  into the step's one host sync (`_greedy` marks such a row -1).
 - Filters follow Hugging Face's semantics (temperature, then repetition penalty on the raw logits
   CTRL-style over every id seen, then top-k, then top-p, keeping at least one token), so
   temperature 0, top_k 1 and a tiny top_p are all greedy. A sampled step draws from the kept
@@ -73,15 +76,23 @@ class StepThreads:
         return out
 
 
+DIVERGED = "the logits hold NaN or inf (has the model diverged?)"
+
+
+def _greedy(x: Tensor) -> Tensor:
+    """argmax per row, (B, 1); -1 where the row holds NaN or inf (see DIVERGED)."""
+    return x.argmax(-1, keepdim=True).masked_fill(~torch.isfinite(x).all(-1, keepdim=True), -1)
+
+
 def _check(temperature, top_k, top_p, repetition_penalty, max_new_tokens) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (got {temperature})")
+    if not (0 <= temperature < float("inf")):  # NaN fails too
+        raise ValueError(f"temperature must be >= 0 and finite (got {temperature})")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None (got {top_k})")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0 (got {repetition_penalty})")
+    if not (0 < repetition_penalty < float("inf")):
+        raise ValueError(f"repetition_penalty must be > 0 and finite (got {repetition_penalty})")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
 
@@ -173,7 +184,7 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None, top_p: fl
     cdf = weights.cumsum(-1)
     total = cdf[:, -1:]
     if not bool(torch.isfinite(total).all()):  # torch.multinomial raised here too
-        raise ValueError("cannot sample: the logits hold NaN or inf (has the model diverged?)")
+        raise ValueError(f"cannot sample: {DIVERGED}")
     u = torch.rand(total.shape, generator=generator, device=total.device) * total
     # the first index whose cdf exceeds u is never a zero-weight one; the clamp (to the last index
     # that adds weight) only matters when rounding lets u reach the total
@@ -247,10 +258,12 @@ def generate_batch(model, ids: list[int], max_new_tokens: int, num_samples: int,
             if penalize:
                 x = apply_repetition_penalty(x, seen, repetition_penalty)
             if greedy:
-                nxt = x.argmax(-1, keepdim=True)
+                nxt = _greedy(x)
             else:
                 nxt = sample_next(x, temperature, top_k, top_p, generator)
             tokens = nxt.view(-1).tolist()  # the one host sync per step
+            if min(tokens) < 0:
+                raise ValueError(f"cannot decode: {DIVERGED}")
             for r, token in enumerate(tokens):
                 history[r].append(token)  # stopped rows too: every row keeps the same length
                 if not done[r]:
@@ -305,12 +318,15 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int,
             logits, _ = model(torch.tensor([prompts[i]], device=device), cache=one)
             cache.copy_prefix(one, slice(r, r + 1))
             firsts.append(logits[:, -1])
-        nxt = torch.cat(firsts).float().argmax(-1, keepdim=True)
+        nxt = _greedy(torch.cat(firsts).float())
         cache.lengths = torch.tensor([len(prompts[i]) for i in rows], device=device)
         cache.pos = max(len(prompts[i]) for i in rows)  # the model advances both per step
         while True:
             keep = []
-            for r, token in enumerate(nxt.view(-1).tolist()):  # the one host sync per step
+            tokens = nxt.view(-1).tolist()  # the one host sync per step
+            if min(tokens) < 0:
+                raise ValueError(f"cannot decode: {DIVERGED}")
+            for r, token in enumerate(tokens):
                 out[rows[r]].append(token)
                 if not (token in stop or len(out[rows[r]]) == max_new_tokens):
                     keep.append(r)
@@ -324,7 +340,7 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int,
                 # a row's cache holds its prompt and all its tokens but the newest
                 cache.pos = max(len(prompts[i]) + len(out[i]) - 1 for i in rows)
             logits, _ = step(model, nxt, cache=cache)
-            nxt = logits[:, -1].float().argmax(-1, keepdim=True)
+            nxt = _greedy(logits[:, -1].float())
     finally:
         step.restore()
         model.train(was_training)

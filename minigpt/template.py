@@ -30,22 +30,25 @@ from minigpt.tokenizer import ASSISTANT, EOT, SPECIAL_TOKENS, SYSTEM, USER, enco
 
 TEMPLATE_NAME = "minigpt-v1"  # recorded as `chat_template` in a fine-tuned model's config.json
 
-# The same template for Hugging Face (`tokenizer_config.json` "chat_template"). Every tag trims the
-# whitespace around it (`{%-`, `-%}`), so the layout here never leaks into the output, whatever the
-# environment's trim_blocks/lstrip_blocks. Jinja string literals decode `\n` to a newline.
+# The same template for Hugging Face (`tokenizer_config.json` "chat_template") and llama.cpp (the
+# GGUF's `tokenizer.chat_template`). Every tag trims the whitespace around it (`{%-`, `-%}`), so the
+# layout here never leaks into the output, whatever the environment's trim_blocks/lstrip_blocks.
+# Jinja string literals decode `\n` to a newline. The role tags are built as '<|' + role + '|>'
+# on purpose: without --jinja, llama.cpp does not run the template but guesses a built-in format
+# from substrings of it (`llm_chat_detect_template`), and the literals '<|user|>' and
+# '<|assistant|>' read as GLMEDGE, which drops our "\n" tokens. With no known substring it
+# refuses ("this custom template is not supported, try using --jinja") instead of guessing.
 CHAT_TEMPLATE_JINJA = (
     r"{%- for message in messages -%}"
-    r"{%- if message['role'] == 'system' and loop.first -%}"
-    r"{{- '<|system|>\n' + message['content'] + '\n' -}}"
-    r"{%- elif message['role'] == 'user' -%}"
-    r"{{- '<|user|>\n' + message['content'] + '\n' -}}"
+    r"{%- if message['role'] == 'user' or (message['role'] == 'system' and loop.first) -%}"
+    r"{{- '<|' + message['role'] + '|>\n' + message['content'] + '\n' -}}"
     r"{%- elif message['role'] == 'assistant' -%}"
-    r"{{- '<|assistant|>\n' + message['content'] + '<|endoftext|>' -}}"
+    r"{{- '<|' + message['role'] + '|>\n' + message['content'] + '<|endoftext|>' -}}"
     r"{%- else -%}"
     r"{{- raise_exception('minigpt-v1: roles are system (first only), user, assistant') -}}"
     r"{%- endif -%}"
     r"{%- endfor -%}"
-    r"{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}"
+    r"{%- if add_generation_prompt -%}{{- '<|' + 'assistant' + '|>\n' -}}{%- endif -%}"
 )
 
 # A piece of a rendered conversation: (text, is_special_token, is_target).

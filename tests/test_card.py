@@ -132,3 +132,26 @@ def test_push_to_hub_failure_is_one_line_and_keeps_the_export(project, monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: --push-to-hub me/x: 401 Client Error: Unauthorized"
     assert (project / "hf" / "README.md").exists() and (project / "hf" / "model.safetensors").exists()
+
+
+def test_reexport_keeps_an_edited_card_and_says_so(project, capsys):
+    """Re-export replaced a README.md the user had edited (issue 25, item 8): now it keeps it."""
+    from minigpt.card import card_edited
+
+    assert export(project) == 0
+    readme = project / "hf" / "README.md"
+    assert not card_edited(readme.read_bytes())
+    _write(project / "metrics/finetune.json", {"steps": 1300, "best_val_loss": 3.1})
+    capsys.readouterr()
+    assert export(project) == 0  # an unedited card is ours: regenerated, silently
+    assert "| finetune | 1,300 |" in readme.read_text() and "warning" not in capsys.readouterr().err
+    edited = readme.read_bytes().replace(b"## Intended use", b"My notes \xe2\x9c\x93\n\n## Intended use")
+    readme.write_bytes(edited)
+    assert card_edited(edited)
+    assert export(project) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"warning: {readme} was edited after it was exported: kept as it is, not "
+                       "regenerated (delete it to get a new model card)")
+    assert readme.read_bytes() == edited and (project / "hf" / "model.safetensors").exists()
+    readme.unlink()
+    assert export(project) == 0 and not card_edited(readme.read_bytes())

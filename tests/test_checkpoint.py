@@ -174,7 +174,12 @@ def test_load_model_errors(tmp_path, tokenizer_file):
     restore()
 
     (out / "config.json").write_text(json.dumps({**config, "tokenizer_hash": "0" * 16}))
-    with pytest.raises(CheckpointError, match="tokenizer hash"):
+    with pytest.raises(CheckpointError, match="tokenizer_hash '0000000000000000' differs from the "
+                       "one the weights were saved with"):
+        ck.load_model(out)
+    restore()
+    (out / "tokenizer.json").write_text((out / "tokenizer.json").read_text() + " ")
+    with pytest.raises(CheckpointError, match="tokenizer hash .* differs from config.json's"):
         ck.load_model(out)
     restore()
     ck.load_model(out)  # and it all works again

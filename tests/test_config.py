@@ -100,3 +100,30 @@ def test_partial_file_uses_defaults_and_ints_are_floats():
 def test_recipe_knobs_are_validated(section, key, value, needle):
     with pytest.raises(ConfigError, match=needle):
         parse_params(_with(section, key, value))
+
+
+def test_yaml_1_2_floats_written_as_strings_by_pyyaml_are_numbers(tmp_path):
+    """`3e-3` is a string to PyYAML (YAML 1.1) but a float to DVC's -S and any YAML 1.2 reader."""
+    path = tmp_path / "params.yaml"
+    path.write_text("pretrain:\n  lr: 3e-3\n  muon_lr: 2E-2\nfinetune:\n  lr: -1e-4\n")
+    assert yaml.safe_load(path.read_text())["pretrain"]["lr"] == "3e-3"  # the YAML 1.1 reading
+    with pytest.raises(ConfigError, match=r"finetune.lr: must be > 0 \(got -0.0001\)"):
+        load_params(path)
+    path.write_text("pretrain:\n  lr: 3e-3\n  muon_lr: 2E-2\n")
+    p = load_params(path)
+    assert (p.pretrain.lr, p.pretrain.muon_lr) == (0.003, 0.02)
+    for text in ("inf", "fast", "1_000", "0x10"):  # not YAML 1.2 floats: still refused
+        path.write_text(f"pretrain:\n  lr: '{text}'\n")
+        with pytest.raises(ConfigError, match="pretrain.lr: expected float"):
+            load_params(path)
+
+
+@pytest.mark.parametrize("section", ["pretrain", "finetune"])
+def test_warmup_longer_than_training_names_both_keys(section):
+    data = _with(section, "max_steps", 10)
+    data[section]["warmup_steps"] = 11
+    with pytest.raises(ConfigError, match=rf"{section}.warmup_steps: must be <= {section}.max_steps "
+                       r"\(10\) \(got 11\)"):
+        parse_params(data)
+    data[section]["warmup_steps"] = 10
+    parse_params(data)

@@ -995,3 +995,24 @@ def test_a_long_document_is_one_document_in_the_token_stream(tmp_path, monkeypat
     want = [i for d in docs for i in encode_text(tok, d) + [eot]]
     assert ids == want and ids.count(eot) == 3
     assert len(enc.split_text(docs[1], 1000)) > 10
+
+
+def test_source_outside_raw_warns_that_dvc_does_not_track_it(tmp_path):
+    """dvc.yaml declares raw/ as the process stages' dependency: a source elsewhere (outside the
+    repo, say) is read but not tracked, so edits to it would leave stale outputs without a word."""
+    outside = tmp_path / "elsewhere" / "dolly.jsonl"
+    _write_jsonl(outside, _dolly_rows(40))
+    _write_jsonl(tmp_path / "repo" / "raw" / "sft" / "dolly.jsonl", _dolly_rows(40))
+    repo = tmp_path / "repo"
+    for source, warned in ((str(outside), True), ("../elsewhere/dolly.jsonl", True),
+                           ("raw/sft/dolly.jsonl", False), (str(repo / "raw/sft"), False)):
+        (repo / "params.yaml").write_text(yaml.safe_dump({"process": {"sft": {"source": source}}}))
+        result = _run_stage(repo, "sft")
+        assert result.returncode == 0, result.stderr
+        lines = result.stderr.splitlines()
+        if warned:
+            assert lines == [f"warning: process.sft.source {source} is outside raw/, so DVC does not "
+                             "track it: editing it will not re-run process@sft (copy it under raw/ "
+                             "and `dvc add` it, or `dvc import-url` it to raw/; see raw/README.md)"]
+        else:
+            assert lines == [], lines

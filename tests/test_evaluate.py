@@ -428,3 +428,19 @@ def test_eval_stage_errors_are_one_line(workspace, capsys, item, breakage, messa
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (workspace / "metrics").exists()
+
+
+def test_eval_of_a_diverged_model_is_an_error_not_empty_answers(workspace, capsys):
+    """A NaN model's greedy answers used to be id 0 (empty text), scored without a word."""
+    from minigpt.checkpoint import load_model, save_model
+
+    model, _, config = load_model(workspace / "out/finetune")
+    with torch.no_grad():
+        model.layers[0].mlp.down.weight[0, 0] = float("nan")
+    meta = {k: config[k] for k in ("stage", "tokenizer_hash", "chat_template", "tokenizer_vocab_size")}
+    save_model(model, workspace / "out/finetune", tokenizer_file=workspace / "out/finetune/tokenizer.json",
+               meta=meta)
+    assert _stage().main(["finetune"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out/finetune: weights hold NaN or inf (layers.0.mlp.down.weight")
+    assert err.count("\n") == 1 and not (workspace / "metrics").exists()

@@ -158,3 +158,55 @@ def test_llama_cpp_generates_our_greedy_tokens(env):
         if len(got) == len(ours):
             break
     assert got == ours
+
+
+@pytest.mark.parametrize("knob,value", [("qk_norm", True), ("mlp", "relu2"), ("logit_softcap", 30.0)])
+def test_non_llama_models_are_refused_before_writing(env, tmp_path, capsys, knob, value):
+    """llama.cpp would read these as a plain Llama (other logits) or the export crashed (relu2)."""
+    from minigpt.checkpoint import save_model
+    from minigpt.model import GPT, GPTConfig
+    from minigpt.tokenizer import tokenizer_hash
+
+    tok_file = env.root / "tokenizer.json"
+    model = GPT(GPTConfig(vocab_size=env.model.config.vocab_size, n_layer=1, n_head=2, n_embd=32,
+                          block_size=32, **{knob: value}))
+    save_model(model, tmp_path / "m", tokenizer_file=tok_file,
+               meta={"tokenizer_hash": tokenizer_hash(tok_file), "stage": "pretrain",
+                     "chat_template": None})
+    out = tmp_path / "out"
+    code = cli.main(["export", str(out), "--format", "gguf", "--checkpoint_path", str(tmp_path / "m")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"model.{knob}=" in err and "llama" in err, err
+    assert not out.exists() or not any(out.iterdir())  # neither a .gguf nor a .tmp
+
+
+def test_gguf_chat_template_renders_exactly_our_prompt_ids(env):
+    """What llama.cpp --jinja (or any Jinja engine) builds from the GGUF's template is our prompt,
+    token for token, "\\n" tokens included (the built-in GLMEDGE guess dropped them)."""
+    jinja2 = pytest.importorskip("jinja2")
+    from transformers import AutoTokenizer
+
+    from minigpt.template import encode_conversation
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    stored = field(gguf.GGUFReader(env.files["f32"]), "tokenizer.chat_template")
+    path = env.files["f32"]
+    hf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)  # the GGUF's own vocabulary
+    conversations = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\n\nthere"},
+         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "A poem?"}],
+    ]
+    for messages in conversations:
+        env_ = jinja2.Environment()
+        env_.globals["raise_exception"] = raise_exception
+        text = env_.from_string(stored).render(messages=messages, add_generation_prompt=True)
+        want = encode_conversation(env.tok, messages, add_generation_prompt=True)
+        assert hf(text, add_special_tokens=False)["input_ids"] == want
+        assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == text
+    assert encode_prompt(env.tok, "What is the capital of France?") == \
+        hf(hf.apply_chat_template(conversations[0], add_generation_prompt=True, tokenize=False),
+           add_special_tokens=False)["input_ids"]

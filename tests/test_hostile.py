@@ -247,16 +247,19 @@ def test_huge_header_length_is_refused(model_dir):
 
 # --- 3. tokenizer vocabulary always checked ------------------------------------------------------
 
-def test_larger_tokenizer_without_hash_is_refused(tmp_path, tok_file):
-    big = tmp_path / "big.json"
-    save_tokenizer(train_tokenizer(CORPUS * 3 + [" ".join(CORPUS)], vocab_size=340), big)
-    d = _model_dir(tmp_path / "m", tok_file)
+@pytest.mark.parametrize("vocab", [340, 300])
+def test_config_without_tokenizer_hash_is_refused(tmp_path, tok_file, vocab):
+    """Without a hash a foreign tokenizer.json was accepted when it was not larger than the
+    embedding (issue 25, item 8): a model directory must name its tokenizer's hash."""
+    other = tmp_path / "other.json"
+    save_tokenizer(train_tokenizer(CORPUS * 3 + [" ".join(CORPUS)], vocab_size=vocab), other)
+    d = _model_dir(tmp_path / "m", tok_file, vocab_size=400)
     config = json.loads((d / "config.json").read_text())
     del config["tokenizer_hash"]  # a config without a hash: the hash check cannot catch it
     (d / "config.json").write_text(json.dumps(config))
-    (d / "tokenizer.json").write_bytes(big.read_bytes())
+    (d / "tokenizer.json").write_bytes(other.read_bytes())
     proc = _cli("generate", "--checkpoint_path", str(d), "--device", "cpu", "--max_new_tokens", "3")
-    _one_error(proc, "tokenizer.json", "more than the model's vocab_size")
+    _one_error(proc, "config.json: no tokenizer_hash")
 
 
 def test_tokenizer_of_another_size_than_recorded_is_refused(tmp_path, tok_file):
@@ -299,8 +302,10 @@ def test_export_is_atomic_and_leaves_no_stale_files(model_dir, tmp_path):
     killed = tmp_path / f".hf.{os.getpid()}-deadbeef.tmp"  # what a killed export leaves behind
     killed.mkdir()
     (killed / "model.safetensors").write_bytes(b"half")
-    (model_dir / "config.json").write_text(json.dumps(
-        {**json.loads((model_dir / "config.json").read_text()), "norm_eps": 1e-6}))
+    model, _, config = load_model(model_dir)  # another model (an edited config.json is refused)
+    model.config.norm_eps = 1e-6
+    save_model(model, model_dir, tokenizer_file=model_dir / "tokenizer.json",
+               meta={k: config[k] for k in ("tokenizer_hash", "stage", "chat_template")})
     assert _cli("export", "--checkpoint_path", str(model_dir), str(out)).returncode == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(EXPORT_FILES)
     assert not killed.exists()
@@ -644,3 +649,145 @@ def test_model_files_get_ordinary_permissions(tmp_path, tok_file, project):
         assert p.stat().st_mode & 0o777 == 0o666 & ~old, (p, oct(p.stat().st_mode))
     assert _cli("export", "--checkpoint_path", str(d), str(tmp_path / "hf")).returncode == 0
     assert (tmp_path / "hf/model.safetensors").stat().st_mode & 0o777 == 0o666 & ~old
+
+
+# --- issue 25: model directories that lie, settings that are not numbers, faults in exports -------
+
+def _edit_config(d: Path, **fields) -> None:
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, **fields}))
+
+
+@pytest.mark.parametrize("field,value", [("block_size", 16), ("qk_norm", True),
+                                         ("logit_softcap", 30.0), ("rope_theta", 500000.0),
+                                         ("norm_eps", 1e-6)])
+def test_config_edit_that_no_weight_pins_is_refused(model_dir, field, value):
+    """No tensor shape depends on these: the weights' metadata records what they were saved with."""
+    _edit_config(model_dir, **{field: value})
+    proc = _cli("generate", "--checkpoint_path", str(model_dir), "--device", "cpu",
+                "--max_new_tokens", "3", "--temperature", "0")
+    _one_error(proc, "config.json", f"{field}=", "does not match the weights")
+
+
+def test_unknown_mlp_in_config_names_the_field_and_file(model_dir):
+    _edit_config(model_dir, mlp="gelu")
+    proc = _cli("generate", "--checkpoint_path", str(model_dir), "--device", "cpu", "--max_new_tokens", "3")
+    _one_error(proc, "config.json", "mlp must be one of swiglu, relu2", "'gelu'")
+
+
+@pytest.mark.parametrize("field,value", [("qk_norm", "yes"), ("zero_init", 1), ("logit_softcap", -1.0)])
+def test_mistyped_architecture_flags_are_refused(model_dir, field, value):
+    _edit_config(model_dir, **{field: value})
+    with pytest.raises(CheckpointError, match=rf"config.json: not a GPT config \({field} "):
+        load_model(model_dir)
+
+
+def _diverged_dir(path: Path, tok_file: Path) -> Path:
+    d = _model_dir(path, tok_file)
+    model, _, config = load_model(d)
+    with torch.no_grad():
+        model.norm.weight.fill_(float("nan"))
+    save_model(model, d, tokenizer_file=tok_file,
+               meta={k: config[k] for k in ("tokenizer_hash", "stage", "chat_template")})
+    return d
+
+
+@pytest.mark.parametrize("flags", [["--temperature", "0"], ["--top_k", "1"],
+                                   ["--temperature", "0", "--num_samples", "2"]])
+def test_diverged_model_decoding_greedily_is_an_error(tmp_path, tok_file, flags):
+    """Greedy decoding of NaN logits gave id 0 (empty text) and exit 0; sampling already erred."""
+    d = _diverged_dir(tmp_path / "nan", tok_file)
+    proc = _cli("generate", "--checkpoint_path", str(d), "--device", "cpu", "--prompt", "the",
+                "--max_new_tokens", "3", *flags)
+    _one_error(proc, "cannot decode: the logits hold NaN or inf")
+
+
+@pytest.mark.parametrize("command,flags,needles", [
+    ("generate", ["--temperature", "inf"], ["--temperature", "finite", "inf"]),
+    ("generate", ["--temperature", "nan"], ["--temperature", "finite"]),
+    ("chat", ["--repetition_penalty", "inf"], ["--repetition_penalty", "finite"]),
+    ("generate", ["--repetition_penalty", "nan"], ["--repetition_penalty", "finite"]),
+    ("generate", ["--seed", str(2**70)], ["--seed", "<= 18446744073709551615"]),
+    ("chat", ["--seed", str(2**70)], ["--seed", "<= 18446744073709551615"]),
+    ("generate", ["--seed", "-1"], ["--seed", ">= 0"]),
+    ("generate", ["--num_samples", "200000"], ["--num_samples", "<= 256"]),
+])
+def test_out_of_range_sampling_flags_are_one_line(model_dir, command, flags, needles):
+    proc = _cli(command, "--checkpoint_path", str(model_dir), "--device", "cpu", *flags)
+    _one_error(proc, *needles)
+
+
+def test_largest_seed_works(model_dir):
+    proc = _cli("generate", "--checkpoint_path", str(model_dir), "--device", "cpu", "--prompt", "the",
+                "--max_new_tokens", "2", "--seed", str(2**64 - 1))
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
+def test_invalid_utf8_system_message_is_one_line(model_dir):
+    proc = _run([sys.executable, "-m", "minigpt.cli", "chat", "--checkpoint_path", str(model_dir),
+                 "--device", "cpu", "--system", b"be \xff brief"], stdin=b"hello\n")
+    _one_error(proc, "--system is not valid UTF-8", "byte 0xff")
+
+
+def _cli_with_file_limit(limit: int, *args) -> subprocess.CompletedProcess:
+    """The CLI where no file may grow past `limit` bytes: writes fail as on a full disk (EFBIG)."""
+    def pre():  # runs in the child before exec
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return subprocess.run([sys.executable, "-m", "minigpt.cli", *args], env=_env(),
+                          capture_output=True, timeout=120, preexec_fn=pre)
+
+
+def _leftovers(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if "tmp" in p.name) if d.exists() else []
+
+
+def test_write_failure_during_hf_export_keeps_the_previous_export(model_dir, tmp_path):
+    out = tmp_path / "hf"
+    assert _cli("export", "--checkpoint_path", str(model_dir), str(out)).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = _cli_with_file_limit(40_000, "export", "--checkpoint_path", str(model_dir), str(out))
+    _one_error(proc, f"export to {out}", "model.safetensors: cannot write", "File too large")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_write_failure_during_gguf_export_leaves_no_tmp(model_dir, tmp_path):
+    pytest.importorskip("gguf")
+    out = tmp_path / "gguf"
+    proc = _cli_with_file_limit(40_000, "export", "--format", "gguf", "--dtype", "f32",
+                                "--checkpoint_path", str(model_dir), str(out))
+    _one_error(proc, f"export to {out}", "m-f32.gguf: cannot write (")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_disk_full_during_export_is_one_line(model_dir, tmp_path, monkeypatch, capsys, fmt):
+    """ENOSPC itself, raised by the writer mid-file (after the file was opened and partly written)."""
+    import errno
+
+    from minigpt import cli
+
+    if fmt == "gguf":
+        gguf = pytest.importorskip("gguf")
+
+        def full(self, *a, **kw):
+            self.fout[0].write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    else:
+        from safetensors import SafetensorError
+
+        import minigpt.export
+
+        def full(tensors, path, metadata=None):
+            Path(path).write_bytes(b"partial")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        monkeypatch.setattr(minigpt.export, "save_file", full)
+    out = tmp_path / "out"
+    code = cli.main(["export", "--format", fmt, "--checkpoint_path", str(model_dir), str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "No space left on device" in err, err
+    assert _leftovers(tmp_path) == _leftovers(out) == []
+    assert not out.exists() or list(out.iterdir()) == []

@@ -139,3 +139,34 @@ def test_page_draws_both_experiments_in_headless_chromium_offline(repo, tmp_path
     keep = os.environ.get("MINIGPT_KEEP_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+def test_plots_say_which_curves_and_points_are_not_drawn(tmp_path):
+    """A missing curve file, a missing column and non-number cells were dropped without a word."""
+    pytest.importorskip("vl_convert", reason='vl-convert-python missing (pip install "minigpt[plots]")')
+    repo = tmp_path / "r"
+    (repo / "metrics/pretrain").mkdir(parents=True)
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": plots}, sort_keys=False))
+    (repo / "metrics/pretrain/train.tsv").write_text("step\tloss\n1\t5.0\n2\tnan\n3\t\n4\t4.0\n")
+    (repo / "metrics/pretrain/val.tsv").write_text("step\tval_loss\n0\t5.5\n5\tabc\n")
+    _run(repo, "git", "init", "-q", "-b", "main")
+    _dvc(repo, "init", "-q")
+    proc = _plots(repo, "--out", "out")
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        "warning: finetune_loss: workspace: metrics/finetune/train.tsv not drawn ([Errno 2] No such "
+        "file or directory: 'metrics/finetune/train.tsv')",
+        "warning: finetune_loss: workspace: metrics/finetune/val.tsv not drawn ([Errno 2] No such "
+        "file or directory: 'metrics/finetune/val.tsv')",
+        "warning: pretrain_loss: workspace: train.tsv::loss: 2 of 4 points not drawn (not numbers: "
+        "'nan', '')",
+        "warning: pretrain_loss: workspace: val.tsv::val_loss: 1 of 2 points not drawn (not "
+        "numbers: 'abc')",
+    ], proc.stderr
+    assert (repo / "out/pretrain_loss.png").exists()
+    (repo / "metrics/pretrain/val.tsv").write_text("step\tother\n0\t5.5\n")  # no val_loss column
+    proc = _plots(repo, "--out", "out", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: nothing to plot: pretrain_loss: workspace: a curve not "
+                                  "drawn (Could not find provided field ('val_loss')"), proc.stderr

@@ -303,3 +303,27 @@ def test_decode_steps_give_the_same_numbers_on_any_thread_count(model):
         torch.set_num_threads(before)
     assert torch.equal(got[1], got[2]) and torch.equal(got[1], got[3])
     assert torch.equal(got[1, "ragged"], got[2, "ragged"]) and torch.equal(got[1, "ragged"], got[3, "ragged"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_greedy_decoding_of_a_diverged_model_raises_like_sampling(bad):
+    """argmax over NaN logits picks an arbitrary id (0: an empty answer); sampling already raised."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=16, block_size=BLOCK)).eval()
+    with torch.no_grad():
+        m.norm.weight.fill_(bad)  # every logit NaN (inf * 0 and inf - inf in the head)
+    for decode in (lambda: generate(m, [1, 2, 3], 5, temperature=0.0),
+                   lambda: generate(m, [1, 2, 3], 5, temperature=1.0, top_k=1),
+                   lambda: generate_batch(m, [1, 2, 3], 5, 3, temperature=0.0),
+                   lambda: greedy_batch(m, [[1, 2], [3, 4, 5]], 5)):
+        with pytest.raises(ValueError, match=r"cannot decode: the logits hold NaN or inf"):
+            decode()
+    with pytest.raises(ValueError, match=r"cannot sample: the logits hold NaN or inf"):
+        generate(m, [1, 2, 3], 5, temperature=1.0)
+
+
+@pytest.mark.parametrize("temperature,penalty", [(float("inf"), 1.0), (float("nan"), 1.0),
+                                                 (1.0, float("inf")), (1.0, float("nan"))])
+def test_non_finite_settings_are_refused(model, temperature, penalty):
+    with pytest.raises(ValueError, match="finite"):
+        generate(model, [1, 2], 3, temperature=temperature, repetition_penalty=penalty)

@@ -211,3 +211,81 @@ def test_truncate_works_on_numpy_and_rejects_non_examples(tok):
         truncate_example(ids, [1] + mask[1:], 10)  # mask not 0..0 1..1
     with pytest.raises(ValueError, match="single-turn"):
         truncate_example([1, 2, 3, 5, 6], [0, 0, 0, 1, 1], 3)  # prompt does not end in <|assistant|>
+
+
+# ---------------------------------------------------------------------------- llama.cpp without --jinja
+
+# llama.cpp's built-in template names and `llm_chat_detect_template`, transcribed in order from
+# src/llama-chat.cpp (github.com/ggml-org/llama.cpp, commit 0192c1297ddde77b0d9688179779e4218cf04db4).
+# Without --jinja llama.cpp formats a chat with the first built-in format this guesses from the
+# GGUF's tokenizer.chat_template; UNKNOWN makes it refuse ("this custom template is not supported,
+# try using --jinja", common/chat.cpp), which is the only safe outcome for our format.
+LLAMA_CPP_TEMPLATE_NAMES = (
+    "chatml llama2 llama2-sys llama2-sys-bos llama2-sys-strip mistral-v1 mistral-v3 "
+    "mistral-v3-tekken mistral-v7 mistral-v7-tekken phi3 phi4 falcon3 zephyr monarch gemma orion "
+    "openchat vicuna vicuna-orca deepseek deepseek2 deepseek3 command-r llama3 chatglm3 chatglm4 "
+    "glmedge minicpm exaone3 exaone4 rwkv-world granite gigachat megrez yandex bailing llama4 "
+    "smolvlm hunyuan-moe hunyuan-dense kimi-k2").split()
+
+
+def llama_cpp_detect(t: str) -> str:
+    """The built-in format llama.cpp would guess for template `t` (a test oracle, not a port:
+    the variant picked inside a family is simplified, the family and its order are not)."""
+    has = t.__contains__
+    if t in LLAMA_CPP_TEMPLATE_NAMES:
+        return t
+    rules = [
+        ("chatml/phi4/smolvlm", has("<|im_start|>")),
+        ("mistral/llama2", t.startswith("mistral") or has("[INST]")),
+        ("phi3", has("<|assistant|>") and has("<|end|>")),
+        ("chatglm4", has("[gMASK]<sop>")),
+        ("falcon3" if has("</s>") else "glmedge", has("<|assistant|>") and has("<|user|>")),
+        ("glmedge", has("<|{{ item['role'] }}|>") and has("<|begin_of_image|>")),
+        ("zephyr", has("<|user|>") and has("<|endoftext|>")),
+        ("monarch", has("bos_token + message['role']")),
+        ("gemma", has("<start_of_turn>")),
+        ("orion", has("'\\n\\nAssistant: ' + eos_token")),
+        ("openchat", has("GPT4 Correct ")),
+        ("vicuna", has("USER: ") and has("ASSISTANT: ")),
+        ("deepseek", has("### Instruction:") and has("<|EOT|>")),
+        ("command-r", has("<|START_OF_TURN_TOKEN|>") and has("<|USER_TOKEN|>")),
+        ("llama3", has("<|start_header_id|>") and has("<|end_header_id|>")),
+        ("chatglm3", has("[gMASK]sop")),
+        ("minicpm", has("<用户>")),
+        ("deepseek2", has("'Assistant: ' + message['content'] + eos_token")),
+        ("deepseek3", has("<｜Assistant｜>") and has("<｜User｜>") and has("<｜end▁of▁sentence｜>")),
+        ("exaone", has("[|system|]") and has("[|assistant|]") and has("[|endofturn|]")),
+        ("rwkv-world", has("rwkv-world") or has("{{- 'User: ' + message['content']|trim + '\\n\\n' -}}")),
+        ("granite", has("<|start_of_role|>")),
+        ("gigachat", has("message['role'] + additional_special_tokens[0] + message['content'] + "
+                         "additional_special_tokens[1]")),
+        ("megrez", has("<|role_start|>")),
+        ("yandex", has(" Ассистент:")),
+        ("bailing", has("<role>ASSISTANT</role>") and has("'HUMAN'")),
+        ("llama4", has("<|header_start|>") and has("<|header_end|>")),
+        ("dots1", has("<|endofuserprompt|>")),
+        ("hunyuan-moe", has("<|startoftext|>") and has("<|extra_4|>")),
+        ("hunyuan-dense", has("<｜hy_place▁holder▁no▁2｜>") and has("<｜hy_place▁holder▁no▁3｜>")),
+        ("kimi-k2", has("<|im_assistant|>assistant<|im_middle|>")),
+    ]
+    return next((name for name, hit in rules if hit), "UNKNOWN")
+
+
+def test_llama_cpp_oracle_reproduces_the_reported_misdetection():
+    """The template exported before issue 25 (literal role tags) was guessed as GLMEDGE, whose
+    format drops our "\\n" after each role tag: 17 prompt tokens instead of 19 in real llama.cpp."""
+    old = ("{%- for message in messages -%}{%- if message['role'] == 'user' -%}"
+           "{{- '<|user|>\\n' + message['content'] + '\\n' -}}{%- endif -%}{%- endfor -%}"
+           "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}")
+    assert llama_cpp_detect(old) == "glmedge"
+    assert llama_cpp_detect("{{ '<|im_start|>' + message['role'] }}") == "chatml/phi4/smolvlm"
+    assert llama_cpp_detect("gemma") == "gemma"
+
+
+def test_our_template_triggers_no_llama_cpp_builtin_format():
+    import re
+
+    assert llama_cpp_detect(CHAT_TEMPLATE_JINJA) == "UNKNOWN"
+    # and no literal special token but the end of a turn: a future heuristic keyed on a role tag
+    # (the way llama.cpp's are) cannot match either
+    assert re.findall(r"<\|\w+\|>", CHAT_TEMPLATE_JINJA) == ["<|endoftext|>"]
