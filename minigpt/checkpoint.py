@@ -89,6 +89,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 # --- model directory --------------------------------------------------------------------------
 
 
+def sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted. safetensors writes them from a
+    Rust HashMap, whose order changes from one process to the next, so identical weights would give
+    different bytes and DVC would see a new model directory (and re-run what depends on it)."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # cannot happen: same keys and values, compact JSON
+            raise CheckpointError(f"{path}: safetensors header grew when sorted")
+        f.seek(8)
+        f.write(text.ljust(size))
+
+
 def save_model(model: torch.nn.Module, directory: str | Path, *, tokenizer_file: str | Path,
                meta: dict) -> None:
     """Write a self-contained model directory: model.safetensors, config.json, tokenizer.json.
@@ -104,6 +119,7 @@ def save_model(model: torch.nn.Module, directory: str | Path, *, tokenizer_file:
     try:
         with atomic_directory(directory, durable=True) as tmp:
             st_save_model(model, str(tmp / MODEL_FILE), metadata=metadata)
+            sort_metadata(tmp / MODEL_FILE)
             public(tmp / MODEL_FILE)
             config = {**dataclasses.asdict(model.config), **meta}
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

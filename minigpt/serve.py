@@ -44,7 +44,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minigpt.engine import Loaded, Sampling, TextStream, make_generator, sample_ids
+from minigpt.engine import Loaded, Sampling, TextStream, UsageError, make_generator, sample_ids
 
 log = logging.getLogger("minigpt.serve")
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -60,6 +60,12 @@ class APIError(Exception):
                  code: str | None = None, type: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+
+def internal_error(e: Exception) -> str:
+    """A 500's message: our own one-line errors (a diverged model's NaN logits) say what went
+    wrong; anything else names only its type, never a traceback or a path."""
+    return f"internal error: {e if isinstance(e, UsageError) else type(e).__name__}"
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -352,8 +358,7 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int, host: str = "127.0.0.1
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, e: Exception):  # logged with its traceback by starlette
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"),
-                            status_code=500)
+        return JSONResponse(error_body(internal_error(e), "server_error"), status_code=500)
 
     def check_max_tokens(value: int | None, param: str) -> int:
         if value is None:
@@ -431,7 +436,7 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int, host: str = "127.0.0.1
                     await future  # re-raises a genuine bug from the worker
                 except Exception as e:  # the 200 is sent: the client learns it from the stream
                     log.exception("generation failed")
-                    body = error_body(f"internal error: {type(e).__name__}", "server_error")
+                    body = error_body(internal_error(e), "server_error")
                     yield f"data: {json.dumps(body)}\n\n"
                 else:
                     yield chunk(choice(None, job.finish_reason))

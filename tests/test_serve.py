@@ -663,7 +663,8 @@ def test_a_failure_mid_stream_ends_with_an_error_event_and_done(rigged):
     or, once a stream's 200 is sent, an error event followed by [DONE]."""
     r = chat(rigged.url, "hi", max_tokens=13)
     assert r.status_code == 500
-    assert r.json()["error"]["type"] == "server_error"
+    assert r.json()["error"] == {**r.json()["error"], "type": "server_error",
+                                 "message": "internal error: RuntimeError"}  # not its text
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 13, "stream": True}
     with httpx.stream("POST", rigged.url + "/v1/chat/completions", json=body, timeout=60) as s:
         assert s.status_code == 200
@@ -671,3 +672,29 @@ def test_a_failure_mid_stream_ends_with_an_error_event_and_done(rigged):
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["type"] == "server_error"
     assert chat(rigged.url, "hi", max_tokens=2).status_code == 200  # and it keeps serving
+
+
+def test_a_diverged_model_is_a_500_that_says_so(servers, tmp_path):
+    """NaN weights: the sampler's one-line error reaches the client (not just its type), with or
+    without a stream; a bug's own message (a path, say) never does: only its type."""
+    model, _, config = load_model(servers.chat.dir, "cpu")
+    with torch.no_grad():
+        model.tok_emb.weight.fill_(float("nan"))  # tied: the logits are NaN
+    nan_dir = tmp_path / "nan"
+    save_model(model, nan_dir, tokenizer_file=servers.chat.dir / "tokenizer.json",
+               meta={k: config[k] for k in ("tokenizer_hash", "stage", "chat_template")})
+    srv = _start(nan_dir, tmp_path / "nan.log")
+    try:
+        r = chat(srv.url, "hi", max_tokens=4, temperature=0)
+        assert r.status_code == 500
+        assert r.json()["error"]["message"] == ("internal error: cannot decode: the logits hold "
+                                                "NaN or inf (has the model diverged?)")
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                "temperature": 0, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as s:
+            events = sse(s)
+        assert events[-1] == "[DONE]" and "diverged" in events[-2]["error"]["message"]
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait(timeout=30)
+        srv.out.close()

@@ -143,7 +143,7 @@ def test_torchrun_launch_keeps_one_line_and_status_2(project):
     """`pretrain.nproc: 2` runs two DDP workers (gloo, CPU) through torchrun's launcher; an error
     in the workers is one line, exit 2, no ChildFailedError traceback; bad params fail before
     any worker starts; and a good run trains with world size 2."""
-    _set_params(project, pretrain={"nproc": 2, "warmup_steps": 5})
+    _set_params(project, pretrain={"nproc": 2, "warmup_steps": 1})
     (project / "data/tokens/pretrain/validation.bin").unlink()
     proc = _dvc_cmd(project, timeout=240)
     err = proc.stderr.decode()
