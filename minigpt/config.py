@@ -29,7 +29,8 @@ BYTE_ALPHABET = 256  # byte-level BPE always holds the 256 byte symbols
 PRETRAIN_FORMATS = ("auto", "wikitext", "documents")
 # Keys of older params.yaml files: what took their place.
 REPLACED = {"process.pretrain.wikitext": "replaced by format: auto | wikitext | documents; "
-                                         "auto is WikiText only for WikiText sources"}
+                                         "auto is WikiText only for WikiText sources",
+            "eval.seed": "removed: evaluation decodes greedily and draws nothing; delete it"}
 # YAML 1.2 core schema floats PyYAML leaves as strings (`3e-3`, `1E5`): digits, no .inf/.nan
 _YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 
@@ -242,7 +243,9 @@ class TrainConfig:
     compile: bool = False
     """Wrap the model in torch.compile (pays back on GPU and on long CPU runs)."""
     nproc: int = 1
-    """Processes per node for DDP (torchrun); 1 = plain single process."""
+    """Processes per node for DDP; 1 = plain single process. Read by the stage script
+    (`minigpt.stage.run_training_stage`), which starts nproc workers through torchrun's launcher;
+    under a torchrun the user started, its --nproc-per-node rules and this is not read."""
     batch_size: int = 16
     """Rows per micro-batch per process. Pre-training: windows of block_size tokens. Fine-tuning:
     one example per row when padding; with `packing`, as many whole examples as fit in
@@ -357,8 +360,6 @@ class EvalConfig:
     """SFT test examples to generate greedy answers for (ROUGE/BLEU)."""
     max_new_tokens: int = 96
     """Generation length cap for scored answers and samples."""
-    seed: int = 1337
-    """Seed for anything sampled."""
     prompts: list = field(default_factory=lambda: [
         "What is the capital of France?",
         "Give me three tips for staying healthy.",
@@ -389,7 +390,7 @@ class Params:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def validate(self, prefix: str = "") -> None:
+    def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
         # across sections: caught here, before pretrain and finetune run, not by the eval stage
@@ -476,8 +477,3 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         return parse_params(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-
-
-def to_dict(cfg: Any) -> dict:
-    """A plain dict of a config (for config.json and resume checks)."""
-    return dataclasses.asdict(cfg)

@@ -381,7 +381,6 @@ def evaluate_model(model: Callable, tok, data: EvalData, cfg: EvalConfig, device
 
     `seconds`, when given, receives the wall time of each phase (lm, sft, generate): timings
     stay out of the metrics, which must be identical from run to run."""
-    torch.manual_seed(cfg.seed)  # greedy decoding draws nothing, but keep any sampler's RNG fixed
     model.eval()  # no dropout (a fine-tuned config keeps its training dropout)
     seconds = {} if seconds is None else seconds
     start = time.perf_counter()

@@ -356,15 +356,6 @@ def is_streamed(cfg: PretrainDataConfig) -> bool:
     return cfg.max_documents > 0 and resolve_source(cfg.source) is None
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict]:
-    """Records of a JSONL file such as `data/processed/*/train.jsonl` (for later stages)."""
-    try:
-        for _, _, record in read_json(path):
-            yield record
-    except FormatError as e:
-        raise DataError(str(e)) from None
-
-
 def progress(rows: Iterable, desc: str, total: Optional[int] = None) -> Iterator:
     """`rows` with a progress bar that appears when iteration starts (one bar at a time).
     disable=None: a bar on a terminal, silence in logs and tests (no carriage-return noise)."""

@@ -16,8 +16,8 @@ import yaml
 
 from minigpt.config import PretrainDataConfig, SFTDataConfig
 from minigpt.data import assign_split, process_pretrain, process_sft, stable_fraction
-from minigpt.files import atomic_directory
-from minigpt.sources import DataError, read_jsonl, resolve_source, split_of
+from minigpt.files import atomic_directory, read_objects
+from minigpt.sources import DataError, resolve_source, split_of
 from minigpt.wikitext import article_text, detokenize, detokenize_line, is_title, wikitext_articles
 import minigpt.sources as sources
 import minigpt.wikitext as wikitext
@@ -89,7 +89,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def _split_of_each(out: Path, key: str) -> dict[str, str]:
     return {rec[key]: split for split in ("train", "validation", "test")
-            for rec in read_jsonl(out / f"{split}.jsonl")}
+            for rec in _records(out / f"{split}.jsonl")}
 
 
 def _stats(out: Path) -> dict:
@@ -292,7 +292,7 @@ def test_stats_measure_the_written_text(tmp_path):
     raw = _write_lines(tmp_path / "wiki.train.raw", WIKI_LINES)
     stats = process_pretrain(PretrainDataConfig(source=str(raw), validation_fraction=0,
                                                 test_fraction=0), tmp_path / "out")
-    texts = [r["text"] for r in read_jsonl(tmp_path / "out" / "train.jsonl")]
+    texts = [r["text"] for r in _records(tmp_path / "out" / "train.jsonl")]
     assert stats["train"] == {
         "documents": 2, "characters": sum(map(len, texts)),
         "bytes": sum(len(t.encode()) for t in texts),
@@ -319,7 +319,7 @@ def test_parquet_and_jsonl_pretrain_sources(tmp_path):
     assert sum(stats[s]["documents"] for s in ("train", "validation", "test")) == 40
     assert stats["dropped"]["empty"] == 1
     out = {r["text"] for s in ("train", "validation", "test")
-           for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")}
+           for r in _records(tmp_path / "out" / f"{s}.jsonl")}
     assert "Document number 0 about the river ." in out  # documents are written as they are
 
     _write_jsonl(tmp_path / "j" / "corpus.train.jsonl", [{"body": d} for d in docs])
@@ -329,7 +329,7 @@ def test_parquet_and_jsonl_pretrain_sources(tmp_path):
                              text_column="body")
     stats = process_pretrain(cfg, tmp_path / "out2")
     assert [stats[s]["documents"] for s in ("train", "validation", "test")] == [40, 1, 1]
-    assert next(read_jsonl(tmp_path / "out2" / "test.jsonl")) == {"text": "t ."}
+    assert next(_records(tmp_path / "out2" / "test.jsonl")) == {"text": "t ."}
 
 
 def test_hub_rows_through_a_fake_dataset(tmp_path, monkeypatch):
@@ -358,7 +358,7 @@ def test_hub_rows_through_a_fake_dataset(tmp_path, monkeypatch):
     assert calls == [(("Salesforce/wikitext", "wikitext-2-raw-v1"), {"revision": "abc123"})]
     assert [stats[s]["documents"] for s in ("train", "validation", "test")] == [2, 1, 1]
     assert stats["name"] == "wikitext-2-raw-v1"
-    test_doc = next(read_jsonl(tmp_path / "out" / "test.jsonl"))["text"]
+    test_doc = next(_records(tmp_path / "out" / "test.jsonl"))["text"]
     assert test_doc == ("Tower Building of the Little Rock Arsenal\n\n"
                         "The building's walls were 3 feet thick.")
 
@@ -373,7 +373,7 @@ def test_sft_alpaca_json_and_parquet(tmp_path):
     stats = process_sft(cfg, tmp_path / "out")
     assert sum(stats[s]["examples"] for s in ("train", "validation", "test")) == len(WORDS)
     assert stats["dropped"]["duplicate"] == 2 * len(WORDS)
-    first = next(read_jsonl(tmp_path / "out" / "train.jsonl"))
+    first = next(_records(tmp_path / "out" / "train.jsonl"))
     assert set(first) == {"instruction", "context", "response"}
 
     import pyarrow as pa
@@ -423,7 +423,7 @@ def test_sft_cleaning_counts_drops(tmp_path):
     assert sum(stats[s]["dropped"]["duplicate"] for s in ("train", "validation", "test")) == 2
     assert stats["measured"] == "response"
     records = [r for s in ("train", "validation", "test")
-               for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")]
+               for r in _records(tmp_path / "out" / f"{s}.jsonl")]
     assert all(r == {k: v.strip() for k, v in r.items()} for r in records)
     responses = [r["response"] for r in records]
     assert sum(len(x.split()) for x in responses) == sum(stats[s]["words"]
@@ -508,7 +508,7 @@ def test_sft_context_optional_in_columns(tmp_path):
     cfg = SFTDataConfig(source=str(path), columns={"instruction": "q", "response": "a"},
                         validation_fraction=0.2, test_fraction=0.2)
     process_sft(cfg, tmp_path / "out")
-    rec = next(read_jsonl(tmp_path / "out" / "train.jsonl"))
+    rec = next(_records(tmp_path / "out" / "train.jsonl"))
     assert rec["context"] == "" and rec["instruction"].startswith("Question")
 
 
@@ -706,7 +706,7 @@ def test_jsonl_keeps_one_document_per_line(tmp_path):
                                         validation_fraction=0, test_fraction=0), tmp_path / "o")
     raw = (tmp_path / "o" / "train.jsonl").read_text(encoding="utf-8")
     assert len(raw.splitlines()) == 3
-    assert next(read_jsonl(tmp_path / "o" / "train.jsonl"))["text"] == "a\u2028b\x85c\nd"
+    assert next(_records(tmp_path / "o" / "train.jsonl"))["text"] == "a\u2028b\x85c\nd"
 
 
 # --------------------------------------------------------------------------------------------
@@ -766,8 +766,13 @@ def test_stage_script_end_to_end(tmp_path):
 # Format by evidence, text blocks, streamed hub slices
 # --------------------------------------------------------------------------------------------
 
+def _records(path: Path):
+    """The JSON objects of a processed split, read as the later stages read them."""
+    return (obj for _, _, obj in read_objects(path))
+
+
 def _texts(out: Path, split: str = "train") -> list[str]:
-    return [r["text"] for r in read_jsonl(out / f"{split}.jsonl")]
+    return [r["text"] for r in _records(out / f"{split}.jsonl")]
 
 
 def _no_carving(**kw) -> PretrainDataConfig:
