@@ -184,9 +184,9 @@ def atomic_directory(target: str | Path, durable: bool = False) -> Iterator[Path
 # --- reading JSON lines ------------------------------------------------------------------------
 
 
-def utf8_text(line: str, where: str) -> int:
-    """Check a line read with errors="surrogateescape"; returns its size in UTF-8 bytes.
-    A byte that was not UTF-8 raises FormatError naming the column."""
+def utf8_size(line: str, where: str) -> int:
+    """The size in UTF-8 bytes of a line read with errors="surrogateescape", which checks it:
+    a byte that was not UTF-8 raises FormatError naming the column."""
     if line.isascii():
         return len(line)
     try:
@@ -199,7 +199,7 @@ def utf8_text(line: str, where: str) -> int:
 
 def open_text(path: Path):
     """Open for reading as UTF-8 with a leading BOM dropped; undecodable bytes are kept as
-    surrogates so that `utf8_text` can report them with their line."""
+    surrogates so that `utf8_size` can report them with their line."""
     return path.open(encoding="utf-8-sig", errors="surrogateescape")
 
 
@@ -256,7 +256,7 @@ def read_json(path: str | Path) -> Iterator[tuple[str, int, Any]]:
         if head.startswith("[") or (head.startswith("{") and not _complete_first_line(head)):
             text = f.read()
             for lineno, line in enumerate(text.split("\n"), 1):
-                utf8_text(line, f"{path}:{lineno}")
+                utf8_size(line, f"{path}:{lineno}")  # for its check: not UTF-8 raises
             yield from _json_values(path, text)
             return
         for lineno, line in enumerate(f, 1):
@@ -270,7 +270,7 @@ def json_line(line: str, where: str) -> tuple[int, Any] | None:
     """(size in UTF-8 bytes, value) of one line of JSON lines read with `open_text` (or bytes
     decoded with errors="surrogateescape"); None for a blank line (a trailing one is common and
     harmless). Errors name `where` (`FILE:LINE`)."""
-    size = utf8_text(line, where)
+    size = utf8_size(line, where)
     if not line.strip():
         return None
     try:

@@ -70,8 +70,8 @@ class MuonAdamW:
     """Muon for the blocks' 2-D matrices, AdamW for the rest, stepped as one optimizer.
 
     Exposes what `fit` and the checkpoint code use: param_groups (each with an `lr_ratio` that
-    scales the schedule's LR: muon_lr / lr for the Muon groups), step, zero_grad, state (clear)
-    and state_dict / load_state_dict (both inner state dicts, so a resume is exact)."""
+    scales the schedule's LR: muon_lr / lr for the Muon groups), step, zero_grad and
+    state_dict / load_state_dict (both inner state dicts, so a resume is exact)."""
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
         self.muon, self.adamw = muon, adamw
@@ -79,14 +79,6 @@ class MuonAdamW:
     @property
     def param_groups(self) -> list:
         return self.muon.param_groups + self.adamw.param_groups
-
-    @property
-    def state(self):
-        return self
-
-    def clear(self) -> None:  # `optimizer.state.clear()` after a failed resume
-        self.muon.state.clear()
-        self.adamw.state.clear()
 
     def step(self) -> None:
         self.muon.step()

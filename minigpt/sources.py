@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 from tqdm import tqdm
 
 from minigpt.config import PretrainDataConfig, SFTDataConfig
-from minigpt.files import SPLITS, FormatError, open_text, read_json, utf8_text
+from minigpt.files import SPLITS, FormatError, open_text, read_json, utf8_size
 from minigpt.wikitext import starts_like_wikitext
 
 SFT_FIELDS = ("instruction", "context", "response")
@@ -294,7 +294,7 @@ def read_text_lines(path: Path) -> Iterator[str]:
     with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             try:
-                utf8_text(line, f"{path}:{lineno}")
+                utf8_size(line, f"{path}:{lineno}")  # for its check: not UTF-8 raises
             except FormatError as e:
                 raise DataError(str(e)) from None
             if "\x00" in line:

@@ -80,7 +80,7 @@ class BatchSource(Protocol):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable, rt: Runtime) -> float:
+def val_loss(model: torch.nn.Module, batches: Iterable, rt: Runtime) -> float:
     """Token-weighted mean loss over this rank's batches, all-reduced across ranks."""
     was_training = model.training
     model.eval()
@@ -257,6 +257,7 @@ def _try_resume(run: _Run, ckpt_dir: Path, log) -> bool:
             f"starting fresh")
         return False
     initial = {k: v.detach().clone() for k, v in run.raw.state_dict().items()}
+    fresh_optimizer = run.optimizer.state_dict()  # no moments yet: what a failed load reverts to
     try:
         state, _ = load_state(ckpt_dir, run.raw, run.optimizer, run.rt.device)
         history = History(**state["history"])
@@ -269,7 +270,7 @@ def _try_resume(run: _Run, ckpt_dir: Path, log) -> bool:
             run.scaler.load_state_dict(state["scaler"])
     except (CheckpointError, KeyError, TypeError, IndexError, ValueError) as e:
         run.raw.load_state_dict(initial)  # a failed load may have overwritten some weights
-        run.optimizer.state.clear()
+        run.optimizer.load_state_dict(fresh_optimizer)  # and loaded some moments
         if run.scaler is not None:
             run.scaler = grad_scaler(run.rt.device, run.rt.dtype)
         why = e if isinstance(e, CheckpointError) else f"{ckpt_dir}: state from another version ({e!r})"
@@ -282,7 +283,7 @@ def _try_resume(run: _Run, ckpt_dir: Path, log) -> bool:
 
 
 def _eval_and_track(run: _Run, patience: int, keep_best: bool, log) -> None:
-    val = evaluate(run.raw, run.val, run.rt)
+    val = val_loss(run.raw, run.val, run.rt)
     h = run.h
     h.val_rows.append([h.step, h.tokens, val])
     if val < h.best_val:

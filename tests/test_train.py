@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from minigpt import optim, runtime, train
 from minigpt.config import TrainConfig
+from minigpt.files import sha256_file
 from minigpt.model import GPT, GPTConfig, IGNORE
 from minigpt.runtime import DeviceError, Runtime
 from minigpt.optim import lr_at
@@ -324,13 +325,13 @@ def test_curves_are_written_at_each_log_row_before_any_checkpoint(data):
 def test_early_stopping_keeps_best_weights(data, monkeypatch):
     c = cfg(max_steps=20, eval_interval=1, save_interval=100)
     scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7])  # evals at steps 0..4: best at step 1
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: next(scripted))
+    monkeypatch.setattr(train, "val_loss", lambda *a, **k: next(scripted))
     s = run_fit(data, c, out="early", keep_best=True, patience=3)
     assert s["stopped_early"] == 1 and s["steps"] == 4
     assert s["best_step"] == 1 and s["best_val_loss"] == 2.0
     assert (data["root"] / "early" / "ckpt" / "best.safetensors").exists()
     # reference: the same run killed during step 2 holds exactly the step-1 weights in memory
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: 1.0)
+    monkeypatch.setattr(train, "val_loss", lambda *a, **k: 1.0)
     ref = tiny_model(c.seed)
     with pytest.raises(KeyboardInterrupt):
         run_fit(data, c, out="ref", model=ref, source=CrashAfter(TokenWindows(data["train"], BLOCK, 4, 7), 1))
@@ -595,6 +596,30 @@ def test_resume_after_kill_is_exact_with_muon_and_wsd(data, capsys):
     assert not torch.equal(weights(data["root"] / "adamw")["layers.0.attn.qkv.weight"],
                            a["layers.0.attn.qkv.weight"])
     assert adamw["val_loss"] != straight["val_loss"]
+
+
+def test_a_failed_resume_forgets_the_optimizer_moments(data, capsys):
+    """state.pt whose optimizer state loads but whose data position is missing: the run starts
+    fresh with fresh Muon and AdamW moments, the same run as one never interrupted."""
+    c = cfg(**NEW_RECIPE)
+    straight = run_fit(data, c, out="straight")
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(data, c, out="resumed", source=CrashAfter(TokenWindows(data["train"], BLOCK, 4, 7), 5))
+    ckpt = data["root"] / "resumed" / "ckpt"
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert state["optimizer"]["muon"]["state"] and state["optimizer"]["adamw"]["state"]
+    del state["data"]
+    torch.save(state, ckpt / "state.pt")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"]["state.pt"]["sha256"] = sha256_file(ckpt / "state.pt")
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    again = run_fit(data, c, out="resumed")
+    out = capsys.readouterr()
+    assert "not resuming" in out.out + out.err and again["resumed_from_step"] is None
+    a, b = weights(data["root"] / "straight"), weights(data["root"] / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert again["val_loss"] == straight["val_loss"]
 
 
 def test_changing_the_optimizer_starts_fresh(data, capsys):
