@@ -38,11 +38,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from minigpt.checkpoint import (CheckpointError, load_state, lock_scratch, read_state_meta,
-                                save_model, save_state, unwrap)
+from minigpt.checkpoint import CheckpointError, save_model, unwrap
 from minigpt.files import atomic_write_bytes
 from minigpt.model import IGNORE
 from minigpt.optim import build_optimizer, lr_at, set_lr
+from minigpt.resume import load_state, lock_scratch, read_state_meta, save_state
 from minigpt.runtime import Runtime, grad_scaler
 
 if TYPE_CHECKING:

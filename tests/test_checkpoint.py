@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from minigpt import checkpoint as ck
-from minigpt import files
+from minigpt import files, resume
 from minigpt.checkpoint import CheckpointError
 from minigpt.model import GPT, GPTConfig
 from minigpt.optim import adamw
@@ -205,13 +205,13 @@ def test_state_round_trip(tmp_path):
     _one_step(model, opt)
     rng = torch.get_rng_state()
     state = {"step": 7, "rng": [{"cpu": rng, "cuda": None}], "history": {"rows": [[1, 2.5]]}}
-    ck.save_state(tmp_path, model, opt, state, {"model": {"n_layer": 2}})
+    resume.save_state(tmp_path, model, opt, state, {"model": {"n_layer": 2}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "model.safetensors", "state.pt"]
     torch.load(tmp_path / "state.pt", weights_only=True)  # loadable without unpickling objects
 
     fresh = tiny(5)
     fresh_opt = _opt(fresh)
-    got, meta = ck.load_state(tmp_path, fresh, fresh_opt)
+    got, meta = resume.load_state(tmp_path, fresh, fresh_opt)
     assert meta == {"model": {"n_layer": 2}}
     assert got["step"] == 7 and got["history"] == {"rows": [[1, 2.5]]}
     assert torch.equal(got["rng"][0]["cpu"], rng)
@@ -219,28 +219,29 @@ def test_state_round_trip(tmp_path):
         assert torch.equal(a, b)
     sa, sb = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
     assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
-    assert ck.read_state_meta(tmp_path)["step"] == 7
+    assert resume.read_state_meta(tmp_path)["step"] == 7
 
 
 def test_extra_files_and_missing_checkpoint(tmp_path):
     model = tiny()
-    assert ck.read_state_meta(tmp_path) is None
+    assert resume.read_state_meta(tmp_path) is None
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        ck.load_state(tmp_path, model)
+        resume.load_state(tmp_path, model)
     best = {k: v * 2 for k, v in model.state_dict().items()}
-    ck.save_state(tmp_path, model, None, {"step": 1}, {}, extra={"best.safetensors": best})
-    state, _ = ck.load_state(tmp_path, tiny(2))
+    resume.save_state(tmp_path, model, None, {"step": 1}, {}, extra={"best.safetensors": best})
+    state, _ = resume.load_state(tmp_path, tiny(2))
     assert torch.equal(state["extra"]["best.safetensors"]["tok_emb.weight"], best["tok_emb.weight"])
 
 
 def test_save_over_foreign_or_stale_checkpoint(tmp_path):
     (tmp_path / "meta.json").write_text("{garbage")
     with pytest.raises(CheckpointError, match="meta.json"):
-        ck.read_state_meta(tmp_path)
-    ck.save_state(tmp_path, tiny(), None, {"step": 1}, {}, extra={"best.safetensors": tiny().state_dict()})
-    ck.save_state(tmp_path, tiny(), None, {"step": 2}, {})  # no extra: the old best file goes
+        resume.read_state_meta(tmp_path)
+    resume.save_state(tmp_path, tiny(), None, {"step": 1}, {},
+                      extra={"best.safetensors": tiny().state_dict()})
+    resume.save_state(tmp_path, tiny(), None, {"step": 2}, {})  # no extra: the old best file goes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "model.safetensors", "state.pt"]
-    assert ck.load_state(tmp_path, tiny(1))[0]["step"] == 2
+    assert resume.load_state(tmp_path, tiny(1))[0]["step"] == 2
 
 
 def _filled(value: float) -> torch.nn.Module:
@@ -253,7 +254,7 @@ def _filled(value: float) -> torch.nn.Module:
 def _check_consistent(ckpt: Path) -> int:
     """Load the checkpoint and check all its parts come from the same save; return its step."""
     model = _filled(-1.0)
-    state, meta = ck.load_state(ckpt, model)
+    state, meta = resume.load_state(ckpt, model)
     step = state["step"]
     assert meta["step"] == step
     assert all(torch.all(p == step) for p in model.parameters())
@@ -262,22 +263,22 @@ def _check_consistent(ckpt: Path) -> int:
 
 
 def test_crash_before_commit_keeps_previous(tmp_path, monkeypatch):
-    ck.save_state(tmp_path, _filled(1), None, {"step": 1}, {"step": 1},
-                  extra={"best.safetensors": _filled(1).state_dict()})
+    resume.save_state(tmp_path, _filled(1), None, {"step": 1}, {"step": 1},
+                      extra={"best.safetensors": _filled(1).state_dict()})
 
     def crash(*a, **k):
         raise KeyboardInterrupt("killed")  # dies after the payload temps, before meta.json
 
-    monkeypatch.setattr(ck, "atomic_write_json", crash)
+    monkeypatch.setattr(resume, "atomic_write_json", crash)
     with pytest.raises(KeyboardInterrupt):
-        ck.save_state(tmp_path, _filled(2), None, {"step": 2}, {"step": 2},
-                      extra={"best.safetensors": _filled(2).state_dict()})
+        resume.save_state(tmp_path, _filled(2), None, {"step": 2}, {"step": 2},
+                          extra={"best.safetensors": _filled(2).state_dict()})
     assert _check_consistent(tmp_path) == 1
 
 
 def test_crash_after_commit_rolls_forward(tmp_path, monkeypatch):
-    ck.save_state(tmp_path, _filled(1), None, {"step": 1}, {"step": 1},
-                  extra={"best.safetensors": _filled(1).state_dict()})
+    resume.save_state(tmp_path, _filled(1), None, {"step": 1}, {"step": 1},
+                      extra={"best.safetensors": _filled(1).state_dict()})
     real_replace, calls = os.replace, []
 
     def replace_then_die(src, dst):
@@ -286,34 +287,34 @@ def test_crash_after_commit_rolls_forward(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(ck.os, "replace", replace_then_die)
+    monkeypatch.setattr(resume.os, "replace", replace_then_die)
     with pytest.raises(KeyboardInterrupt):
-        ck.save_state(tmp_path, _filled(2), None, {"step": 2}, {"step": 2},
-                      extra={"best.safetensors": _filled(2).state_dict()})
-    monkeypatch.setattr(ck.os, "replace", real_replace)
+        resume.save_state(tmp_path, _filled(2), None, {"step": 2}, {"step": 2},
+                          extra={"best.safetensors": _filled(2).state_dict()})
+    monkeypatch.setattr(resume.os, "replace", real_replace)
     assert calls[0] == "meta.json"
     assert _check_consistent(tmp_path) == 2  # read from the journal's temporary names
-    ck.save_state(tmp_path, _filled(3), None, {"step": 3}, {"step": 3},
-                  extra={"best.safetensors": _filled(3).state_dict()})
+    resume.save_state(tmp_path, _filled(3), None, {"step": 3}, {"step": 3},
+                      extra={"best.safetensors": _filled(3).state_dict()})
     assert _check_consistent(tmp_path) == 3
     assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_torn_payload_is_rejected(tmp_path):
-    ck.save_state(tmp_path, _filled(1), None, {"step": 1}, {},
-                  extra={"best.safetensors": _filled(1).state_dict()})
+    resume.save_state(tmp_path, _filled(1), None, {"step": 1}, {},
+                      extra={"best.safetensors": _filled(1).state_dict()})
     with open(tmp_path / "state.pt", "ab") as f:
         f.write(b"junk")
     with pytest.raises(CheckpointError, match="state.pt") as e:
-        ck.load_state(tmp_path, _filled(0))
+        resume.load_state(tmp_path, _filled(0))
     assert "\n" not in str(e.value)
 
 
 KILLER = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, sys.argv[2])
-    from minigpt import checkpoint as ck
-    step = (ck.read_state_meta(sys.argv[1]) or {"step": 0})["step"]
+    from minigpt import resume
+    step = (resume.read_state_meta(sys.argv[1]) or {"step": 0})["step"]
     while True:
         step += 1
         model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
@@ -321,7 +322,7 @@ KILLER = textwrap.dedent("""
         for p in model.parameters():
             torch.nn.init.constant_(p, float(step))
         extra = {"best.safetensors": {**model.state_dict(), **big}}
-        ck.save_state(sys.argv[1], model, None, {"step": step, "pad": big["w"]}, {"step": step}, extra)
+        resume.save_state(sys.argv[1], model, None, {"step": step, "pad": big["w"]}, {"step": step}, extra)
         print(step, flush=True)
 """)
 

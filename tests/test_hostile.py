@@ -171,7 +171,7 @@ def test_hostile_meta_json_never_touches_files_outside_the_checkpoint(project):
     ("model.safetensors", ".state.pt.1-0123abcd.tmp"), ("meta.json", ".meta.json.1-0123abcd.tmp"),
     ("model.safetensors", "../.model.safetensors.1-0123abcd.tmp")])
 def test_meta_json_entries_must_be_plain_expected_names(tmp_path, name, tmp):
-    from minigpt.checkpoint import finish_commit, read_state_meta
+    from minigpt.resume import finish_commit, read_state_meta
 
     (tmp_path / "meta.json").write_text(json.dumps({
         "format": "minigpt-ckpt-v1", "step": 1, "meta": {},
