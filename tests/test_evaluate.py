@@ -416,6 +416,18 @@ def test_eval_reads_only_the_test_tokens_it_scores(workspace):
         ev.evaluate_lm(model, full, cfg, torch.device("cpu"))
 
 
+def test_a_stride_beyond_the_block_is_refused_by_the_library_too(workspace):
+    """The stage refuses it before loading (check_model, below); a caller of evaluate_lm gets
+    window_plan's error naming the stride, not a run."""
+    from minigpt.checkpoint import load_model
+    from minigpt.config import EvalConfig
+
+    data = ev.load_eval_data(workspace / "data/tokens", workspace / "data/processed", 0, max_tokens=50)
+    model, _, _ = load_model(workspace / "out/pretrain", "cpu")
+    with pytest.raises(ValueError, match=r"stride must be in \[1, block_size=32\] \(got 64\)"):
+        ev.evaluate_lm(model, data, EvalConfig(**{**EVAL, "stride": 64}), torch.device("cpu"))
+
+
 @pytest.mark.parametrize("item,breakage,message", [
     ("finetune", lambda ws: shutil.rmtree(ws / "out/finetune"), "out/finetune: model directory not found"),
     ("pretrain", lambda ws: (ws / "data/processed/pretrain/stats.json").unlink(), "stats.json: not found"),
