@@ -102,6 +102,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"model directory (default: {DEFAULT_CHECKPOINT})")
 
 
+def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["fp32", "int8", "bf16"], default="fp32",
+                   help="weights for CPU decoding: fp32 (exact), int8 (weight-only, per-channel "
+                        "scales) or bf16 (fast only with AVX512-BF16/AMX) (default: fp32)")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by `generate` and `chat`."""
     _add_model_args(p)
@@ -121,6 +127,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="random seed, for reproducible sampling (0..2**64-1)")
     p.add_argument("--device", type=_device, default="auto",
                    help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    _add_dtype_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "when --host is not loopback)")
     srv.add_argument("--device", type=_device, default="auto",
                      help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    _add_dtype_arg(srv)
     srv.set_defaults(func=cmd_serve)
 
     exp = sub.add_parser("export", help="export a model directory to another format",
@@ -214,7 +222,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from minigpt.tokenizer import decode
 
     utf8_text(args.prompt, "--prompt")  # before the (slow) model load
-    m = load(args.checkpoint_path, args.device, args.tokenizer_path)
+    m = load(args.checkpoint_path, args.device, args.tokenizer_path, args.dtype)
     ids = prompt_ids(m, args.prompt, args.raw)
     echo = "" if (m.is_chat and not args.raw) else args.prompt  # raw text is continued, not answered
     settings = Sampling.from_args(args)
@@ -298,7 +306,7 @@ def _reply(m: Loaded, ids: list[int], settings: Sampling, generator) -> str:
 def cmd_chat(args: argparse.Namespace) -> int:
     if args.system is not None:
         utf8_text(args.system, "--system")  # before the (slow) model load
-    m = load(args.checkpoint_path, args.device, args.tokenizer_path)
+    m = load(args.checkpoint_path, args.device, args.tokenizer_path, args.dtype)
     if not m.is_chat:
         print(f"warning: {args.checkpoint_path} is not instruction-tuned (config.json has no "
               "chat_template); its answers will not follow the chat format", file=sys.stderr)
@@ -360,7 +368,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # a Bearer token is one HTTP header word: printable ASCII, no spaces
     if key is not None and not (key and key.isascii() and key.isprintable() and " " not in key):
         raise UsageError(f"{where} must be non-empty printable ASCII without spaces")
-    m = load(args.checkpoint_path, args.device)
+    m = load(args.checkpoint_path, args.device, dtype=args.dtype)
     serve(m, args.name or Path(args.checkpoint_path).resolve().name, args.host, args.port,
           args.max_tokens, key)
     return 0

@@ -100,8 +100,10 @@ def _check_tokenizer(path: str, config: dict) -> Tokenizer:
     return tok
 
 
-def load(checkpoint_path: str, device_name: str = "cpu", tokenizer_path: str | None = None) -> Loaded:
-    """The model directory (and optional separate tokenizer), with usage errors as UsageError."""
+def load(checkpoint_path: str, device_name: str = "cpu", tokenizer_path: str | None = None,
+         dtype: str = "fp32") -> Loaded:
+    """The model directory (and optional separate tokenizer), with usage errors as UsageError.
+    dtype: the weights CPU decoding reads (`minigpt.quant`): fp32 (exact), int8 or bf16."""
     from minigpt.checkpoint import CheckpointError, check_vocab, load_model
     from minigpt.runtime import DeviceError, resolve_device
     from minigpt.template import TEMPLATE_NAME
@@ -111,6 +113,9 @@ def load(checkpoint_path: str, device_name: str = "cpu", tokenizer_path: str | N
         device = resolve_device(device_name, where="--device")
     except DeviceError as e:
         raise UsageError(str(e)) from None
+    if dtype != "fp32" and device.type != "cpu":  # before the (slow) model load
+        raise UsageError(f"--dtype {dtype} is for CPU decoding; use it with --device cpu "
+                         f"(got {device.type})")
     try:
         model, tok, config = load_model(checkpoint_path, device)
         check_special_tokens(tok, f"{checkpoint_path}/tokenizer.json")  # ids 0..4 per FORMATS.md
@@ -127,6 +132,7 @@ def load(checkpoint_path: str, device_name: str = "cpu", tokenizer_path: str | N
         raise UsageError(f"--checkpoint_path {checkpoint_path}: unknown chat_template {template!r} "
                        f"(this version knows {TEMPLATE_NAME})")
     model.eval()
+    model.decode_dtype = dtype
     return Loaded(model, tok, config, device, template == TEMPLATE_NAME, special_id(tok, EOT))
 
 

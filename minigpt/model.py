@@ -159,6 +159,8 @@ def _linear(x: Tensor, lin: nn.Module, cache: KVCache | None) -> Tensor:
     slabs = cache.weight_slabs.get(lin) if cache is not None else None
     if slabs is None:
         return F.linear(x, lin.weight)
+    if not isinstance(slabs, Tensor):  # int8 / bf16 decoding weights (minigpt.quant)
+        return slabs(x)
     n_slabs, c_in, width = slabs.shape
     y = torch.bmm(x.reshape(1, -1, c_in).expand(n_slabs, -1, -1), slabs)  # (P, rows, out/P)
     if x.numel() != c_in:  # rows > 1: row-major again; one row is already in order (no ops)
@@ -378,6 +380,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self._decode_slabs: tuple[list, list, dict] | None = None  # see decode_weights()
+        self.decode_dtype = "fp32"  # weights of CPU decoding: fp32 (exact), int8 or bf16 (minigpt.quant)
         # On the meta device (checkpoint.check_weights: shapes only) only the parameters are
         # made, uninitialised: normal_ or RoPE's math on meta is slow once per process (it
         # imports torch._dynamo). Elsewhere init is unchanged, so seeds give the same weights.
@@ -507,17 +510,24 @@ class GPT(nn.Module):
     def decode_weights(self) -> dict[nn.Module, Tensor]:
         """Every matmul weight (the tied head included) as P = torch.get_num_threads() contiguous
         (in, ceil(out/P)) slabs, (P, in, out/P), the last zero-padded; CPU decoding reads them
-        instead of nn.Linear's (out, in) rows. Made once (as long as ~10 decode steps) and
-        remade only when the thread count changed or a weight has been
+        instead of nn.Linear's (out, in) rows; with `decode_dtype` int8 or bf16, that dtype's
+        matmuls (`minigpt.quant`) instead of the slabs. Made once (as long as ~10 decode steps) and
+        remade only when the thread count (fp32) or decode_dtype changed or a weight has been
         moved, replaced or updated in place since (its storage or version counter changed)."""
         mods = [m for m in self.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
-        n_slabs = torch.get_num_threads()
-        key = [n_slabs] + [(m.weight.data_ptr(), m.weight._version) for m in mods]
+        n_slabs, dtype = torch.get_num_threads(), self.decode_dtype
+        key = [n_slabs if dtype == "fp32" else 0, dtype] + [(m.weight.data_ptr(), m.weight._version) for m in mods]
         if self._decode_slabs is None or self._decode_slabs[0] != key:
             # the key's tensors stay referenced (detach shares storage and version counter), so
             # a replaced weight's address cannot be reused by a new one and read as unchanged
             pinned = [m.weight.detach() for m in mods]
-            self._decode_slabs = (key, pinned, {m: _slabs(w, n_slabs) for m, w in zip(mods, pinned)})
+            if dtype == "fp32":
+                made = {m: _slabs(w, n_slabs) for m, w in zip(mods, pinned)}
+            else:  # lower-precision weights instead of the slabs (minigpt.quant)
+                from minigpt.quant import LINEARS, check_dtype
+
+                made = {m: LINEARS[check_dtype(dtype)](w) for m, w in zip(mods, pinned)}
+            self._decode_slabs = (key, pinned, made)
         return self._decode_slabs[2]
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None

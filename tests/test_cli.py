@@ -387,3 +387,44 @@ def test_export_missing_checkpoint_is_usage_error(capsys, tmp_path):
     code, _, err = run_main(capsys, "export", tmp_path / "hf", "--checkpoint_path", tmp_path / "none")
     assert code == 2
     assert err.startswith("error: --checkpoint_path") and err.count("\n") == 1
+
+
+# --- --dtype (lower-precision CPU decoding, minigpt.quant) ---------------------------------------
+
+def test_dtype_reaches_the_decoder_of_generate_chat_and_serve(env, capsys, monkeypatch):
+    from minigpt.sample import generate
+
+    seen = []
+    real_load = cli.load
+
+    def spy(*args, **kwargs):
+        m = real_load(*args, **kwargs)
+        seen.append(m.model.decode_dtype)
+        return m
+
+    monkeypatch.setattr(cli, "load", spy)
+    prompt = "What is the capital of France?"
+    model, tok, _ = load_model(env.chat, "cpu")
+    model.decode_dtype = "int8"
+    new = generate(model, encode_prompt(env.tok, prompt), 24, temperature=0.0, stop_ids=[tok.token_to_id(EOT)])
+    want = decode(tok, [t for t in new if t != tok.token_to_id(EOT)]) + "\n"
+    args = ["--checkpoint_path", env.chat, "--prompt", prompt, "--max_new_tokens", "24", *GREEDY]
+    assert run_main(capsys, "generate", *args, "--dtype", "int8") == (0, want, "")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    assert run_main(capsys, "chat", "--checkpoint_path", env.chat, *GREEDY, "--dtype", "bf16")[0] == 0
+    import minigpt.serve
+
+    monkeypatch.setattr(minigpt.serve, "serve", lambda m, *a: seen.append(m.model.decode_dtype))
+    assert run_main(capsys, "serve", "--checkpoint_path", env.chat, "--device", "cpu", "--dtype", "int8")[0] == 0
+    assert run_main(capsys, "generate", *args)[0] == 0  # default: fp32, the exact path
+    assert seen == ["int8", "bf16", "int8", "int8", "fp32"]
+
+
+def test_dtype_off_cpu_or_unknown_is_usage_error(env, capsys, monkeypatch):
+    import minigpt.runtime
+
+    code, _, err = run_main(capsys, "generate", "--checkpoint_path", env.chat, "--dtype", "int4")
+    assert code == 2 and err.startswith("error: argument --dtype") and err.count("\n") == 1
+    monkeypatch.setattr(minigpt.runtime, "resolve_device", lambda *a, **k: torch.device("cuda"))
+    code, _, err = run_main(capsys, "generate", "--checkpoint_path", env.chat, "--dtype", "int8")
+    assert code == 2 and err == "error: --dtype int8 is for CPU decoding; use it with --device cpu (got cuda)\n"
