@@ -2,6 +2,7 @@
 
     python bench/generate_throughput.py [--new 200] [--prompt 20] [--repeats 5] [--tiny] [--threads N]
                                         [--num_samples 8] [--device cpu|cuda]
+    python bench/generate_throughput.py --vs-llamacpp DIR [--pairs fp32:f32,int8:q8_0] [...]
 
 Seed config by default (6 layers, 6 heads, 384 wide, block 256, vocab 30000), random init. The
 model is exported with minigpt.export to a temporary directory and reloaded as LlamaForCausalLM,
@@ -11,6 +12,15 @@ alternate within each repeat and the medians are compared, so load from other jo
 machine hits both alike. bf16 runs the same comparison with weights cast to bfloat16.
 `--num_samples N` (> 1) also times one batched `generate_batch` of N sampled continuations
 against N separate `generate` calls (`batch ratio`). Needs transformers.
+
+`--vs-llamacpp DIR` (DIR holds a llama.cpp build's `llama-completion`, or `llama-cli` in older
+versions) compares against llama.cpp instead of transformers: the model is exported with
+minigpt.export_gguf once per llama.cpp type, and each `--pairs` entry OURS:THEIRS (our `--dtype`
+against a GGUF type: fp32:f32, int8:q8_0, bf16:f16) runs both sides on the same weights and thread
+count, alternating, greedy, `--new` tokens. Both report decode time per token after the first
+(llama.cpp's `eval time`; ours from the first to the last token of `generate`), so neither
+counts the prompt; llama.cpp's prompt is text of about `--prompt` tokens. Prints the medians and
+`ratio` = llama.cpp's ms/token over ours (> 1: we are faster). Not run in CI.
 
 Measured (2-core AMD EPYC, AVX2 only, no AVX-512/bf16; `--repeats 3 --new 100 --dtypes fp32`):
 - seed config, weights as one slab per thread (`GPT.decode_weights`): minigpt 12.0-13.4
@@ -77,7 +87,9 @@ Measured (2-core AMD EPYC, AVX2 only, no AVX-512/bf16; `--repeats 3 --new 100 --
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -124,6 +136,65 @@ def alternate(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
     return {k: med(v) for k, v in wall.items()}, {k: med(v) for k, v in cpu.items()}, outs
 
 
+def llamacpp_binary(directory: Path) -> Path:
+    for name in ("llama-completion", "llama-cli"):
+        if (directory / name).is_file():
+            return directory / name
+    raise SystemExit(f"error: --vs-llamacpp {directory}: no llama-completion or llama-cli in it")
+
+
+def llamacpp_ms_per_token(binary: Path, gguf_file: Path, prompt: str, new: int, threads: int) -> float:
+    """llama.cpp's decode time per token (its `eval time`: every token after the first)."""
+    cmd = [str(binary), "-m", str(gguf_file), "-p", prompt, "-n", str(new), "-t", str(threads),
+           "-tb", str(threads), "--temp", "0", "--ignore-eos", "-c", "256", "-s", "0", "-no-cnv",
+           "--no-warmup"]
+    run = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    m = re.search(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs", run.stderr)
+    if run.returncode != 0 or m is None:
+        tail = " | ".join(run.stderr.strip().splitlines()[-3:])
+        raise SystemExit(f"error: {binary.name} failed (exit {run.returncode}): {tail}")
+    return float(m.group(1)) / int(m.group(2))
+
+
+def vs_llamacpp(ours: GPT, args) -> None:
+    """Each --pairs entry: our decode dtype against a llama.cpp GGUF type, same weights and threads."""
+    from minigpt.export_gguf import export_gguf
+
+    binary = llamacpp_binary(Path(args.vs_llamacpp))
+    threads = torch.get_num_threads()
+    pairs = [p.split(":") for p in args.pairs.split(",")]
+    prompt = " ".join(["the river runs through the old city"] * max(1, args.prompt // 8))
+    V = ours.config.vocab_size
+    ids = torch.randint(5, V, (args.prompt,)).tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_tokenizer(Path(tmp) / "tokenizer.json")
+        files = {}
+        for _, theirs in pairs:
+            if theirs not in files:
+                files[theirs] = export_gguf(ours, Path(tmp) / "tokenizer.json", Path(tmp) / f"m-{theirs}.gguf",
+                                            dtype=theirs, name="bench", chat_template=None, eos_id=0,
+                                            pad_id=1, bos_id=None)
+        print(f"vs llama.cpp ({binary}): {threads} threads both sides, {args.new} new tokens, greedy")
+        for mine, theirs in pairs:
+            ours.decode_dtype = mine
+
+            def run_ours() -> float:
+                stamps = []
+                generate(ours, ids, args.new, temperature=0.0, on_token=lambda t: stamps.append(time.perf_counter()))
+                return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+            mine_ms, theirs_ms = [], []
+            run_ours()  # warm-up: makes the decode weights
+            for _ in range(args.repeats):
+                mine_ms.append(1000 * run_ours())
+                theirs_ms.append(llamacpp_ms_per_token(binary, files[theirs], prompt, args.new, threads))
+            a, b = statistics.median(mine_ms), statistics.median(theirs_ms)
+            print(f"minigpt {mine} {a:.2f} ms/token  llama.cpp {theirs} {b:.2f} ms/token  ratio {b / a:.2f}x  "
+                  f"(ours {min(mine_ms):.2f}-{max(mine_ms):.2f}, theirs {min(theirs_ms):.2f}-{max(theirs_ms):.2f})",
+                  flush=True)
+        ours.decode_dtype = "fp32"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=200, help="new tokens")
@@ -136,7 +207,18 @@ def main() -> None:
     ap.add_argument("--dtypes", default="auto", help="comma list of fp32,bf16,fp16; auto: bf16 only if fast here")
     ap.add_argument("--num_samples", type=int, default=0, help="also time batched sampling of N")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: both sides on it (tokens come back each step)")
+    ap.add_argument("--vs-llamacpp", metavar="DIR", help="compare with llama.cpp's binaries in DIR")
+    ap.add_argument("--pairs", default="fp32:f32,int8:q8_0",
+                    help="with --vs-llamacpp: OURS:THEIRS dtype pairs (ours fp32|int8|bf16, theirs f32|f16|q8_0)")
     args = ap.parse_args()
+    if args.vs_llamacpp:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        L, H, C, V = args.shape or ((4, 4, 256, 8192) if args.tiny else (6, 6, 384, 30000))
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=V, n_layer=L, n_head=H, n_embd=C, block_size=256)).eval()
+        print(f"{L} layers, {H} heads, {C} wide, vocab {V}; batch 1")
+        return vs_llamacpp(model, args)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 

@@ -192,9 +192,88 @@ def bits_per_byte(model: GPT, path: Path, n_bytes: int, block: int, max_tokens: 
     return nll / math.log(2) / (n_bytes * n / (len(tokens) - 1))
 
 
+@torch.inference_mode()
+def decode_quality(model: GPT, tokens, dtypes: list[str], max_tokens: int, prompts: int = 16,
+                   new_tokens: int = 64) -> dict:
+    """The cost of each lower-precision decode dtype (minigpt.quant) against fp32, measured through
+    the real CPU decode path: the first `max_tokens` tokens are fed one at a time through the KV
+    cache in non-overlapping windows of block_size (teacher forcing), giving the perplexity and,
+    per position, whether the argmax equals fp32's; then `prompts` greedy continuations of
+    `new_tokens` tokens (prompts of 32 tokens taken along the slice) are compared with fp32's
+    position by position. fp32 is also checked against the full forward's perplexity."""
+    from minigpt.sample import generate
+
+    block = model.config.block_size
+    ids = torch.from_numpy(tokens[: max_tokens + 1].astype("int64"))
+    step = max(1, (len(ids) - 32) // prompts)
+    starts = list(range(0, len(ids) - 32, step))[:prompts]
+    results, ref_argmax, ref_greedy = {}, None, None
+    for dtype in ["fp32"] + [d for d in dtypes if d != "fp32"]:
+        model.decode_dtype = dtype
+        nll, argmax = 0.0, []
+        for w in range(0, len(ids) - 1, block):
+            x, y = ids[w : w + block], ids[w + 1 : w + block + 1]
+            cache = model.new_cache(1)
+            for t in range(len(y)):
+                logits, _ = model(x[t : t + 1].view(1, 1), cache=cache)
+                logits = logits.view(-1).float()
+                nll += float(torch.logsumexp(logits, 0) - logits[y[t]])
+                argmax.append(int(logits.argmax()))
+        greedy = [generate(model, ids[s : s + 32].tolist(), new_tokens, temperature=0.0) for s in starts]
+        r = {"tokens": len(argmax), "ppl": math.exp(nll / len(argmax))}
+        if ref_argmax is None:
+            ref_argmax, ref_greedy = argmax, greedy
+            full, n = sliding_window_nll(model, ids.numpy(), block, block, 16)
+            r["ppl_full_forward"] = math.exp(full / n)
+        else:
+            base = results["fp32"]["ppl"]
+            r["ppl_ratio"] = r["ppl"] / base
+            r["argmax_agree"] = sum(a == b for a, b in zip(argmax, ref_argmax)) / len(argmax)
+            same = [sum(a == b for a, b in zip(g, f)) / max(1, len(f)) for g, f in zip(greedy, ref_greedy)]
+            prefix = [next((i for i, (a, b) in enumerate(zip(g, f)) if a != b), min(len(g), len(f)))
+                      for g, f in zip(greedy, ref_greedy)]
+            r["greedy_agree"] = sum(same) / len(same)
+            r["greedy_identical"] = sum(g == f for g, f in zip(greedy, ref_greedy)) / len(greedy)
+            r["greedy_prefix"] = sum(prefix) / len(prefix)
+        results[dtype] = r
+    model.decode_dtype = "fp32"
+    return results
+
+
+def print_decode_quality(name: str, q: dict, new_tokens: int = 64) -> None:
+    print(f"\n== decode dtypes, {name}: test perplexity through the decode path "
+          f"({q['fp32']['tokens']:,} tokens, teacher-forced) and greedy agreement with fp32")
+    f = q["fp32"]
+    print(f"  fp32  ppl {f['ppl']:.3f} (full forward {f['ppl_full_forward']:.3f})")
+    for dtype, r in q.items():
+        if dtype != "fp32":
+            print(f"  {dtype:5s} ppl {r['ppl']:.3f} ({100 * (r['ppl_ratio'] - 1):+.2f}% vs fp32) | "
+                  f"argmax = fp32's at {100 * r['argmax_agree']:.2f}% of positions | greedy "
+                  f"{new_tokens} tokens: {100 * r['greedy_agree']:.1f}% of tokens equal, "
+                  f"{100 * r['greedy_identical']:.0f}% of continuations identical, first "
+                  f"difference after {r['greedy_prefix']:.1f} tokens on average", flush=True)
+
+
+def checkpoint_decode_quality(args) -> None:
+    """--checkpoint: the decode dtypes' cost on a model directory, over WikiText-2 test encoded
+    with its own tokenizer."""
+    from minigpt.checkpoint import load_model
+
+    model, tok, _ = load_model(args.checkpoint, "cpu")
+    model.eval()
+    docs = corpus(args.data)["test"]
+    ids = [e.ids for e in tok.encode_batch(docs, add_special_tokens=False)]
+    tokens = flatten_with_eot(ids, special_id(tok, EOT), token_dtype(tok.get_vocab_size()))
+    q = decode_quality(model, tokens, args.decode_dtypes, args.decode_tokens)
+    print_decode_quality(str(args.checkpoint), q)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(q, indent=1) + "\n")
+
+
 def run_recipe(spec: str, p, info: dict, vocab: int, args) -> dict:
     per_step = seconds_per_step(p, info, vocab, args.clock)
-    steps = max(10, int(args.minutes * 60 / per_step))
+    steps = args.steps or max(10, int(args.minutes * 60 / per_step))
     cfg = dataclasses.replace(p.pretrain, device="cpu", dtype="fp32", max_steps=steps,
                               eval_interval=max(1, steps // args.evals), save_interval=steps,
                               log_interval=max(1, steps // args.evals), compile=False)
@@ -218,6 +297,9 @@ def run_recipe(spec: str, p, info: dict, vocab: int, args) -> dict:
               "params": model.num_params(), "tokens": summary["tokens"],
               "val_bpb": bits_per_byte(model, *info["validation"], block),
               "test_bpb": bits_per_byte(model, *info["test"], block, args.test_tokens)}
+    if args.decode_dtypes:
+        result["decode"] = decode_quality(model, read_tokens(info["test"][0]), args.decode_dtypes,
+                                          args.decode_tokens)
     return result
 
 
@@ -238,6 +320,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=3.0, help="budget per recipe on --clock")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    ap.add_argument("--steps", type=int, default=0, help="train this many steps instead of --minutes")
     ap.add_argument("--recipe", action="append", help="old | new, plus ,section.key=value overrides")
     ap.add_argument("--set", action="append", default=[], help="section.key=value for every recipe")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -245,6 +328,14 @@ def main() -> None:
     ap.add_argument("--test-tokens", type=int, default=0,
                     help="score only the first N test tokens (0 = all; a full pass costs ~1/3 of "
                          "training on that many tokens)")
+    ap.add_argument("--decode-dtypes", type=lambda t: t.split(","), default=[],
+                    help="e.g. int8,fp16: also measure each lower-precision decode dtype against "
+                         "fp32 on the trained model (test perplexity through the decode path, "
+                         "greedy agreement)")
+    ap.add_argument("--decode-tokens", type=int, default=8192,
+                    help="test tokens the --decode-dtypes perplexity is taken over (default 8192)")
+    ap.add_argument("--checkpoint", type=Path,
+                    help="with --decode-dtypes: measure this model directory instead of training")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -253,6 +344,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not (args.data / "wikitext-2-raw" / "wiki.valid.raw").is_file():
         raise SystemExit(f"error: {args.data}: no WikiText-2 raw files (see ../shared/data/README.md)")
+    from minigpt.quant import DTYPES
+
+    for dtype in args.decode_dtypes:
+        if dtype not in DTYPES:
+            raise SystemExit(f"error: --decode-dtypes: {dtype!r} is not one of {', '.join(DTYPES)}")
+    if args.checkpoint:
+        if not args.decode_dtypes:
+            raise SystemExit("error: --checkpoint needs --decode-dtypes")
+        return checkpoint_decode_quality(args)
     params = [recipe_params(spec, args.set) for spec in recipes]
     vocab_sizes = {p.tokenizer.vocab_size for p in params}
     if len(vocab_sizes) != 1:
@@ -273,6 +373,8 @@ def main() -> None:
         for step, tokens, t, loss in r["curve"]:
             print(f"  {step:5d} {tokens:10,d} {t:9.1f}  {loss:.4f}")
         print(f"  validation {r['val_bpb']:.4f} bits/byte | test {r['test_bpb']:.4f} bits/byte", flush=True)
+        if "decode" in r:
+            print_decode_quality(spec, r["decode"])
     base = results[0]
     target = base["curve"][-1][3]
     print(f"\nsummary (clock {args.clock}; vs {base['spec']}, final val loss {target:.4f} "

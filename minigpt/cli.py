@@ -103,9 +103,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=["fp32", "int8", "bf16"], default="fp32",
-                   help="weights for CPU decoding: fp32 (exact), int8 (weight-only, per-channel "
-                        "scales) or bf16 (fast only with AVX512-BF16/AMX) (default: fp32)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="weights for CPU decoding: fp32 (exact), fp16, or int8 (per-channel "
+                        "weights, inputs quantized per matmul) (default: fp32)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

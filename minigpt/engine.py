@@ -103,7 +103,7 @@ def _check_tokenizer(path: str, config: dict) -> Tokenizer:
 def load(checkpoint_path: str, device_name: str = "cpu", tokenizer_path: str | None = None,
          dtype: str = "fp32") -> Loaded:
     """The model directory (and optional separate tokenizer), with usage errors as UsageError.
-    dtype: the weights CPU decoding reads (`minigpt.quant`): fp32 (exact), int8 or bf16."""
+    dtype: the weights CPU decoding reads (`minigpt.quant`): fp32 (exact), fp16 or int8."""
     from minigpt.checkpoint import CheckpointError, check_vocab, load_model
     from minigpt.runtime import DeviceError, resolve_device
     from minigpt.template import TEMPLATE_NAME
@@ -116,6 +116,11 @@ def load(checkpoint_path: str, device_name: str = "cpu", tokenizer_path: str | N
     if dtype != "fp32" and device.type != "cpu":  # before the (slow) model load
         raise UsageError(f"--dtype {dtype} is for CPU decoding; use it with --device cpu "
                          f"(got {device.type})")
+    if dtype != "fp32":
+        from minigpt.quant import available
+
+        if available(dtype):
+            raise UsageError(f"--dtype {dtype}: {available(dtype)}")
     try:
         model, tok, config = load_model(checkpoint_path, device)
         check_special_tokens(tok, f"{checkpoint_path}/tokenizer.json")  # ids 0..4 per FORMATS.md

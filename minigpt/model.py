@@ -159,7 +159,7 @@ def _linear(x: Tensor, lin: nn.Module, cache: KVCache | None) -> Tensor:
     slabs = cache.weight_slabs.get(lin) if cache is not None else None
     if slabs is None:
         return F.linear(x, lin.weight)
-    if not isinstance(slabs, Tensor):  # int8 / bf16 decoding weights (minigpt.quant)
+    if not isinstance(slabs, Tensor):  # fp16 / int8 decoding weights (minigpt.quant)
         return slabs(x)
     n_slabs, c_in, width = slabs.shape
     y = torch.bmm(x.reshape(1, -1, c_in).expand(n_slabs, -1, -1), slabs)  # (P, rows, out/P)
@@ -380,7 +380,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self._decode_slabs: tuple[list, list, dict] | None = None  # see decode_weights()
-        self.decode_dtype = "fp32"  # weights of CPU decoding: fp32 (exact), int8 or bf16 (minigpt.quant)
+        self.decode_dtype = "fp32"  # weights of CPU decoding: fp32 (exact), fp16 or int8 (minigpt.quant)
         # On the meta device (checkpoint.check_weights: shapes only) only the parameters are
         # made, uninitialised: normal_ or RoPE's math on meta is slow once per process (it
         # imports torch._dynamo). Elsewhere init is unchanged, so seeds give the same weights.
@@ -510,7 +510,7 @@ class GPT(nn.Module):
     def decode_weights(self) -> dict[nn.Module, Tensor]:
         """Every matmul weight (the tied head included) as P = torch.get_num_threads() contiguous
         (in, ceil(out/P)) slabs, (P, in, out/P), the last zero-padded; CPU decoding reads them
-        instead of nn.Linear's (out, in) rows; with `decode_dtype` int8 or bf16, that dtype's
+        instead of nn.Linear's (out, in) rows; with `decode_dtype` fp16 or int8, that dtype's
         matmuls (`minigpt.quant`) instead of the slabs. Made once (as long as ~10 decode steps) and
         remade only when the thread count (fp32) or decode_dtype changed or a weight has been
         moved, replaced or updated in place since (its storage or version counter changed)."""

@@ -1,29 +1,47 @@
-"""Lower-precision weights for CPU decoding: int8 weight-only and bf16, chosen with `--dtype`.
+"""Lower-precision weights for CPU decoding: int8 and fp16, chosen with `--dtype`.
 
 Design choices
 - Decoding one token reads every weight once and does little else with it, so fewer bytes per
-  weight is the lever (int8: a quarter of fp32's). Only the matmuls of the cached forward (prefill
-  and decode steps, the tied LM head included) change; the embedding lookup, norms, attention and
-  the KV cache stay fp32, and so do training and the eval stage. fp32 stays the default and exact.
-- int8: symmetric, one fp32 scale per output row (per-channel, round to nearest, -127..127), run by
-  torch's CPU weight-only kernel `aten._weight_int8pack_mm` (x fp32 (M, K), w int8 (N, K),
-  scales fp32 (N,): x @ (w * scales).T), which dequantizes in registers and streams the int8
-  rows on all threads. The error per output is at most sum_k |x_k| * scale_n / 2.
-- bf16: the weights rounded to bf16, activations cast to bf16 for each matmul and back. It halves
-  the bytes, but only CPUs with native bf16 dot products (AVX512-BF16, AMX) run it fast.
-- The weights are made once per model and dtype by `GPT.decode_weights` (which caches them like
-  the fp32 slabs) and read through `KVCache.weight_slabs`; a value there that is not a tensor is
-  one of these callables.
+  weight is the lever (int8: a quarter of fp32's, fp16: half). Only the matmuls of the cached
+  forward (prefill and decode steps, the tied LM head included) change; the embedding lookup,
+  norms, attention and the KV cache stay fp32, and so do training and the eval stage. fp32 stays
+  the default and exact.
+- int8: weights symmetric per output row (one scale each, round to nearest, -127..127); each
+  matmul quantizes its input on the fly (one scale and zero point per call, 7-bit range, as
+  torch's dynamic quantization does) and runs torch's x86 quantized linear (fbgemm: int8 dot
+  products, int32 sums, prepacked weights), much as llama.cpp's q8_0 quantizes activations.
+  torch's weight-only kernel (`aten._weight_int8pack_mm`, fp32 inputs) gives the weight-only
+  numbers but, at one row on AVX2, is slower than the fp32 weights it replaces (docs/EXPERIMENTS.md).
+- fp16: fbgemm's fp16-weight linear (fp32 inputs and sums, weights widened in registers), which
+  AVX2's F16C runs fast; fp16 keeps 3 more mantissa bits than bf16, and bf16 weights decoded no
+  faster than fp32 on the CPUs measured (bench/generate_throughput.py).
+- The quantized tensor API these kernels take is deprecated in torch (in favour of torchao, whose
+  CPU int8 paths are the slower kernels above); its warning is silenced where the weights are
+  packed, and `available()` says when a torch build lacks the kernels.
+- The weights are made once per model and dtype by `GPT.decode_weights` (cached like the fp32
+  slabs) and read through `KVCache.weight_slabs`, where a value that is not a tensor is one of
+  these callables.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-DTYPES = ("fp32", "int8", "bf16")  # --dtype choices; fp32 = the exact default
+DTYPES = ("fp32", "fp16", "int8")  # --dtype choices; fp32 = the exact default
 INT8_MAX = 127  # symmetric: -127..127, so the scale maps amax to 127 and -amax to -127
+REDUCE_RANGE = True  # 7-bit inputs: fbgemm's int16 pair sums (u8 * s8 + u8 * s8) cannot saturate
+
+
+def available(dtype: str) -> str | None:
+    """None when this torch build can decode in `dtype`, else why not (one line)."""
+    if dtype not in DTYPES:
+        return f"decode dtype must be one of {', '.join(DTYPES)} (got {dtype!r})"
+    if dtype != "fp32" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        return f"decoding in {dtype} needs torch's x86 quantized kernels (fbgemm), not in this build"
+    return None
 
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,35 +54,39 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Int8Linear:
-    """x @ w.T with w stored as int8 rows and per-row scales (`quantize_int8`)."""
+    """x @ w.T with w as int8 rows and per-row scales (`quantize_int8`), x quantized per call."""
 
     def __init__(self, w: Tensor):
         self.q, self.scales = quantize_int8(w)
+        zeros = torch.zeros(len(self.scales), dtype=torch.long)
+        with warnings.catch_warnings():  # the deprecated quantized tensor API (module docstring)
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(self.q, self.scales.double(), zeros, 0)
+            self.packed = torch.ops.quantized.linear_prepack(qw, None)
 
     def dequantized(self) -> Tensor:
-        """The fp32 matrix this one multiplies by (the reference the kernel is tested against)."""
+        """The fp32 matrix this one multiplies by."""
         return self.q.float() * self.scales[:, None]
 
     def __call__(self, x: Tensor) -> Tensor:
-        n_out, c_in = self.q.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, c_in).contiguous(), self.q, self.scales)
-        return y.view(*x.shape[:-1], n_out)
+        return torch.ops.quantized.linear_dynamic(x, self.packed, REDUCE_RANGE)
 
 
-class Bf16Linear:
-    """x @ w.T with w stored in bf16; x is cast to bf16 for the matmul, the result back to x's dtype."""
+class Fp16Linear:
+    """x @ w.T with w stored in fp16; x and the sums stay fp32."""
 
     def __init__(self, w: Tensor):
-        self.w = w.detach().to(torch.bfloat16).contiguous()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(w.detach().float(), None)
 
     def __call__(self, x: Tensor) -> Tensor:
-        return F.linear(x.to(torch.bfloat16), self.w).to(x.dtype)
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
 
-LINEARS = {"int8": Int8Linear, "bf16": Bf16Linear}
+LINEARS = {"int8": Int8Linear, "fp16": Fp16Linear}
 
 
 def check_dtype(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise ValueError(f"decode dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    problem = available(dtype)
+    if problem:
+        raise ValueError(problem)
     return dtype

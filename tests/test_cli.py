@@ -411,13 +411,13 @@ def test_dtype_reaches_the_decoder_of_generate_chat_and_serve(env, capsys, monke
     args = ["--checkpoint_path", env.chat, "--prompt", prompt, "--max_new_tokens", "24", *GREEDY]
     assert run_main(capsys, "generate", *args, "--dtype", "int8") == (0, want, "")
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
-    assert run_main(capsys, "chat", "--checkpoint_path", env.chat, *GREEDY, "--dtype", "bf16")[0] == 0
+    assert run_main(capsys, "chat", "--checkpoint_path", env.chat, *GREEDY, "--dtype", "fp16")[0] == 0
     import minigpt.serve
 
     monkeypatch.setattr(minigpt.serve, "serve", lambda m, *a: seen.append(m.model.decode_dtype))
     assert run_main(capsys, "serve", "--checkpoint_path", env.chat, "--device", "cpu", "--dtype", "int8")[0] == 0
     assert run_main(capsys, "generate", *args)[0] == 0  # default: fp32, the exact path
-    assert seen == ["int8", "bf16", "int8", "int8", "fp32"]
+    assert seen == ["int8", "fp16", "int8", "int8", "fp32"]
 
 
 def test_dtype_off_cpu_or_unknown_is_usage_error(env, capsys, monkeypatch):
