@@ -19,7 +19,7 @@ minigpt.export_gguf once per llama.cpp type, and each `--pairs` entry OURS:THEIR
 against a GGUF type: fp32:f32, int8:q8_0, bf16:f16) runs both sides on the same weights and thread
 count, alternating, greedy, `--new` tokens. Both report decode time per token after the first
 (llama.cpp's `eval time`; ours from the first to the last token of `generate`), so neither
-counts the prompt; llama.cpp's prompt is text of about `--prompt` tokens. Prints the medians and
+counts the prompt, which is the same `--prompt` tokens of text on both sides. Prints the medians and
 `ratio` = llama.cpp's ms/token over ours (> 1: we are faster). Not run in CI.
 
 Measured (2-core AMD EPYC, AVX2 only, no AVX-512/bf16; `--repeats 3 --new 100 --dtypes fp32`):
@@ -163,18 +163,31 @@ def vs_llamacpp(ours: GPT, args) -> None:
     binary = llamacpp_binary(Path(args.vs_llamacpp))
     threads = torch.get_num_threads()
     pairs = [p.split(":") for p in args.pairs.split(",")]
-    prompt = " ".join(["the river runs through the old city"] * max(1, args.prompt // 8))
-    V = ours.config.vocab_size
-    ids = torch.randint(5, V, (args.prompt,)).tolist()
+    from minigpt.export_gguf import TYPES
+    from minigpt.quant import DTYPES
+
+    for pair in pairs:
+        if len(pair) != 2 or pair[0] not in DTYPES or pair[1] not in TYPES:
+            raise SystemExit(f"error: --pairs {':'.join(pair)}: expected OURS:THEIRS, ours one of "
+                             f"{', '.join(DTYPES)}, theirs one of {', '.join(TYPES)}")
     with tempfile.TemporaryDirectory() as tmp:
         tiny_tokenizer(Path(tmp) / "tokenizer.json")
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(tmp) / "tokenizer.json"))
+        words = "a tiny corpus for a throwaway tokenizer".split()
+        prompt = words[0]
+        while len(tok.encode(prompt).ids) < args.prompt:  # the same prompt tokens on both sides
+            prompt += " " + words[len(prompt.split()) % len(words)]
+        ids = tok.encode(prompt).ids
         files = {}
         for _, theirs in pairs:
             if theirs not in files:
                 files[theirs] = export_gguf(ours, Path(tmp) / "tokenizer.json", Path(tmp) / f"m-{theirs}.gguf",
                                             dtype=theirs, name="bench", chat_template=None, eos_id=0,
                                             pad_id=1, bos_id=None)
-        print(f"vs llama.cpp ({binary}): {threads} threads both sides, {args.new} new tokens, greedy")
+        print(f"vs llama.cpp ({binary}): {threads} threads both sides, prompt {len(ids)} tokens, "
+              f"{args.new} new tokens, greedy")
         for mine, theirs in pairs:
             ours.decode_dtype = mine
 

@@ -162,7 +162,8 @@ def _linear(x: Tensor, lin: nn.Module, cache: KVCache | None) -> Tensor:
     if not isinstance(slabs, Tensor):  # fp16 / int8 decoding weights (minigpt.quant)
         return slabs(x)
     n_slabs, c_in, width = slabs.shape
-    y = torch.bmm(x.reshape(1, -1, c_in).expand(n_slabs, -1, -1), slabs)  # (P, rows, out/P)
+    rows = x if x.dim() == 2 else x.reshape(-1, c_in)  # a decode step's (B, C): no reshape op
+    y = torch.bmm(rows.expand(n_slabs, -1, -1), slabs)  # (P, rows, out/P)
     if x.numel() != c_in:  # rows > 1: row-major again; one row is already in order (no ops)
         y = y.transpose(0, 1)
     y = y.reshape(*x.shape[:-1], n_slabs * width)
@@ -475,7 +476,7 @@ class GPT(nn.Module):
                 qkv = torch.cat((F.rms_norm(qkv[:, :2], (hd,)), qkv[:, 2:]), dim=1)
             kv = cache.kv[i]  # (k|v, B, H, max_len, hd)
             kv[:, :, :, pos] = qkv[:, 1:].transpose(0, 1)
-            k, v = kv[0, :, :, : pos + 1].flatten(0, 1), kv[1, :, :, : pos + 1].flatten(0, 1)
+            k, v = kv[:, :, :, : pos + 1].flatten(1, 2).unbind(0)  # (B * H, pos + 1, hd) each
             att = torch.bmm(qkv[:, 0].reshape(B * H, 1, hd), k.mT).mul_(hd**-0.5).softmax(-1)
             x = x + _linear(torch.bmm(att, v).view(B, C), attn.proj, cache)
             h = F.rms_norm(x, (C,), n2.weight, n2.eps)
