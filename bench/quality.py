@@ -47,7 +47,7 @@ from minigpt import optim, runtime, train, windows  # noqa: E402
 from minigpt.config import ConfigError, parse_params  # noqa: E402
 from minigpt.wikitext import article_text, wikitext_articles  # noqa: E402
 from minigpt.encode import flatten_with_eot, read_tokens, token_dtype  # noqa: E402
-from minigpt.evaluate import sliding_window_nll  # noqa: E402
+from minigpt.evaluate import sliding_window_nll, window_plan  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.tokenizer import EOT, load_tokenizer, save_tokenizer, special_id, train_tokenizer  # noqa: E402
 
@@ -197,7 +197,8 @@ def decode_quality(model: GPT, tokens, dtypes: list[str], max_tokens: int, promp
                    new_tokens: int = 64) -> dict:
     """The cost of each lower-precision decode dtype (minigpt.quant) against fp32, measured through
     the real CPU decode path: the first `max_tokens` tokens are fed one at a time through the KV
-    cache in non-overlapping windows of block_size (teacher forcing), giving the perplexity and,
+    cache in the full forward's non-overlapping windows of block_size (teacher forcing; the last
+    window ends at the last token), giving the perplexity and,
     per position, whether the argmax equals fp32's; then `prompts` greedy continuations of
     `new_tokens` tokens (prompts of 32 tokens taken along the slice) are compared with fp32's
     position by position. fp32 is also checked against the full forward's perplexity."""
@@ -211,14 +212,16 @@ def decode_quality(model: GPT, tokens, dtypes: list[str], max_tokens: int, promp
     for dtype in ["fp32"] + [d for d in dtypes if d != "fp32"]:
         model.decode_dtype = dtype
         nll, argmax = 0.0, []
-        for w in range(0, len(ids) - 1, block):
-            x, y = ids[w : w + block], ids[w + 1 : w + block + 1]
+        width = min(block, len(ids) - 1)
+        for begin, first in window_plan(len(ids) - 1, block, block):  # the full forward's windows
+            x, y = ids[begin : begin + width], ids[begin + 1 : begin + width + 1]
             cache = model.new_cache(1)
-            for t in range(len(y)):
+            for t in range(width):
                 logits, _ = model(x[t : t + 1].view(1, 1), cache=cache)
-                logits = logits.view(-1).float()
-                nll += float(torch.logsumexp(logits, 0) - logits[y[t]])
-                argmax.append(int(logits.argmax()))
+                if t >= first:
+                    logits = logits.view(-1).float()
+                    nll += float(torch.logsumexp(logits, 0) - logits[y[t]])
+                    argmax.append(int(logits.argmax()))
         greedy = [generate(model, ids[s : s + 32].tolist(), new_tokens, temperature=0.0) for s in starts]
         r = {"tokens": len(argmax), "ppl": math.exp(nll / len(argmax))}
         if ref_argmax is None:

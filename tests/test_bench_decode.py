@@ -1,0 +1,83 @@
+"""The decode benches at a trivial size: `bench/generate_throughput.py --vs-llamacpp` against a
+stand-in for llama.cpp's `llama-completion` (its command line and its timing line), and
+`bench/quality.py`'s decode-dtype measurement (teacher-forced through the decode path)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE = '''#!{python}
+import sys
+args = sys.argv[1:]
+value = lambda flag: args[args.index(flag) + 1]
+assert open(value("-m"), "rb").read(4) == b"GGUF"
+with open({log!r}, "a") as f:
+    f.write(" ".join(args) + "\\n")
+ms = {{"f32": 3.0, "q8_0": 1.5}}[value("-m").rsplit("-", 1)[1][:-5]]
+n = int(value("-n")) - 1
+print("some text")
+print(f"llama_perf_context_print: prompt eval time =      10.00 ms /     5 tokens (    2.00 ms per token)", file=sys.stderr)
+print(f"llama_perf_context_print:        eval time = {{ms * n:10.2f}} ms / {{n:5d}} runs   ({{ms:8.2f}} ms per token)", file=sys.stderr)
+'''
+
+
+def test_vs_llamacpp_runs_both_sides_and_prints_ratios(tmp_path):
+    pytest.importorskip("gguf")
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "llama-completion"
+    fake.parent.mkdir()
+    fake.write_text(FAKE.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "generate_throughput.py"),
+                           "--vs-llamacpp", str(fake.parent), "--shape", "1", "2", "32", "320",
+                           "--new", "6", "--prompt", "4", "--repeats", "2", "--threads", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if "ratio" in ln]
+    assert len(lines) == 2
+    assert lines[0].startswith("minigpt fp32 ") and "llama.cpp f32 3.00 ms/token" in lines[0]
+    assert lines[1].startswith("minigpt int8 ") and "llama.cpp q8_0 1.50 ms/token" in lines[1]
+    calls = log.read_text().splitlines()
+    assert len(calls) == 4  # two repeats of each pair, alternating with ours
+    assert all("-t 1 " in c and "-n 6 " in c and "--temp 0 " in c and "--ignore-eos" in c for c in calls)
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "generate_throughput.py"),
+                          "--vs-llamacpp", str(fake.parent), "--pairs", "int4:q8_0", "--tiny"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "error: --pairs int4:q8_0" in bad.stderr
+
+
+def _quality_module():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_quality_is_the_full_forward_for_fp32():
+    from minigpt.model import GPT, GPTConfig
+
+    quality = _quality_module()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=32, block_size=16)).eval()
+    tokens = np.random.default_rng(0).integers(0, 50, 60).astype(np.uint16)
+    torch.set_num_threads(1)
+    q = quality.decode_quality(model, tokens, ["int8"], max_tokens=40, prompts=2, new_tokens=5)
+    fp32, int8 = q["fp32"], q["int8"]
+    assert fp32["tokens"] == int8["tokens"] == 40
+    # teacher-forced decoding over non-overlapping windows = the full forward's perplexity
+    assert math.isclose(fp32["ppl"], fp32["ppl_full_forward"], rel_tol=1e-4)
+    assert int8["ppl"] != fp32["ppl"] and math.isclose(int8["ppl_ratio"], 1.0, rel_tol=0.05)
+    assert 0.0 <= int8["argmax_agree"] <= 1.0 and 0.0 <= int8["greedy_agree"] <= 1.0
+    assert model.decode_dtype == "fp32"  # put back
