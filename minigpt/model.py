@@ -17,7 +17,8 @@ Design choices (the measurements behind them: docs/EXPERIMENTS.md and the bench/
   a decode step is a few hundred small ops around GEMVs, so it is written for few ops. On CPU in fp32
   the cache holds the weights as one (in, out/P) slab per thread (`decode_weights`): MKL's GEMV
   streams (in, out) faster than nn.Linear's rows but on one thread, a bmm over P slabs on all P;
-  `_decode_step` runs such a step as plain ops, bitwise equal to the blocks' T = 1 path. Ragged
+  `_decode_step` runs such a step as plain ops, bitwise equal to the blocks' T = 1 path. With
+  `GPT.decode_dtype` fp16 or int8 the cache holds `minigpt.quant`'s matmuls in the slabs' place. Ragged
   rows (`KVCache.lengths`) decode different prompts together behind a mask. Positions stop at
   block_size.
 - Dropout drops attention and MLP outputs, not attention probabilities (as Llama): on CPU the latter
@@ -114,7 +115,7 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
         self.lengths: Tensor | None = None
-        self.weight_slabs: dict[nn.Module, Tensor] = {}  # (P, in, out/P) weight slabs, CPU decoding
+        self.weight_slabs: dict = {}  # module -> (P, in, out/P) weight slabs or a quant matmul, CPU decoding
 
     def reset(self) -> None:
         self.pos = 0  # stale entries beyond pos are never read
