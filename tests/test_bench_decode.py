@@ -32,6 +32,7 @@ print(f"llama_perf_context_print:        eval time = {{ms * n:10.2f}} ms / {{n:5
 '''
 
 
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="x86 kernels")
 def test_vs_llamacpp_runs_both_sides_and_prints_ratios(tmp_path):
     pytest.importorskip("gguf")
     log = tmp_path / "calls.txt"
@@ -65,6 +66,7 @@ def _quality_module():
     return module
 
 
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="x86 kernels")
 def test_decode_quality_is_the_full_forward_for_fp32():
     from minigpt.model import GPT, GPTConfig
 

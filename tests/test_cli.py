@@ -391,6 +391,7 @@ def test_export_missing_checkpoint_is_usage_error(capsys, tmp_path):
 
 # --- --dtype (lower-precision CPU decoding, minigpt.quant) ---------------------------------------
 
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="x86 kernels")
 def test_dtype_reaches_the_decoder_of_generate_chat_and_serve(env, capsys, monkeypatch):
     from minigpt.sample import generate
 
@@ -428,3 +429,9 @@ def test_dtype_off_cpu_or_unknown_is_usage_error(env, capsys, monkeypatch):
     monkeypatch.setattr(minigpt.runtime, "resolve_device", lambda *a, **k: torch.device("cuda"))
     code, _, err = run_main(capsys, "generate", "--checkpoint_path", env.chat, "--dtype", "int8")
     assert code == 2 and err == "error: --dtype int8 is for CPU decoding; use it with --device cpu (got cuda)\n"
+    import minigpt.quant
+
+    monkeypatch.undo()
+    monkeypatch.setattr(minigpt.quant, "available", lambda dtype: "no kernels in this build")
+    code, _, err = run_main(capsys, "generate", "--checkpoint_path", env.chat, "--device", "cpu", "--dtype", "fp16")
+    assert code == 2 and err == "error: --dtype fp16: no kernels in this build\n"

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from minigpt.model import GPT, GPTConfig
-from minigpt.quant import REDUCE_RANGE, Fp16Linear, Int8Linear, check_dtype, quantize_int8
+from minigpt.quant import REDUCE_RANGE, Fp16Linear, Int8Linear, available, check_dtype, quantize_int8
 from minigpt.sample import generate, greedy_batch
 
 V, BLOCK = 64, 32
+kernels = pytest.mark.skipif(available("int8") is not None, reason="no x86 quantized kernels (fbgemm)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -20,6 +21,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@kernels
 @pytest.mark.parametrize("n_out, c_in", [(96, 64), (97, 32), (5, 160)])  # odd widths too
 def test_int8_matmul_equals_the_dequantized_matmul_within_its_bound(n_out, c_in):
     torch.manual_seed(n_out)
@@ -46,6 +48,7 @@ def test_int8_matmul_equals_the_dequantized_matmul_within_its_bound(n_out, c_in)
         assert float((y - x @ w.T).abs().max()) > 0  # it is not the fp32 matmul
 
 
+@kernels
 def test_fp16_linear_is_the_matmul_of_fp16_weights():
     torch.manual_seed(0)
     w, x = torch.randn(48, 32), torch.randn(2, 3, 32)
@@ -92,6 +95,7 @@ def trained():
 PROMPTS = [pattern(3, 7 * i % V) for i in range(8)]
 
 
+@kernels
 @pytest.mark.parametrize("dtype", ["int8", "fp16"])
 @torch.inference_mode()
 def test_low_precision_decoding_agrees_with_fp32(trained, dtype):
