@@ -2,7 +2,8 @@
 
     python bench/quality.py [--minutes 3] [--clock cpu|wall] [--threads N]
                             [--recipe old --recipe new --recipe new,model.qk_norm=true ...]
-                            [--set pretrain.batch_size=32 ...]
+                            [--set pretrain.batch_size=32 ...] [--decode-dtypes int8,fp16]
+    python bench/quality.py --checkpoint out/pretrain --decode-dtypes int8,fp16
 
 Each recipe trains the quick-start model (params.yaml `model` + `pretrain`, with the recipe's
 overrides) through the real `minigpt.train.fit` loop on the same token files, for the same budget:
@@ -24,6 +25,13 @@ per recipe the validation curve against tokens and seconds, final validation and
 (every token of the split, non-overlapping windows), and for each recipe after the first the
 ratio of its test bits/byte to the first's and the time at which its validation loss first reached
 the first recipe's final one.
+
+`--decode-dtypes int8,fp16` also measures what CPU decoding in those dtypes (`--dtype`,
+minigpt.quant) costs on each trained model against fp32: test perplexity taken through the decode
+path itself (tokens fed one at a time through the KV cache, the full forward's windows), how often
+its argmax equals fp32's, and how far greedy continuations agree (`decode_quality`);
+`--checkpoint DIR` measures a model directory instead of training one. `--steps N` trains a fixed
+number of steps instead of a budget.
 """
 
 from __future__ import annotations
