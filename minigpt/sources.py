@@ -33,12 +33,12 @@ import os
 import re
 import socket
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 from tqdm import tqdm
 
 from minigpt.config import PretrainDataConfig, SFTDataConfig
-from minigpt.files import SPLITS, FormatError, open_text, read_json, utf8_size
+from minigpt.files import SPLITS, FormatError, json_line, open_text, read_json, utf8_size
 from minigpt.wikitext import starts_like_wikitext
 
 SFT_FIELDS = ("instruction", "context", "response")
@@ -50,6 +50,7 @@ SPLIT_KEYWORDS = {
     "test": ("test", "testing", "eval", "evaluation"),
 }
 TEXT_SUFFIXES = (".txt", ".raw")
+TEXT_COLUMN_HINT = " (set process.pretrain.text_column)"
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 PRETRAIN_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
@@ -239,6 +240,12 @@ def _as_text(value: Any, where: str, column: str) -> str:
         raise DataError(f"{where}: column {column!r} is not a string (got {type(value).__name__})")
     if "\x00" in value:
         raise DataError(f"{where}: column {column!r} holds a NUL character (U+0000); remove it")
+    if not value.isascii():  # a JSON escape such as "\ud800" decodes to a lone surrogate
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: column {column!r} holds a lone surrogate "
+                            f"(U+{ord(value[e.start]):04X}), not valid Unicode") from None
     return value
 
 
@@ -375,7 +382,7 @@ def pretrain_rows(cfg: PretrainDataConfig) -> dict[str, Iterable[str]]:
     path = resolve_source(cfg.source)
     if path is None:
         return _hub_pretrain_rows(cfg)
-    hint = " (set process.pretrain.text_column)"
+    hint = TEXT_COLUMN_HINT
     blocks = cfg.format == "documents"
     out: dict[str, Iterable[str]] = {}
     for split, files in local_splits(path, PRETRAIN_SUFFIXES).items():
@@ -383,10 +390,41 @@ def pretrain_rows(cfg: PretrainDataConfig) -> dict[str, Iterable[str]]:
     return out
 
 
-def _local_rows(files: Sequence[Path], column: str, hint: str, blocks: bool) -> Iterator[str]:
+class JsonLine(NamedTuple):
+    """One unparsed line of a local `.jsonl` file. With `format: documents` the process stage's
+    workers parse it (`json_line_text`), so the reading process only splits lines: parsing
+    there would leave the workers waiting on it."""
+    path: str
+    lineno: int
+    line: str
+
+
+def json_line_text(unit: JsonLine, column: str) -> str:
+    """The `column` string of one JSON line; errors name `FILE:LINE` as `read_records` does."""
+    where = f"{unit.path}:{unit.lineno}"
+    try:
+        parsed = json_line(unit.line, where)
+    except FormatError as e:
+        raise DataError(str(e)) from None
+    if parsed is None:  # never yielded by _local_rows; kept as an error, not a silent ""
+        raise DataError(f"{where}: blank line")
+    return _select(parsed[1], [column], where, TEXT_COLUMN_HINT)[column]
+
+
+def _json_lines(path: Path) -> Iterator[JsonLine]:
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.isspace():  # blank lines (a trailing one is common) are no rows
+                yield JsonLine(str(path), lineno, line)
+
+
+def _local_rows(files: Sequence[Path], column: str, hint: str,
+                blocks: bool) -> Iterator[str | JsonLine]:
     for f in files:
         if f.suffix.lower() in TEXT_SUFFIXES:
             yield from text_blocks(read_text_lines(f)) if blocks else read_text_lines(f)
+        elif blocks and f.suffix.lower() == ".jsonl":  # documents: parsed by the workers
+            yield from _json_lines(f)
         else:
             for record in read_records(f, [column], hint):
                 yield record[column]

@@ -1021,3 +1021,28 @@ def test_source_outside_raw_warns_that_dvc_does_not_track_it(tmp_path):
                              "and `dvc add` it, or `dvc import-url` it to raw/; see raw/README.md)"]
         else:
             assert lines == [], lines
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_pretrain_jsonl_lines_parsed_by_workers_keep_file_line_errors(tmp_path, num_proc):
+    """Documents of a .jsonl are parsed by the workers (the reader only splits lines): blank lines
+    are still no rows, and the first bad line is the one named, FILE:LINE, whatever the workers."""
+    docs = [{"text": f"Document {i} about the {WORDS[i % len(WORDS)]}."} for i in range(300)]
+    path = _write_jsonl(tmp_path / "corpus.jsonl", docs)
+    with path.open("a") as f:
+        f.write("\n  \n" + json.dumps({"text": "After the blank lines."}) + "\n")
+    stats = process_pretrain(_no_carving(source=str(path)), tmp_path / "ok", num_proc=num_proc)
+    assert stats["train"]["documents"] == 301
+    assert _texts(tmp_path / "ok")[-1] == "After the blank lines."
+    for bad, needle in (('{"text": "cut', ":302: invalid JSON"),
+                        ('["a list"]', ":302: expected a JSON object"),
+                        ('{"body": "x"}', ":302: no column 'text' (found: body) (set process."
+                                          "pretrain.text_column)"),
+                        ('{"text": "a\\ud800b"}', ":302: column 'text' holds a lone surrogate "
+                                                  "(U+D800)")):
+        lines = path.read_text().splitlines()[:301] + [bad, "also not json"]
+        path.write_text("\n".join(lines) + "\n")
+        with pytest.raises(DataError) as err:
+            process_pretrain(_no_carving(source=str(path)), tmp_path / "bad", num_proc=num_proc)
+        assert str(err.value).startswith(f"{path}{needle}"), str(err.value)
+        assert not (tmp_path / "bad").exists()
