@@ -3,6 +3,7 @@ corpus of any size, with one worker against every core.
 
     python bench/data_throughput.py [--mb 1000] [--format jsonl|wikitext|both] [--vocab 30000]
                                     [--workers 0] [--data ../shared/data] [--tmp DIR] [--keep]
+                                    [--process-only]
 
 Builds `--mb` MB of pre-training text in a temporary project (never in the repo) from the real
 text in `--data` (shared/data: the WikiText-2 raw files and extra/wiki_demo.txt): documents of
@@ -209,7 +210,8 @@ def size_mb(*paths: Path) -> float:
     return sum(p.stat().st_size for p in paths) / 1e6
 
 
-def bench(data: Path, fmt: str, megabytes: float, vocab: int, workers: int, tmp: Path) -> bool:
+def bench(data: Path, fmt: str, megabytes: float, vocab: int, workers: int, tmp: Path,
+          process_only: bool = False) -> bool:
     project = tmp / f"project-{fmt}"
     start = time.perf_counter()
     size = build_corpus(data, fmt, megabytes, project / "raw" / "pretrain")
@@ -218,7 +220,8 @@ def bench(data: Path, fmt: str, megabytes: float, vocab: int, workers: int, tmp:
     processed, tokens = project / "data" / "processed" / "pretrain", project / "data" / "tokens" / "pretrain"
     runs: list[Run] = []
     same = {}
-    for stage, out in (("process", processed), ("encode", tokens)):
+    stages = [("process", processed)] + ([] if process_only else [("encode", tokens)])
+    for stage, out in stages:
         digests = []
         for n in (1, workers):
             write_params(project, fmt, vocab, n)
@@ -229,7 +232,7 @@ def bench(data: Path, fmt: str, megabytes: float, vocab: int, workers: int, tmp:
                 runs.append(run_stage(project, "encode", ["pretrain"], size_mb(*splits), n))
             digests.append(digest_dir(out))
         same[stage] = digests[0] == digests[1]
-        if stage == "process":
+        if stage == "process" and not process_only:
             runs.append(run_stage(project, "tokenizer", [], size_mb(processed / "train.jsonl"), None))
 
     print(f"{'stage':10s} {'workers':>7s} {'wall s':>8s} {'MB/s':>7s} {'CPU-s':>8s} {'peak RSS MB':>11s}")
@@ -237,7 +240,7 @@ def bench(data: Path, fmt: str, megabytes: float, vocab: int, workers: int, tmp:
         who = "-" if r.workers is None else str(r.workers)
         print(f"{r.stage:10s} {who:>7s} {r.wall:8.1f} {r.mb_in / r.wall:7.2f} {r.cpu:8.1f} "
               f"{r.peak_rss / 2**20:11.0f}")
-    for stage in ("process", "encode"):
+    for stage, _ in stages:
         one, many = [r for r in runs if r.stage == stage]
         print(f"{stage}: ratio {one.wall / many.wall:.2f}x ({workers} workers against 1); "
               f"identical output: {same[stage]}")
@@ -256,6 +259,7 @@ def main() -> None:
                          "$MINIGPT_SHARED_DATA); read, never copied into the repo")
     ap.add_argument("--tmp", type=Path, default=None, help="where the temporary project goes")
     ap.add_argument("--keep", action="store_true", help="keep the temporary project")
+    ap.add_argument("--process-only", action="store_true", help="time only the process stage")
     args = ap.parse_args()
     workers = args.workers or cpu_count()
     if not (args.data / "wikitext-2-raw").is_dir():
@@ -263,7 +267,7 @@ def main() -> None:
     print(f"cores {cpu_count()}, workers 1 and {workers}; load average {os.getloadavg()[0]:.1f}")
     tmp = Path(tempfile.mkdtemp(prefix="data-bench-", dir=args.tmp))
     try:
-        ok = all([bench(args.data, fmt, args.mb, args.vocab, workers, tmp)
+        ok = all([bench(args.data, fmt, args.mb, args.vocab, workers, tmp, args.process_only)
                   for fmt in (("jsonl", "wikitext") if args.format == "both" else (args.format,))])
     finally:
         if args.keep:
