@@ -40,9 +40,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 from minigpt.config import PretrainDataConfig, SFTDataConfig
 from minigpt.files import atomic_directory, write_json
 from minigpt.parallel import ordered_map, resolve_workers
-from minigpt.sources import (SFT_FIELDS, SPLITS, DataError, JsonLine, is_streamed,
-                             json_line_text, pretrain_format, pretrain_rows, resolve_source,
-                             sft_records)
+from minigpt.sources import (SFT_FIELDS, SPLITS, DataError, is_streamed, pretrain_format,
+                             pretrain_rows, resolve_source, sft_records)
 from minigpt.wikitext import article_text, wikitext_articles
 
 PRETRAIN_DROP_REASONS = ("empty", "max_documents")
@@ -203,8 +202,6 @@ def pretrain_document(unit: Any, cfg: PretrainDataConfig) -> tuple[str, str]:
     an article, detokenized if asked; a document as it is."""
     if cfg.format == "wikitext":
         return "\n".join(unit), article_text(unit, cfg.detokenize)
-    if isinstance(unit, JsonLine):
-        unit = json_line_text(unit, cfg.text_column)
     return unit, unit
 
 
@@ -223,8 +220,6 @@ def _prepare_pretrain(job: tuple[PretrainDataConfig, str, Sequence[str], list]) 
 
 
 def _unit_chars(unit: Any) -> int:
-    if isinstance(unit, JsonLine):
-        return len(unit.line)
     return len(unit) if isinstance(unit, str) else sum(map(len, unit))
 
 

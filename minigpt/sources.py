@@ -33,12 +33,12 @@ import os
 import re
 import socket
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
 from minigpt.config import PretrainDataConfig, SFTDataConfig
-from minigpt.files import SPLITS, FormatError, json_line, open_text, read_json, utf8_size
+from minigpt.files import SPLITS, FormatError, open_text, read_json, utf8_size
 from minigpt.wikitext import starts_like_wikitext
 
 SFT_FIELDS = ("instruction", "context", "response")
@@ -390,41 +390,10 @@ def pretrain_rows(cfg: PretrainDataConfig) -> dict[str, Iterable[str]]:
     return out
 
 
-class JsonLine(NamedTuple):
-    """One unparsed line of a local `.jsonl` file. With `format: documents` the process stage's
-    workers parse it (`json_line_text`), so the reading process only splits lines: parsing
-    there would leave the workers waiting on it."""
-    path: str
-    lineno: int
-    line: str
-
-
-def json_line_text(unit: JsonLine, column: str) -> str:
-    """The `column` string of one JSON line; errors name `FILE:LINE` as `read_records` does."""
-    where = f"{unit.path}:{unit.lineno}"
-    try:
-        parsed = json_line(unit.line, where)
-    except FormatError as e:
-        raise DataError(str(e)) from None
-    if parsed is None:  # never yielded by _local_rows; kept as an error, not a silent ""
-        raise DataError(f"{where}: blank line")
-    return _select(parsed[1], [column], where, TEXT_COLUMN_HINT)[column]
-
-
-def _json_lines(path: Path) -> Iterator[JsonLine]:
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.isspace():  # blank lines (a trailing one is common) are no rows
-                yield JsonLine(str(path), lineno, line)
-
-
-def _local_rows(files: Sequence[Path], column: str, hint: str,
-                blocks: bool) -> Iterator[str | JsonLine]:
+def _local_rows(files: Sequence[Path], column: str, hint: str, blocks: bool) -> Iterator[str]:
     for f in files:
         if f.suffix.lower() in TEXT_SUFFIXES:
             yield from text_blocks(read_text_lines(f)) if blocks else read_text_lines(f)
-        elif blocks and f.suffix.lower() == ".jsonl":  # documents: parsed by the workers
-            yield from _json_lines(f)
         else:
             for record in read_records(f, [column], hint):
                 yield record[column]

@@ -1024,9 +1024,9 @@ def test_source_outside_raw_warns_that_dvc_does_not_track_it(tmp_path):
 
 
 @pytest.mark.parametrize("num_proc", [1, 2])
-def test_pretrain_jsonl_lines_parsed_by_workers_keep_file_line_errors(tmp_path, num_proc):
-    """Documents of a .jsonl are parsed by the workers (the reader only splits lines): blank lines
-    are still no rows, and the first bad line is the one named, FILE:LINE, whatever the workers."""
+def test_pretrain_jsonl_errors_name_file_and_line_whatever_the_workers(tmp_path, num_proc):
+    """A pre-training .jsonl: blank lines are no rows, and the first bad line is the one named,
+    FILE:LINE (a JSON-escaped lone surrogate too: it used to fail at write time, a traceback)."""
     docs = [{"text": f"Document {i} about the {WORDS[i % len(WORDS)]}."} for i in range(300)]
     path = _write_jsonl(tmp_path / "corpus.jsonl", docs)
     with path.open("a") as f:
