@@ -305,7 +305,7 @@ def _ppid_of(pid: int) -> int | None:
 
 def setup_runtime(cfg: TrainConfig, section: str = "pretrain") -> Runtime:
     """Resolve device/dtype, init DDP from torchrun's env when WORLD_SIZE > 1, seed everything.
-    `section` (pretrain / finetune) names the params key in a warning.
+    `section` (pretrain / finetune) names the params key in a warning or a device error.
 
     All ranks get the same seed here, so models built right after are identical everywhere.
     Arms `die_with_parent`: a trainer never outlives the command that started it."""
@@ -314,7 +314,7 @@ def setup_runtime(cfg: TrainConfig, section: str = "pretrain") -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    device = resolve_device(cfg.device, local_rank)
+    device = resolve_device(cfg.device, local_rank, where=f"{section}.device")
     dtype = resolve_dtype(cfg.dtype, device, f"{section}.dtype")
     if device.type == "cuda":
         torch.cuda.set_device(device)

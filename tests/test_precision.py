@@ -249,3 +249,11 @@ def test_pretrain_stage_trains_in_fp16_when_asked(tmp_path, monkeypatch, capsys)
         assert "warning: pretrain.dtype fp16: this CPU has no native fp16" in err
     metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
     assert metrics["skipped_steps"] == 0 and metrics["loss_scale"] == 65536.0 and metrics["steps"] == 4
+
+
+@pytest.mark.parametrize("section", ["pretrain", "finetune"])
+def test_setup_runtime_names_the_device_key(monkeypatch, section):
+    monkeypatch.setattr(runtime, "die_with_parent", lambda: None)  # not for the test process
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(runtime.DeviceError, match=rf"^{section}\.device cuda:99: CUDA is not available"):
+        runtime.setup_runtime(cfg(device="cuda:99"), section)
