@@ -184,6 +184,18 @@ def atomic_directory(target: str | Path, durable: bool = False) -> Iterator[Path
 # --- reading JSON lines ------------------------------------------------------------------------
 
 
+def lone_surrogate(s: str) -> int | None:
+    """Index of the first lone surrogate in `s` (what JSON's "\\ud800" escape decodes to, and
+    what cannot be written as UTF-8), or None."""
+    if s.isascii():
+        return None
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 def utf8_size(line: str, where: str) -> int:
     """The size in UTF-8 bytes of a line read with errors="surrogateescape", which checks it:
     a byte that was not UTF-8 raises FormatError naming the column."""

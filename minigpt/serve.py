@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minigpt.engine import Loaded, Sampling, TextStream, UsageError, make_generator, sample_ids
+from minigpt.files import lone_surrogate
 
 log = logging.getLogger("minigpt.serve")
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -77,11 +78,9 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 def _unicode(s: str) -> str:
     """`s`, if it can be encoded (JSON's "\\ud800" escape decodes to a lone surrogate)."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"not valid Unicode: lone surrogate U+{ord(s[e.start]):04X} at "
-                         f"character {e.start + 1}") from None
+    if (at := lone_surrogate(s)) is not None:
+        raise ValueError(f"not valid Unicode: lone surrogate U+{ord(s[at]):04X} "
+                         f"at character {at + 1}")
     return s
 
 

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 from tqdm import tqdm
 
 from minigpt.config import PretrainDataConfig, SFTDataConfig
-from minigpt.files import SPLITS, FormatError, open_text, read_json, utf8_size
+from minigpt.files import SPLITS, FormatError, lone_surrogate, open_text, read_json, utf8_size
 from minigpt.wikitext import starts_like_wikitext
 
 SFT_FIELDS = ("instruction", "context", "response")
@@ -240,12 +240,9 @@ def _as_text(value: Any, where: str, column: str) -> str:
         raise DataError(f"{where}: column {column!r} is not a string (got {type(value).__name__})")
     if "\x00" in value:
         raise DataError(f"{where}: column {column!r} holds a NUL character (U+0000); remove it")
-    if not value.isascii():  # a JSON escape such as "\ud800" decodes to a lone surrogate
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise DataError(f"{where}: column {column!r} holds a lone surrogate "
-                            f"(U+{ord(value[e.start]):04X}), not valid Unicode") from None
+    if (at := lone_surrogate(value)) is not None:
+        raise DataError(f"{where}: column {column!r} holds a lone surrogate "
+                        f"(U+{ord(value[at]):04X}), not valid Unicode")
     return value
 
 
