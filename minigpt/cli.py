@@ -91,10 +91,11 @@ def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
 
 
 def _device(text: str) -> str:
-    kind, _, index = text.partition(":")
-    if text in ("auto", "cpu", "mps") or (kind == "cuda" and (not index or index.isdigit())):
-        return text
-    raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    from minigpt.config import device_problem  # the params' rule and message
+
+    if (problem := device_problem(text)) is not None:
+        raise argparse.ArgumentTypeError(f"{problem} (got {text!r})")
+    return text
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

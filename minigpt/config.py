@@ -44,9 +44,13 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}: {why} (got {value!r})")
 
 
-def _device_ok(device: str) -> bool:
+def device_problem(device: str) -> str | None:
+    """Why `device` is not a device name, or None: the one rule for params' `*.device` and the
+    CLI's `--device`."""
     kind, colon, index = device.partition(":")
-    return device in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and colon and index.isdigit())
+    if device in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and colon and index.isdigit()):
+        return None
+    return "must be auto, cpu, cuda, cuda:N or mps"
 
 
 def head_size_problem(n_embd: int, n_head: int) -> str | None:
@@ -290,8 +294,8 @@ class TrainConfig:
     """Seed for init, data order and dropout."""
 
     def validate(self, prefix: str) -> None:
-        _check(_device_ok(self.device),
-               f"{prefix}.device", self.device, "must be auto, cpu, cuda, cuda:N or mps")
+        device = device_problem(self.device)
+        _check(device is None, f"{prefix}.device", self.device, device)
         _check(self.dtype in ("auto", "bf16", "fp16", "fp32"), f"{prefix}.dtype", self.dtype,
                "must be auto, bf16, fp16 or fp32")
         for name in ("nproc", "batch_size", "grad_accum", "max_steps", "eval_interval",
@@ -368,8 +372,8 @@ class EvalConfig:
     """Fixed prompts whose answers go to metrics/samples/{pretrain,finetune}.json."""
 
     def validate(self, prefix: str) -> None:
-        _check(_device_ok(self.device),
-               f"{prefix}.device", self.device, "must be auto, cpu, cuda, cuda:N or mps")
+        device = device_problem(self.device)
+        _check(device is None, f"{prefix}.device", self.device, device)
         _check(self.stride >= 1, f"{prefix}.stride", self.stride, "must be >= 1")
         for name in ("max_tokens", "generate_examples"):
             _check(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), "must be >= 0")

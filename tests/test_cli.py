@@ -252,6 +252,21 @@ def test_unavailable_device_is_usage_error(env, capsys):
     assert code == 2 and err.startswith("error: --device cuda") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("device", ["cuda:", "cuda:x", "gpu", "cpu:0"])
+def test_bad_device_name_is_refused_like_the_params_key(env, capsys, device):
+    """One rule for `--device` and params' `*.device` (config.device_problem): `cuda:` with no
+    index was accepted by the CLI alone. Same words after the flag or key."""
+    from minigpt.config import ConfigError, parse_params
+
+    with pytest.raises(ConfigError) as e:
+        parse_params({"eval": {"device": device}})
+    assert str(e.value).startswith("eval.device: ")
+    why = str(e.value).removeprefix("eval.device: ")
+    for command in ("generate", "chat", "serve"):
+        code, out, err = run_main(capsys, command, "--checkpoint_path", env.chat, "--device", device)
+        assert (code, out, err) == (2, "", f"error: argument --device: {why}\n")
+
+
 def test_bad_input_exit_code_from_entry_point(env):
     result = run_module("minigpt.generate", "--checkpoint_path", env.chat, "--top_p", "2")
     assert result.returncode == 2
