@@ -6,24 +6,16 @@ Design choices
 - Bad input is the user's mistake, not a crash: every usage error (argparse's included) is one
   line `error: ...` naming the flag, exit 2; ranges are checked by the `type=` functions before
   the model loads. Genuine bugs still raise with a traceback.
-- Loading and sampling are `minigpt.engine` (shared with `serve`): a chat model's prompt is wrapped
-  in the chat template and only the response printed; `--raw` text follows `<|endoftext|>` and is
-  echoed, then continued, so it reads as one document.
-- Untrusted text: a `--prompt` or chat line that is not valid UTF-8 (e.g. `$'\xff'`) is refused
-  with one line, exit 2 (rather than guessed at with U+FFFD), naming the flag or stdin line.
-  `--max_new_tokens` is capped at MAX_NEW_TOKENS (65536, 256 windows of the largest context
-  trained here): a typo must not mean a run that never ends. `--num_samples` is capped at
-  MAX_NUM_SAMPLES (256): the samples are one batch, each row with its own KV cache, so 200,000
-  asked for many GB at once. `--seed` is what torch's generator takes (0 .. 2**64-1).
-- `export` refuses an OUT_DIR that is, or is inside, the model directory (or contains it), and
-  writes atomically (`minigpt.export`). A README.md edited since the last export is kept, with a
-  warning, instead of being replaced by a new card (`minigpt.card.card_edited`).
-- `chat` keeps the conversation within the context: before each answer, while the encoded
-  conversation plus `--max_new_tokens` exceeds `block_size`, the oldest turn is dropped for good
-  (the system message stays) and the user told; the room kept for the answer is at most half the
-  context. Ctrl-C stops an answer (its partial text stays in the history), Ctrl-D or `/quit`
-  leaves, `/reset` starts over. Non-tty stdin is read line by line and notices go to stderr, so
-  the chat can be scripted.
+- The commands are wiring: loading and sampling are `minigpt.engine` (shared with `serve`), the
+  conversation loop `minigpt.chat`, the export flow `minigpt.export_command`. A chat model's
+  prompt is wrapped in the chat template and only the response printed; `--raw` text follows
+  `<|endoftext|>` and is echoed, then continued, so it reads as one document.
+- Untrusted text: a `--prompt` or `--system` that is not valid UTF-8 (e.g. `$'\xff'`) is refused
+  with one line, exit 2 (rather than guessed at with U+FFFD). `--max_new_tokens` is capped at
+  MAX_NEW_TOKENS (65536, 256 windows of the largest context trained here): a typo must not mean a
+  run that never ends. `--num_samples` is capped at MAX_NUM_SAMPLES (256): the samples are one
+  batch, each row with its own KV cache, so 200,000 asked for many GB at once. `--seed` is what
+  torch's generator takes (0 .. 2**64-1).
 """
 
 from __future__ import annotations
@@ -35,16 +27,14 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from minigpt.engine import (Loaded, Sampling, TextStream, UsageError, batch_ids, fit_conversation,
-                            load, make_generator, prompt_ids, sample_ids, stream_ids, write_out)
+from minigpt.chat import CHAT_HELP
+from minigpt.engine import (Sampling, TextStream, UsageError, batch_ids, load, make_generator,
+                            prompt_ids, sample_ids, stream_ids, utf8_text, write_out)
 
 DEFAULT_CHECKPOINT = "out/finetune"
-HISTORY_FILE = Path("~/.minigpt_history")
-QUIT_COMMANDS = ("/quit", "/exit")
 MAX_NEW_TOKENS = 65536
 MAX_NUM_SAMPLES = 256
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest
-CHAT_HELP = "commands: /reset (start over), /quit or Ctrl-D (leave), Ctrl-C (stop the answer)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,7 +93,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"model directory (default: {DEFAULT_CHECKPOINT})")
 
 
-def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype: where the model runs and, on CPU, its weights' type."""
+    p.add_argument("--device", type=_device, default="auto",
+                   help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="weights for CPU decoding: fp32 (exact), fp16, or int8 (per-channel "
                         "weights, inputs quantized per matmul) (default: fp32)")
@@ -126,9 +119,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="divide the logits of tokens already in the context (CTRL); 1 = off")
     p.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=None,
                    help="random seed, for reproducible sampling (0..2**64-1)")
-    p.add_argument("--device", type=_device, default="auto",
-                   help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (default: auto)")
-    _add_dtype_arg(p)
+    _add_device_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="require 'Authorization: Bearer KEY' on every request but the chat page "
                           "(which asks for it); default: $MINIGPT_API_KEY, else no key (a warning "
                           "when --host is not loopback)")
-    srv.add_argument("--device", type=_device, default="auto",
-                     help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (default: auto)")
-    _add_dtype_arg(srv)
+    _add_device_args(srv)
     srv.set_defaults(func=cmd_serve)
 
     exp = sub.add_parser("export", help="export a model directory to another format",
@@ -203,18 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="directory to write (default: plots)")
     plots.set_defaults(func=cmd_plots)
     return parser
-
-
-def utf8_text(text: str, where: str) -> str:
-    """`text` (argv or a stdin line), refused with one line if it held bytes that are not UTF-8
-    (Python keeps them as lone surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        char = ord(text[e.start])
-        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
-        raise UsageError(f"{where} is not valid UTF-8 ({what} at character {e.start + 1})") from None
-    return text
 
 
 # --- generation ---------------------------------------------------------------------------------
@@ -249,108 +226,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # --- chat ---------------------------------------------------------------------------------------
 
-def _line_reader(interactive: bool) -> Callable[[], str]:
-    """input() with readline editing and history on a terminal; plain line reads otherwise."""
-    if not interactive:
-        number = 0
-
-        def read() -> str:
-            nonlocal number
-            stream = getattr(sys.stdin, "buffer", sys.stdin)  # bytes: a bad line is reported
-            raw = stream.readline()
-            number += 1
-            if not raw:
-                raise EOFError
-            try:
-                line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-            except UnicodeDecodeError as e:
-                raise UsageError(f"stdin line {number} is not valid UTF-8 (byte 0x{raw[e.start]:02x} "
-                               f"at byte {e.start + 1})") from None
-            return line.rstrip("\r\n")
-
-        return read
-    try:
-        import atexit
-        import readline  # noqa: F401  (importing it gives input() line editing and history)
-
-        history = HISTORY_FILE.expanduser()
-        try:
-            readline.read_history_file(history)
-        except OSError:
-            pass  # first run, or an unreadable file: start without history
-        readline.set_history_length(1000)
-        atexit.register(_save_history, readline, history)
-    except ImportError:
-        pass  # Windows without pyreadline: plain input() still works
-    return lambda: utf8_text(input(">>> "), "input")
-
-
-def _save_history(readline, path: Path) -> None:
-    try:
-        readline.write_history_file(path)
-    except OSError:
-        pass  # history is a convenience; never fail on exit because of it
-
-
-def _reply(m: Loaded, ids: list[int], settings: Sampling, generator) -> str:
-    """Stream one answer; Ctrl-C stops it and returns what was generated until then."""
-    stream = TextStream(m.tok)
-    try:
-        stream_ids(m, ids, settings, generator, stream)
-        write_out("\n")
-    except KeyboardInterrupt:
-        print("\n[stopped]", file=sys.stderr)
-    m.flush_notices()
-    return stream.text()
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
+    from minigpt.chat import chat
+
     if args.system is not None:
         utf8_text(args.system, "--system")  # before the (slow) model load
     m = load(args.checkpoint_path, args.device, args.tokenizer_path, args.dtype)
     if not m.is_chat:
         print(f"warning: {args.checkpoint_path} is not instruction-tuned (config.json has no "
               "chat_template); its answers will not follow the chat format", file=sys.stderr)
-    start = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(start)
-    # Room kept free for the answer: max_new_tokens, but at most half the context, so a long
-    # --max_new_tokens does not wipe the history every turn (a longer answer slides the window).
-    block_size = m.model.config.block_size
-    limit = block_size - min(args.max_new_tokens, block_size // 2)
-    settings = Sampling.from_args(args)
-    generator = make_generator(settings.seed, m.device)
-    interactive = sys.stdin.isatty()
-    read = _line_reader(interactive)
-    if interactive:
-        print(CHAT_HELP, file=sys.stderr)
-    while True:
-        try:
-            line = read()
-        except EOFError:
-            break
-        except KeyboardInterrupt:  # at the prompt: drop the line, like a shell; Ctrl-D leaves
-            print(file=sys.stderr)
-            continue
-        text = line.strip()
-        if not text:
-            continue
-        if text in QUIT_COMMANDS:
-            break
-        if text == "/reset":
-            messages = list(start)
-            print("[conversation cleared]", file=sys.stderr)
-            continue
-        if text in ("/help", "/?"):
-            print(CHAT_HELP, file=sys.stderr)
-            continue
-        messages.append({"role": "user", "content": text})
-        ids, dropped = fit_conversation(m.tok, messages, limit)
-        if dropped:
-            print(f"[dropped the oldest {dropped} turn(s) to fit the {block_size}-token "
-                  "context]", file=sys.stderr)
-        messages.append({"role": "assistant", "content": _reply(m, ids, settings, generator)})
-    if interactive:
-        print(file=sys.stderr)  # leave the shell prompt on its own line after Ctrl-D
+    chat(m, Sampling.from_args(args), args.system)
     return 0
 
 
@@ -378,64 +263,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # --- export -------------------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from minigpt.card import card_edited, model_card, push_to_hub
-    from minigpt.template import CHAT_TEMPLATE_JINJA
-    from minigpt.export import export_hf
-    from minigpt.tokenizer import PAD, special_id
+    from minigpt.export_command import export
 
-    src, dst = Path(args.checkpoint_path).resolve(), Path(args.out_dir).resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
-        raise UsageError(f"export to {args.out_dir}: OUT_DIR must be outside the model directory "
-                       f"{args.checkpoint_path} (and not contain it)")
-    m = load(args.checkpoint_path, "cpu")
-    tokenizer_file = Path(args.checkpoint_path) / "tokenizer.json"  # the directory is self-contained
-    if args.format == "gguf":
-        try:
-            from minigpt.export_gguf import export_gguf
-        except ImportError as e:
-            raise UsageError(f"--format gguf needs the gguf package: pip install gguf ({e})") from None
-        name = Path(args.checkpoint_path).resolve().name
-        try:
-            out = export_gguf(m.model, tokenizer_file, Path(args.out_dir) / f"{name}-{args.dtype}.gguf",
-                              dtype=args.dtype, name=name, chat_template=CHAT_TEMPLATE_JINJA,
-                              eos_id=m.eot, pad_id=special_id(m.tok, PAD), bos_id=None)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"export to {args.out_dir}: {e}") from None
-        print(f"exported {args.checkpoint_path} to {out} (GGUF, llama, {args.dtype})", file=sys.stderr)
-        return 0
-    # The template goes into base models' exports too: harmless, and every export has the same
-    # tokenizer_config.
-    readme = Path(args.out_dir) / "README.md"
-    try:  # a card the user edited since the last export is theirs: kept, and they are told
-        kept = readme.read_bytes() if readme.is_file() and not readme.is_symlink() else None
-    except OSError as e:
-        raise UsageError(f"export to {args.out_dir}: {readme}: {e.strerror}") from None
-    if kept is not None and not card_edited(kept):
-        kept = None
-    try:
-        name = Path(args.checkpoint_path).resolve().name
-        card = kept or model_card(m.config, m.model.num_params(), name, args.project_dir)
-        out = export_hf(m.model, tokenizer_file, args.out_dir,
-                        chat_template=CHAT_TEMPLATE_JINJA,
-                        eos_id=m.eot,  # <|endoftext|> ends every answer and document
-                        pad_id=special_id(m.tok, PAD), bos_id=None,
-                        extra_files={"README.md": card})  # inside the export: all or nothing
-    except (OSError, ValueError) as e:  # an unwritable OUT_DIR, a tokenizer that does not fit
-        raise UsageError(f"export to {args.out_dir}: {e}") from None
-    print(f"exported {args.checkpoint_path} to {out} (Hugging Face LlamaForCausalLM, "
-          "README.md model card)", file=sys.stderr)
-    if kept is not None:
-        print(f"warning: {readme} was edited after it was exported: kept as it is, not "
-              "regenerated (delete it to get a new model card)", file=sys.stderr)
-    if args.push_to_hub:
-        try:
-            url = push_to_hub(out, args.push_to_hub, private=args.private)
-        except ImportError as e:
-            raise UsageError(f"--push-to-hub needs huggingface_hub: pip install huggingface_hub ({e})") from None
-        except Exception as e:  # network, auth, a bad repo id: one line, the export stays on disk
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UsageError(f"--push-to-hub {args.push_to_hub}: {first}") from None
-        print(f"uploaded {out} to {url}", file=sys.stderr)
+    export(args.checkpoint_path, args.out_dir, args.format, args.dtype, args.project_dir,
+           args.push_to_hub, args.private)
     return 0
 
 

@@ -34,6 +34,18 @@ class UsageError(Exception):
     """A user's mistake (a flag, a file, a prompt); the message is one line, shown as `error: ...`."""
 
 
+def utf8_text(text: str, where: str) -> str:
+    """`text` (argv or a stdin line), refused with one line if it held bytes that are not UTF-8
+    (Python keeps them as lone surrogates)."""
+    from minigpt.files import lone_surrogate
+
+    if (at := lone_surrogate(text)) is not None:
+        char = ord(text[at])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        raise UsageError(f"{where} is not valid UTF-8 ({what} at character {at + 1})")
+    return text
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How to sample: the `generate`/`chat` flags, or an API request's fields."""
