@@ -109,6 +109,7 @@ RIGGED = """
 import sys, time
 from pathlib import Path
 import minigpt.serve as serve
+import minigpt.serve_jobs as serve_jobs
 from minigpt.engine import load
 
 model_dir, port, flags = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
@@ -138,7 +139,7 @@ class HeldTokenizer:
 
 
 m.tok = HeldTokenizer(m.tok)
-real_sample_ids = serve.sample_ids
+real_sample_ids = serve_jobs.sample_ids
 
 
 def sample_ids(m, ids, settings, generator, on_token=None):
@@ -147,7 +148,7 @@ def sample_ids(m, ids, settings, generator, on_token=None):
     return real_sample_ids(m, ids, settings, generator, on_token)
 
 
-serve.sample_ids = sample_ids
+serve_jobs.sample_ids = sample_ids
 serve.serve(m, "rigged", "127.0.0.1", port, 100)
 """
 
