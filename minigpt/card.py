@@ -84,26 +84,37 @@ def _hub_id(source: str) -> str | None:
     return source if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not Path(source).exists() else None
 
 
+STAGES = (("pretrain", "Pre-training", "documents"), ("sft", "Instruction tuning", "examples"))
+
+
 def model_card(config: dict, num_params: int, name: str, project_dir: str | Path = ".") -> str:
     """The README.md of an exported model directory."""
     project = Path(project_dir)
-    chat = config.get("chat_template") is not None
-    stages = [("pretrain", "Pre-training", "documents"), ("sft", "Instruction tuning", "examples")]
-    stats = {k: _read_json(project / "data/processed" / k / "stats.json") for k, _, _ in stages}
-    sources = [(k, str(s.get("source"))) for k, s in stats.items() if s and s.get("source")]
-    datasets = [h for _, s in sources if (h := _hub_id(s))]
-    lics = {_license(s) for _, s in sources}
+    stats = {k: _read_json(project / "data/processed" / k / "stats.json") for k, _, _ in STAGES}
+    sources = [str(s.get("source")) for s in stats.values() if s and s.get("source")]
+    lines = (_front_matter(sources) + _model_section(config, num_params, name)
+             + _data_section(project, stats) + _training_section(project, config)
+             + _limits_section(config) + _licenses_section(sources))
+    return _stamp("\n".join(lines) + "\n")
 
+
+def _front_matter(sources: list[str]) -> list[str]:
+    """The Hub's YAML header: library, tags, license (when every source's is known), datasets."""
+    datasets = [h for s in sources if (h := _hub_id(s))]
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [minigpt, llama]"]
-    if lics == {"CC BY-SA 3.0"}:
+    if {_license(s) for s in sources} == {"CC BY-SA 3.0"}:
         front.append("license: cc-by-sa-3.0")
     if datasets:
         front.append("datasets: [" + ", ".join(datasets) + "]")
     front.append("---")
+    return front
 
-    c = config
-    lines = front + [
+
+def _model_section(c: dict, num_params: int, name: str) -> list[str]:
+    """The title, what the model is, its shape and (chat models) its prompt format."""
+    chat = c.get("chat_template") is not None
+    lines = [
         "", f"# {_text(name)}", "",
         f"A small {'instruction-tuned' if chat else 'base (pre-trained only)'} GPT trained from "
         "scratch with minigpt (a reproducible DVC pipeline), exported as a "
@@ -125,9 +136,13 @@ def model_card(config: dict, num_params: int, name: str, project_dir: str | Path
         lines += ["Prompt format (also in `tokenizer_config.json` as `chat_template`):", "",
                   "```", "<|user|>", "{instruction}", "<|assistant|>", "{response}<|endoftext|>",
                   "```", ""]
+    return lines
 
-    lines += ["## Data", ""]
-    for key, title, unit in stages:
+
+def _data_section(project: Path, stats: dict[str, dict | None]) -> list[str]:
+    """Per corpus: its source, revision, license and split sizes (with token counts)."""
+    lines = ["## Data", ""]
+    for key, title, unit in STAGES:
         s = stats[key]
         if s is None:
             lines += [f"- {title}: no `data/processed/{key}/stats.json` found.", ""]
@@ -145,8 +160,12 @@ def model_card(config: dict, num_params: int, name: str, project_dir: str | Path
             lines.append(f"| {split} | {_text(row.get(unit))} | {_text(row.get('words'))} | "
                          f"{_text(row.get('bytes'))} | {_text(tokens.get('count'))} |")
         lines.append("")
+    return lines
 
-    lines += ["## Training", ""]
+
+def _training_section(project: Path, c: dict) -> list[str]:
+    """This directory's training summary, the runs' metrics and the evaluation table."""
+    lines = ["## Training", ""]
     training = c.get("training") if isinstance(c.get("training"), dict) else {}
     if training:
         lines += [f"This directory's weights: stage `{_text(c.get('stage'))}`, "
@@ -163,21 +182,29 @@ def model_card(config: dict, num_params: int, name: str, project_dir: str | Path
         lines.append("")
     else:
         lines += ["No `metrics/*.json` found.", ""]
+    return lines + _eval_table(project)
+
+
+def _eval_table(project: Path) -> list[str]:
+    """metrics/eval/*.json as one table, with the echo baseline when an eval recorded it."""
     evals = {k: _read_json(project / "metrics" / "eval" / f"{k}.json") for k in ("pretrain", "finetune")}
     rows = [(k, m) for k, m in evals.items() if m]
     baseline = next((m["baseline"] for _, m in rows if isinstance(m.get("baseline"), dict)), None)
     if baseline:
         rows.append(("echo baseline", baseline))
-    if rows:
-        lines += ["Evaluation (`metrics/eval/*.json`: WikiText test split, Dolly test split):", "",
-                  "| model | " + " | ".join(".".join(k) for k in EVAL_KEYS) + " |",
-                  "|---|" + "---:|" * len(EVAL_KEYS)]
-        for k, m in rows:
-            cells = [m.get(a).get(b) if isinstance(m.get(a), dict) else None for a, b in EVAL_KEYS]
-            lines.append(f"| {k} | " + " | ".join(_text(v) for v in cells) + " |")
-        lines.append("")
+    if not rows:
+        return []
+    lines = ["Evaluation (`metrics/eval/*.json`: WikiText test split, Dolly test split):", "",
+             "| model | " + " | ".join(".".join(k) for k in EVAL_KEYS) + " |",
+             "|---|" + "---:|" * len(EVAL_KEYS)]
+    for k, m in rows:
+        cells = [m.get(a).get(b) if isinstance(m.get(a), dict) else None for a, b in EVAL_KEYS]
+        lines.append(f"| {k} | " + " | ".join(_text(v) for v in cells) + " |")
+    return lines + [""]
 
-    lines += [
+
+def _limits_section(c: dict) -> list[str]:
+    return [
         "## Intended use and limits", "",
         "A teaching and research model: for learning how a GPT is trained end to end, for testing "
         "tools (transformers, llama.cpp, OpenAI-compatible clients) and for experiments. It is "
@@ -185,15 +212,16 @@ def model_card(config: dict, num_params: int, name: str, project_dir: str | Path
         f"after a few sentences; its context is {_text(c.get('block_size'))} tokens. It has had "
         "no safety tuning. Do not use it for decisions or facts that matter, or in products "
         "facing users.", "",
-        "## Licenses", "",
     ]
-    if sources:
-        lines += [f"- {_text(s)}: {_license(s)}" for _, s in sources]
-        lines += ["", "Text the model produces may reproduce its training data; CC BY-SA data "
-                  "asks for attribution and share-alike."]
-    else:
-        lines += ["Training data sources unknown (no stats.json found)."]
-    return _stamp("\n".join(lines) + "\n")
+
+
+def _licenses_section(sources: list[str]) -> list[str]:
+    lines = ["## Licenses", ""]
+    if not sources:
+        return lines + ["Training data sources unknown (no stats.json found)."]
+    lines += [f"- {_text(s)}: {_license(s)}" for s in sources]
+    return lines + ["", "Text the model produces may reproduce its training data; CC BY-SA data "
+                    "asks for attribution and share-alike."]
 
 
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
