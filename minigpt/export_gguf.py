@@ -73,33 +73,50 @@ def export_gguf(model, tokenizer_file: str | os.PathLike, out_file: str | os.Pat
                 pad_id: int | None, bos_id: int | None) -> Path:
     """Write `model` (a minigpt GPT) with its tokenizer as one GGUF file; returns its path."""
     import gguf
-    from tokenizers import Tokenizer
 
     if dtype not in TYPES:
         raise ValueError(f"dtype must be one of {', '.join(TYPES)} (got {dtype!r})")
     check_exportable(model, "llama.cpp `llama`")  # before anything is written
-    c = model.config
+    tokens, types, merges = _vocabulary(tokenizer_file, model.config.vocab_size)
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")  # renamed into place when complete
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    _add_model_keys(w, model.config, name, dtype)
+    _add_tokenizer_keys(w, tokens, types, merges, eos_id=eos_id, pad_id=pad_id, bos_id=bos_id,
+                        chat_template=chat_template)
+    _add_tensors(w, model, dtype)
+    _write(w, tmp, out)
+    return out
+
+
+def _vocabulary(tokenizer_file: str | os.PathLike, vocab_size: int) -> tuple[list, list, list]:
+    """The token strings, their GGUF token types and the BPE merges, one row per embedding row."""
+    import gguf
+    from tokenizers import Tokenizer
+
     tok = Tokenizer.from_file(str(tokenizer_file))
     raw = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))
     if raw.get("model", {}).get("type") != "BPE":
         raise ValueError(f"{tokenizer_file}: not a BPE tokenizer")
     n = tok.get_vocab_size()
-    if n > c.vocab_size:
-        raise ValueError(f"tokenizer has {n} tokens, model only {c.vocab_size}")
-    vocab = tok.get_vocab()
-    tokens = [f"[PAD{i}]" for i in range(c.vocab_size)]  # the embedding's unused rows, if any
-    types = [gguf.TokenType.UNUSED] * c.vocab_size
+    if n > vocab_size:
+        raise ValueError(f"tokenizer has {n} tokens, model only {vocab_size}")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # the embedding's unused rows, if any
+    types = [gguf.TokenType.UNUSED] * vocab_size
     special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
-    for text, i in vocab.items():
+    for text, i in tok.get_vocab().items():
         tokens[i] = text
         types[i] = gguf.TokenType.CONTROL if text in special else gguf.TokenType.NORMAL
+    return tokens, types, _merges(raw)
+
+
+def _add_model_keys(w, c, name: str, dtype: str) -> None:
+    """The `llama` architecture's shape keys and the file type."""
+    import gguf
 
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
-    out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")  # renamed into place when complete
-    w = gguf.GGUFWriter(str(tmp), "llama")
     w.add_name(name)
     w.add_context_length(c.block_size)
     w.add_embedding_length(c.n_embd)
@@ -112,11 +129,16 @@ def export_gguf(model, tokenizer_file: str | os.PathLike, out_file: str | os.Pat
     w.add_layer_norm_rms_eps(c.norm_eps)
     w.add_vocab_size(c.vocab_size)
     w.add_file_type(file_type)
+
+
+def _add_tokenizer_keys(w, tokens: list, types: list, merges: list[str], *, eos_id: int,
+                        pad_id: int | None, bos_id: int | None, chat_template: str | None) -> None:
+    """GPT-2 byte-level BPE, its special ids (bos never added) and the chat template."""
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(_merges(raw))
+    w.add_token_merges(merges)
     w.add_eos_token_id(eos_id)
     w.add_bos_token_id(eos_id if bos_id is None else bos_id)
     if pad_id is not None:
@@ -125,6 +147,11 @@ def export_gguf(model, tokenizer_file: str | os.PathLike, out_file: str | os.Pat
     w.add_add_eos_token(False)
     if chat_template is not None:
         w.add_chat_template(chat_template)
+
+
+def _add_tensors(w, model, dtype: str) -> None:
+    """The weights: norms f32; 2-D weights as `dtype` (q8_0 rows not a multiple of 32: f16)."""
+    import gguf
 
     for tname, t in gguf_tensors(model).items():
         data = t.numpy()
@@ -135,6 +162,10 @@ def export_gguf(model, tokenizer_file: str | os.PathLike, out_file: str | os.Pat
             w.add_tensor(tname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             w.add_tensor(tname, data.astype(np.float16))
+
+
+def _write(w, tmp: Path, out: Path) -> None:
+    """Write the file to `tmp`, then rename it to `out`; a failure leaves neither half written."""
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -151,4 +182,3 @@ def export_gguf(model, tokenizer_file: str | os.PathLike, out_file: str | os.Pat
             raise OSError(f"{out}: cannot write ({why})") from None
         raise
     os.replace(tmp, out)
-    return out
