@@ -147,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="an optional system message, kept on /reset")
     chat.set_defaults(func=cmd_chat)
 
+    _add_serve_command(sub)
+    _add_export_command(sub)
+
+    plots = sub.add_parser("plots", help="render the DVC curves of the workspace and experiments",
+                           description="Render the curves declared in dvc.yaml (workspace and "
+                                       "--exp experiments) to PNG files and one self-contained "
+                                       "HTML page that needs no network (minigpt.plots).")
+    plots.add_argument("--exp", action="append", default=[], metavar="NAME",
+                       help="an experiment (or any git revision) to overlay; repeat for more")
+    plots.add_argument("--out", default="plots", metavar="DIR",
+                       help="directory to write (default: plots)")
+    plots.set_defaults(func=cmd_plots)
+    return parser
+
+
+def _add_serve_command(sub) -> None:
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page",
                          description="Serve the model over an OpenAI-compatible API "
                                      "(/v1/chat/completions, /v1/completions, /v1/models, /health) "
@@ -165,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(srv)
     srv.set_defaults(func=cmd_serve)
 
+
+def _add_export_command(sub) -> None:
     exp = sub.add_parser("export", help="export a model directory to another format",
                          description="Export a model directory, e.g. for Hugging Face transformers.")
     exp.add_argument("out_dir", metavar="OUT_DIR", help="directory to write")
@@ -181,17 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
     _add_model_args(exp)
     exp.set_defaults(func=cmd_export)
-
-    plots = sub.add_parser("plots", help="render the DVC curves of the workspace and experiments",
-                           description="Render the curves declared in dvc.yaml (workspace and "
-                                       "--exp experiments) to PNG files and one self-contained "
-                                       "HTML page that needs no network (minigpt.plots).")
-    plots.add_argument("--exp", action="append", default=[], metavar="NAME",
-                       help="an experiment (or any git revision) to overlay; repeat for more")
-    plots.add_argument("--out", default="plots", metavar="DIR",
-                       help="directory to write (default: plots)")
-    plots.set_defaults(func=cmd_plots)
-    return parser
 
 
 # --- generation ---------------------------------------------------------------------------------

@@ -1,19 +1,16 @@
 """Export a GPT to one GGUF file (llama.cpp, Ollama, LM Studio), written with ggml's `gguf` package.
 
 Design choices
-- Architecture `llama`: the model is Llama-shaped (`minigpt.export`), so this is the same renaming
-  as the Hugging Face export, with llama.cpp's tensor names, mirroring what llama.cpp's
+- Architecture `llama`: the Hugging Face export's renaming with llama.cpp's tensor names, as its
   `convert_hf_to_gguf.py` does for a `LlamaForCausalLM`: q and k rows are permuted from HF's
   rotate_half RoPE layout to llama.cpp's interleaved pairs (`_permute`, its `LlamaModel.permute`).
 - Tied embeddings: no `output.weight` is written; llama.cpp's llama loader then uses `token_embd`
   for the output (and transformers' GGUF loader sets tie_word_embeddings when it is absent).
-- Tokenizer: `tokenizer.ggml.model = "gpt2"` (byte-level BPE: the vocabulary's byte-level strings
-  and the merges, as in tokenizer.json), `tokenizer.ggml.pre = "gpt-2"`: llama.cpp's GPT2
-  pre-tokenizer regex `'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)`
-  is the one `tokenizers`' ByteLevel(use_regex=True) applies (ours: no prefix space, no
-  normalizer). Special tokens are CONTROL tokens; eos = pad's neighbour <|endoftext|>, which is
-  also bos (never added: `add_bos_token` false, like the HF export; set so that llama.cpp does
-  not fall back to its GPT-2 default id 11). The chat template is the same Jinja string.
+- Tokenizer: `tokenizer.ggml.model = "gpt2"` (byte-level BPE: tokenizer.json's byte-level strings
+  and merges) with `tokenizer.ggml.pre = "gpt-2"`, whose regex is the one `tokenizers`'
+  ByteLevel(use_regex=True) applies (ours: no prefix space, no normalizer). Special tokens are
+  CONTROL; eos = bos = <|endoftext|> (bos never added, like the HF export, but set so that
+  llama.cpp does not fall back to GPT-2's id 11). The chat template is the same Jinja string.
 - Only Llama-shaped models: a qk_norm, logit_softcap or relu2 model is refused before anything
   is written (`minigpt.export.check_exportable`, the Hugging Face export's check): llama.cpp
   would read such a file as a plain Llama and compute other logits.
