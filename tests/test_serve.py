@@ -404,16 +404,27 @@ def test_binds_localhost_by_default():
 
 # --- the chat page in a real headless Chromium ---------------------------------------------------
 
-def test_chat_page_in_headless_chromium(servers, tmp_path):
+def _playwright():
+    """playwright's sync API; the test is skipped without it or without the browser."""
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium)")
+    return playwright
+
+
+def _chromium(p):
+    """Headless Chromium that calls home for nothing."""
+    return p.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"])
+
+
+def test_chat_page_in_headless_chromium(servers, tmp_path):
+    playwright = _playwright()
     url = servers.chat.url
     outside: list[str] = []
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = _chromium(p)
         try:
             page = browser.new_page()
 
@@ -480,13 +491,9 @@ def test_chat_page_in_headless_chromium(servers, tmp_path):
 def test_chat_page_asks_for_the_api_key_in_headless_chromium(keyed):
     """With a key set, the page (public, keyless) asks for the key, keeps it for the tab and sends
     it as a Bearer token with JSON bodies: the checks a hostile page fails, the page passes."""
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium)")
+    playwright = _playwright()
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = _chromium(p)
         try:
             page = browser.new_page()
             page.goto(keyed.url + "/")
