@@ -32,16 +32,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
+from tqdm import tqdm
+
+from minigpt import sources
 from minigpt.config import PretrainDataConfig, SFTDataConfig
 from minigpt.files import atomic_directory, write_json
-from minigpt.parallel import ordered_map, resolve_workers
-from minigpt.sources import (SFT_FIELDS, SPLITS, DataError, is_streamed, pretrain_format,
-                             pretrain_rows, resolve_source, sft_records)
+from minigpt.parallel import Workers, ordered_map, resolve_workers
+from minigpt.ranges import PieceReader, absolute_error, plan_pieces
+from minigpt.sources import (PRETRAIN_SUFFIXES, SFT_FIELDS, SPLITS, DataError, is_streamed,
+                             local_splits, pretrain_format, pretrain_rows, resolve_source,
+                             sft_records)
 from minigpt.wikitext import article_text, wikitext_articles
 
 PRETRAIN_DROP_REASONS = ("empty", "max_documents")
@@ -50,6 +57,11 @@ SFT_DROP_REASONS = ("empty_instruction", "empty_response", "duplicate")
 # that pickling and scheduling cost little, small enough that every worker gets several.
 CHUNK_CHARS = 2**20
 CHUNK_ITEMS = 4096
+# Local files go to the workers in pieces of about an eighth of a worker's share, within these
+# bounds (minigpt.ranges): small ones even out the last pieces' wait. At most 2 * workers pieces
+# and their shards exist at once.
+PIECE_BYTES = 2**25
+MIN_PIECE_BYTES = 2**20
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,6 +132,13 @@ class SplitStats:
         self.bytes += measures[1]
         self.words += measures[2]
 
+    def merge(self, other: "SplitStats") -> None:
+        self.count += other.count
+        self.characters += other.characters
+        self.bytes += other.bytes
+        self.words += other.words
+        self.dropped.update(other.dropped)
+
     def to_dict(self, unit: str, reasons: Sequence[str]) -> dict:
         return {unit: self.count, "characters": self.characters, "bytes": self.bytes,
                 "words": self.words, "dropped": {r: self.dropped[r] for r in reasons}}
@@ -159,18 +178,18 @@ class SplitWriter:
         self.file.close()
 
 
-def _require_nonempty(writers: dict[str, SplitWriter], source: str, unit: str,
+def _require_nonempty(stats: dict[str, SplitStats], source: str, unit: str,
                       hashed: Sequence[str], cfg: Any) -> None:
     """Later stages cannot train or evaluate on an empty split: fail here, naming the cause.
     A split filled by hashing (`hashed`) may be empty only when its fraction is 0 (asked for)."""
-    total = sum(w.stats.count for w in writers.values())
-    for split, writer in writers.items():
-        if writer.stats.count:
+    total = sum(st.count for st in stats.values())
+    for split, st in stats.items():
+        if st.count:
             continue
         fraction = getattr(cfg, f"{split}_fraction", None)
         if split in hashed and fraction == 0:
             continue
-        dropped = sum(writer.stats.dropped.values())
+        dropped = sum(st.dropped.values())
         why = f"; {dropped} dropped" if dropped else ""
         if split in hashed:
             why += (f"; {total} {unit} in all are too few for {split}_fraction={fraction}: "
@@ -208,15 +227,14 @@ def pretrain_document(unit: Any, cfg: PretrainDataConfig) -> tuple[str, str]:
 def _prepare_pretrain(job: tuple[PretrainDataConfig, str, Sequence[str], list]) -> list[Prepared]:
     """A worker's share: each unit of a chunk as (split, JSONL line or None when empty, measures)."""
     cfg, split, carved, units = job
-    out = []
-    for unit in units:
-        raw, text = pretrain_document(unit, cfg)
-        where = split
-        if split == "train" and carved:
-            where = assign_split(raw, cfg.validation_fraction, cfg.test_fraction, carved)
-        line = _jsonl_line({"text": text}) if text.strip() else None
-        out.append((where, line, measure(text)))
-    return out
+    return [_prepare_unit(unit, cfg, split, carved) for unit in units]
+
+
+def _prepare_unit(unit: Any, cfg: PretrainDataConfig, split: str, carved: Sequence[str]) -> Prepared:
+    raw, text = pretrain_document(unit, cfg)
+    if split == "train" and carved:
+        split = assign_split(raw, cfg.validation_fraction, cfg.test_fraction, carved)
+    return split, _jsonl_line({"text": text}) if text.strip() else None, measure(text)
 
 
 def _unit_chars(unit: Any) -> int:
@@ -241,13 +259,45 @@ def chunked(items: Iterable[Any], size: Callable[[Any], int]) -> Iterator[list]:
 def process_pretrain(cfg: PretrainDataConfig, out_dir: str | Path, num_proc: int = 1) -> dict:
     """Build `out_dir/{train,validation,test}.jsonl` and `stats.json` from the pre-training
     source; returns the statistics. Raises DataError on bad input (`out_dir` is then untouched).
-    `num_proc` worker processes (0 = every core) share the per-document work; the output is
-    the same for any number."""
-    local = resolve_source(cfg.source) is not None
+    `num_proc` worker processes (0 = every core) share the work; the output is the same for any
+    number. Local documents without `max_documents` go to the workers as pieces of the files
+    (`minigpt.ranges`); everything else is read here and handed out in chunks."""
+    path = resolve_source(cfg.source)
     cfg = dataclasses.replace(cfg, format=pretrain_format(cfg))
+    workers = resolve_workers(num_proc)
     streamed = is_streamed(cfg)
-    splits = pretrain_rows(cfg)
-    carved = [s for s in ("validation", "test") if s not in splits]
+    if path is not None and cfg.format == "documents" and not cfg.max_documents and workers > 1:
+        files = local_splits(path, PRETRAIN_SUFFIXES)
+        official = [s for s in SPLITS if s in files]
+        write = lambda tmp, carved: _write_pieces(cfg, files, carved, tmp, workers)  # noqa: E731
+    else:
+        splits = pretrain_rows(cfg)
+        official = [s for s in SPLITS if s in splits]
+        write = lambda tmp, carved: _write_rows(cfg, splits, carved, tmp, workers)  # noqa: E731
+    carved = [s for s in ("validation", "test") if s not in official]
+    with atomic_directory(out_dir) as tmp:
+        split_stats = write(tmp, carved)
+        _require_nonempty(split_stats, cfg.source, "documents", carved, cfg)
+        stats = {
+            "source": cfg.source,
+            "name": None if path is not None else cfg.name,  # a hub config; meaningless locally
+            "revision": cfg.revision,
+            "wikitext": cfg.format == "wikitext",
+            "detokenized": cfg.detokenize and cfg.format == "wikitext",
+            **({"streamed": True} if streamed else {}),
+            "official_splits": official,
+            "carved_splits": carved,
+            **{s: st.to_dict("documents", PRETRAIN_DROP_REASONS) for s, st in split_stats.items()},
+            "dropped": _total_dropped(split_stats, PRETRAIN_DROP_REASONS),
+        }
+        write_json(tmp / "stats.json", stats)
+    return stats
+
+
+def _write_rows(cfg: PretrainDataConfig, splits: dict[str, Iterable[str]], carved: Sequence[str],
+                tmp: Path, workers: int) -> dict[str, SplitStats]:
+    """Read the rows here, have the workers prepare them chunk by chunk, write them here."""
+    streamed = is_streamed(cfg)
     source_of: deque[str] = deque()  # the source split of each job, in order
     train_full = False  # set on a streamed slice once train holds max_documents
 
@@ -259,36 +309,105 @@ def process_pretrain(cfg: PretrainDataConfig, out_dir: str | Path, num_proc: int
                 source_of.append(split)
                 yield cfg, split, carved, units
 
-    with atomic_directory(out_dir) as tmp:
-        writers = {s: SplitWriter(tmp / f"{s}.jsonl") for s in SPLITS}
-        try:
-            for prepared in ordered_map(_prepare_pretrain, jobs(), resolve_workers(num_proc)):
-                if source_of.popleft() == "train" and train_full:
-                    continue  # read ahead by the workers, past the end of a streamed slice
-                for split, line, measures in prepared:
-                    _route_document(split, line, measures, cfg, writers)
-                    if streamed and split == "train" \
-                            and writers["train"].stats.count >= cfg.max_documents:
-                        train_full = True  # a stream: the rest of train is never downloaded
-                        break
-        finally:
-            for w in writers.values():
-                w.close()
-        _require_nonempty(writers, cfg.source, "documents", carved, cfg)
-        stats = {
-            "source": cfg.source,
-            "name": None if local else cfg.name,  # a hub config; meaningless for local files
-            "revision": cfg.revision,
-            "wikitext": cfg.format == "wikitext",
-            "detokenized": cfg.detokenize and cfg.format == "wikitext",
-            **({"streamed": True} if streamed else {}),
-            "official_splits": [s for s in SPLITS if s in splits],
-            "carved_splits": carved,
-            **{s: w.stats.to_dict("documents", PRETRAIN_DROP_REASONS) for s, w in writers.items()},
-            "dropped": _total_dropped(writers, PRETRAIN_DROP_REASONS),
-        }
-        write_json(tmp / "stats.json", stats)
+    writers = {s: SplitWriter(tmp / f"{s}.jsonl") for s in SPLITS}
+    try:
+        for prepared in ordered_map(_prepare_pretrain, jobs(), workers):
+            if source_of.popleft() == "train" and train_full:
+                continue  # read ahead by the workers, past the end of a streamed slice
+            for split, line, measures in prepared:
+                _route_document(split, line, measures, cfg, writers)
+                if streamed and split == "train" \
+                        and writers["train"].stats.count >= cfg.max_documents:
+                    train_full = True  # a stream: the rest of train is never downloaded
+                    break
+    finally:
+        for w in writers.values():
+            w.close()
+    return {s: w.stats for s, w in writers.items()}
+
+
+def _piece_bytes(files: dict[str, list[Path]], workers: int) -> int:
+    """Pieces small enough that every worker gets several, large enough to cost little each."""
+    total = sum(f.stat().st_size for fs in files.values() for f in fs)
+    return min(PIECE_BYTES, max(MIN_PIECE_BYTES, total // (8 * workers)))
+
+
+def _write_pieces(cfg: PretrainDataConfig, files: dict[str, list[Path]], carved: Sequence[str],
+                  tmp: Path, workers: int) -> dict[str, SplitStats]:
+    """Each worker reads, prepares and writes its own pieces of the files (per-split shard files
+    and statistics in `tmp/.pieces`); here the shards are appended in input order and the
+    statistics added up: the same bytes as `_write_rows`. An error is the first in input order,
+    with its line numbered in the whole file."""
+    size = _piece_bytes(files, workers)
+    pieces = [(split, piece) for split in SPLITS if split in files
+              for piece in plan_pieces(files[split], True, size)]
+    shards = tmp / ".pieces"
+    shards.mkdir()
+    jobs = ((cfg, split, carved, piece, shards / str(i), sources.MAX_BLOCK_CHARS)
+            for i, (split, piece) in enumerate(pieces))
+    stats = {s: SplitStats() for s in SPLITS}
+    lines_before: Counter = Counter()  # per file: the lines of its pieces done so far
+    outs = {s: (tmp / f"{s}.jsonl").open("wb", buffering=0) for s in SPLITS}
+    bar = tqdm(total=sum(p.size for _, p in pieces), unit="B", unit_scale=True, disable=None,
+               desc="pieces", mininterval=0.5)
+    try:
+        with Workers(workers) as pool:
+            for i, ((_, piece), (lines, piece_stats, error)) in \
+                    enumerate(zip(pieces, pool.map(_prepare_piece, jobs))):
+                if error is not None:
+                    raise DataError(absolute_error(error[1], piece, error[0],
+                                                   lines_before[piece.path]))
+                lines_before[piece.path] += lines
+                for split, st in piece_stats.items():
+                    stats[split].merge(st)
+                    _append(outs[split], shards / f"{i}.{split}.jsonl")
+                bar.update(piece.size)
+    finally:
+        bar.close()
+        for f in outs.values():
+            f.close()
+        shutil.rmtree(shards, ignore_errors=True)
     return stats
+
+
+def _prepare_piece(job: tuple) -> tuple[int, dict[str, SplitStats], Optional[tuple[int, str]]]:
+    """A worker's piece: its documents prepared and written to `shard.SPLIT.jsonl`. Returns the
+    text lines it read, the statistics per split it wrote, and (line, message) of a DataError
+    (returned, not raised, so that the line can be renumbered in the whole file)."""
+    cfg, split, carved, piece, shard, max_block_chars = job
+    reader = PieceReader(piece, cfg.text_column, True, max_block_chars)
+    writers: dict[str, SplitWriter] = {}
+    try:
+        for unit in reader:
+            where, line, measures = _prepare_unit(unit, cfg, split, carved)
+            if where not in writers:
+                writers[where] = SplitWriter(shard.with_name(f"{shard.name}.{where}.jsonl"))
+            if line is None:
+                writers[where].drop("empty")
+            else:
+                writers[where].write_line(line, measures)
+    except DataError as e:
+        return reader.lines, {}, (reader.lines, str(e))
+    finally:
+        for w in writers.values():
+            w.close()
+    return reader.lines, {s: w.stats for s, w in writers.items()}, None
+
+
+def _append(out: Any, path: Path) -> None:
+    """Append the file at `path` to the open binary file `out`, then delete it (in the kernel
+    where it can: the shards are large and sequential)."""
+    with path.open("rb") as f:
+        left = os.fstat(f.fileno()).st_size
+        try:
+            while left > 0:
+                copied = os.copy_file_range(f.fileno(), out.fileno(), left)
+                if not copied:
+                    break
+                left -= copied
+        except (AttributeError, OSError):  # no copy_file_range here: copy in user space
+            shutil.copyfileobj(f, out, 2**20)
+    path.unlink()
 
 
 def _route_document(split: str, line: str | None, measures: Measures, cfg: PretrainDataConfig,
@@ -304,8 +423,8 @@ def _route_document(split: str, line: str | None, measures: Measures, cfg: Pretr
         writer.write_line(line, measures)
 
 
-def _total_dropped(writers: dict[str, SplitWriter], reasons: Sequence[str]) -> dict[str, int]:
-    return {r: sum(w.stats.dropped[r] for w in writers.values()) for r in reasons}
+def _total_dropped(stats: dict[str, SplitStats], reasons: Sequence[str]) -> dict[str, int]:
+    return {r: sum(st.dropped[r] for st in stats.values()) for r in reasons}
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,11 +484,12 @@ def process_sft(cfg: SFTDataConfig, out_dir: str | Path, num_proc: int = 1) -> d
         finally:
             for w in writers.values():
                 w.close()
-        if sum(w.stats.count for w in writers.values()) == 0:
-            dropped = _total_dropped(writers, SFT_DROP_REASONS)
+        split_stats = {s: w.stats for s, w in writers.items()}
+        if sum(st.count for st in split_stats.values()) == 0:
+            dropped = _total_dropped(split_stats, SFT_DROP_REASONS)
             detail = ", ".join(f"{k}: {v}" for k, v in dropped.items() if v) or "no rows"
             raise DataError(f"{cfg.source}: no examples left after cleaning ({detail})")
-        _require_nonempty(writers, cfg.source, "examples", carved, cfg)
+        _require_nonempty(split_stats, cfg.source, "examples", carved, cfg)
         stats = {
             "source": cfg.source,
             "revision": cfg.revision,
@@ -377,8 +497,8 @@ def process_sft(cfg: SFTDataConfig, out_dir: str | Path, num_proc: int = 1) -> d
             "official_splits": [s for s in SPLITS if s in splits],
             "carved_splits": carved,
             "measured": "response",  # characters/bytes/words count the response text
-            **{s: w.stats.to_dict("examples", SFT_DROP_REASONS) for s, w in writers.items()},
-            "dropped": _total_dropped(writers, SFT_DROP_REASONS),
+            **{s: st.to_dict("examples", SFT_DROP_REASONS) for s, st in split_stats.items()},
+            "dropped": _total_dropped(split_stats, SFT_DROP_REASONS),
         }
         write_json(tmp / "stats.json", stats)
     return stats

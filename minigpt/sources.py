@@ -256,7 +256,9 @@ def _select(record: Any, columns: Sequence[str], where: str, hint: str) -> dict[
     return {c: _as_text(record[c], where, c) for c in columns}
 
 
-def _parquet_records(path: Path, columns: Sequence[str], hint: str) -> Iterator[tuple[str, dict]]:
+def _parquet_records(path: Path, columns: Sequence[str], hint: str,
+                     row_group: Optional[tuple[int, int]] = None) -> Iterator[tuple[str, dict]]:
+    """(where, record) per row; `row_group` (index, rows before it): that row group only."""
     import pyarrow.parquet as pq
 
     try:
@@ -267,21 +269,23 @@ def _parquet_records(path: Path, columns: Sequence[str], hint: str) -> Iterator[
     for column in columns:
         if column not in names:
             raise DataError(f"{path}: no column {column!r} (found: {', '.join(names)}){hint}")
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=list(columns)):
+    groups, row = ([row_group[0]], row_group[1]) if row_group else (None, 0)
+    for batch in pf.iter_batches(batch_size=1024, row_groups=groups, columns=list(columns)):
         for record in batch.to_pylist():
             row += 1
             yield f"{path}: row {row}", record
 
 
-def read_records(path: Path, columns: Sequence[str], hint: str = "") -> Iterator[dict[str, str]]:
-    """Rows of a local .jsonl/.json/.parquet file, reduced to `columns` (all strings; null -> "").
+def read_records(path: Path, columns: Sequence[str], hint: str = "",
+                 row_group: Optional[tuple[int, int]] = None) -> Iterator[dict[str, str]]:
+    """Rows of a local .jsonl/.json/.parquet file, reduced to `columns` (all strings; null -> "");
+    `row_group` (index, rows before it): one row group of a parquet file.
 
     Errors name the file and, for JSON lines, the line: `FILE:LINE: invalid JSON (...)`."""
     suffix = path.suffix.lower()
     try:
         if suffix in PARQUET_SUFFIXES:
-            for where, record in _parquet_records(path, columns, hint):
+            for where, record in _parquet_records(path, columns, hint, row_group):
                 yield {c: _as_text(record[c], where, c) for c in columns}
         else:
             for where, _, record in read_json(path):
@@ -297,15 +301,20 @@ def read_text_lines(path: Path) -> Iterator[str]:
     (a leading BOM dropped; bad UTF-8 and NUL characters are errors naming the line)."""
     with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
-            try:
-                utf8_size(line, f"{path}:{lineno}")  # for its check: not UTF-8 raises
-            except FormatError as e:
-                raise DataError(str(e)) from None
-            if "\x00" in line:
-                raise DataError(f"{path}:{lineno}: NUL character (U+0000) in text; remove it "
-                                "(is this a binary or UTF-16 file?)")
+            check_text_line(line, f"{path}:{lineno}")
             line = line.rstrip("\n")  # rebound: a huge line is not held twice while in use
             yield line
+
+
+def check_text_line(line: str, where: str) -> None:
+    """A line read with `open_text` must be UTF-8 without NUL characters; errors name `where`."""
+    try:
+        utf8_size(line, where)  # for its check: not UTF-8 raises
+    except FormatError as e:
+        raise DataError(str(e)) from None
+    if "\x00" in line:
+        raise DataError(f"{where}: NUL character (U+0000) in text; remove it "
+                        "(is this a binary or UTF-16 file?)")
 
 
 def text_blocks(lines: Iterable[str], max_chars: Optional[int] = None) -> Iterator[str]:
