@@ -1,30 +1,22 @@
 """Clean deterministic splits out of a corpus: the library behind the `process` stage.
 
-Where rows come from (hub or local, which file is which split) is `minigpt.sources`; WikiText
-articles and detokenization are `minigpt.wikitext`; this module splits, cleans and writes.
+Where rows come from is `minigpt.sources` (pieces of local files: `minigpt.ranges`); WikiText
+articles are `minigpt.wikitext`; this module splits, cleans and writes.
 
 Design choices
-- Official splits are kept. A missing validation/test split is carved out of train by a stable
-  hash of the raw document (SHA-256 mapped to [0, 1): validation, then test bands), not an RNG: no
-  dependence on order, seeds or versions; adding documents never moves existing ones; switching
-  `detokenize` never reshuffles.
-- `max_documents` caps train only, applied after carving, so the validation and test sets of a
-  quick experiment are the same as those of the full run. A streamed hub slice
-  (`minigpt.sources.is_streamed`) instead stops at the document that fills train, whatever the
-  workers read ahead: carved validation/test hold what was read until then (official ones are
-  read whole), and `dropped.max_documents` is 0.
-- The format (`minigpt.sources.pretrain_format`) is decided once, before reading: WikiText
-  articles are regrouped and detokenized; documents are written as they are.
-- SFT: fields are stripped of surrounding whitespace; rows with an empty instruction or response,
-  exact duplicates (the first copy, in train < validation < test order, is kept) are dropped and
-  counted by reason. Named split files are official splits; missing ones are carved by a hash of
-  (instruction, context), so two answers to one prompt share a split (no leakage).
-- stats.json: per split documents (SFT: examples), characters, bytes, whitespace words and drops by
-  reason; for SFT the text measures count the response only (what loss and metrics score).
-- Output is all-or-nothing (`minigpt.files.atomic_directory`): a failure leaves the previous output
-  untouched, never a partial one that looks valid; a killed run's temporaries go on the next run.
-- JSONL keeps non-ASCII text but escapes U+2028, U+2029 and U+0085: `str.splitlines()` breaks
-  lines there, and one document must stay one line.
+- Official splits are kept; a missing validation/test split is carved out of train by a stable
+  hash (SHA-256) of the raw document, not an RNG: no dependence on order, seeds, versions or
+  worker count, and adding documents never moves existing ones.
+- `max_documents` caps train only, after carving, so a quick experiment has the full run's
+  validation and test sets; a streamed hub slice stops once train is full.
+- Every core, the same bytes: local documents (no `max_documents`) go to the workers as pieces of
+  the files, each read, cleaned and written to shards there; this process appends the shards in
+  input order and adds up the statistics. Other sources are read here and prepared in chunks.
+- SFT: fields stripped; empty instructions/responses and exact duplicates (the first copy kept, in
+  input order) dropped and counted; missing splits carved by a hash of (instruction, context), so
+  every answer to one prompt shares a split.
+- All-or-nothing output (`minigpt.files.atomic_directory`); JSONL escapes U+2028, U+2029 and
+  U+0085, where `str.splitlines()` would break a document's line.
 """
 
 from __future__ import annotations

@@ -1,25 +1,20 @@
 """Processed JSONL -> token files (`data/tokens/{pretrain,sft}/`), and the readers training uses.
 
-Formats (docs/FORMATS.md): `{split}.bin` flat little-endian ids (`uint16`, or `uint32` for a
-vocabulary over 65535), read with `np.memmap`, plus a `{split}.json` sidecar (dtype, count,
-documents or examples, tokenizer_hash). SFT adds `{split}.mask.bin` (uint8 loss mask, aligned with
-the ids) and `{split}.idx.bin` (uint64 offsets, examples + 1).
+Formats (docs/FORMATS.md): `{split}.bin` flat little-endian ids (`uint16`, or `uint32` past 65535)
+read with `np.memmap`, a `{split}.json` sidecar; SFT adds `{split}.mask.bin` and `{split}.idx.bin`.
 
 Design choices
-- Streaming on every core: raw lines go `batch_size` at a time (fewer past CHUNK_BYTES) to
-  `encode.num_proc` worker processes (`minigpt.parallel`), each with its own one-thread tokenizer,
-  which parse, encode and return numpy ids; this process appends them in input order. Reading,
-  encoding and writing overlap, the Python side runs on every core too, memory is bounded by the
-  chunks in flight, and the files are byte-identical for any worker count (tested).
-- A document longer than PIECE_CHARS is cut into pieces at whitespace the byte-level pre-tokenizer
-  splits at anyway (`split_text`), so its ids are exactly those of the whole document (tested)
-  while the tokenizer never holds a huge document's Encodings at once.
-- Text is encoded as ordinary text: a literal "<|endoftext|>" in an article is plain text; the
-  only EOT ids in a pretrain stream are the ones appended here, one after every document.
-- A corpus is written into a temporary directory beside its destination (named with the writer's
-  pid, so the next run removes only dead writers' leftovers), then renamed into place: the old
-  tokens or the new ones, never a mix. Readers check the sidecar against the file (dtype, size)
-  and the tokenizer hash, failing with one line that says what to re-run.
+- Streaming on every core: raw lines go in chunks to `encode.num_proc` worker processes
+  (`minigpt.parallel`), each with its own one-thread tokenizer, which parse, encode and return
+  numpy ids; this process appends them in input order. Reading, encoding and writing overlap,
+  memory is bounded by the chunks in flight, and the files are the same for any worker count.
+- A document longer than PIECE_CHARS is encoded in pieces cut where the byte-level pre-tokenizer
+  splits anyway (`split_text`): exactly the whole document's ids, without holding them at once.
+- Text is encoded as ordinary text: the only EOT ids in a pretrain stream are the ones appended
+  here, one after every document.
+- A corpus is written into a temporary directory beside its destination, then renamed into place:
+  the old tokens or the new ones, never a mix. Readers check the sidecar against the file and the
+  tokenizer hash, failing with one line that says what to re-run.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ Design choices
   is itself one busy process on top of theirs.
 - A piece is a byte range of a .jsonl file whose edges are moved to the next line start, a byte
   range of a text file whose edges are moved past the next blank line (where every blank-line
-  block starts afresh), a row group of a .parquet file, or a whole .json file. So every document
-  belongs to exactly one piece and is read exactly as a whole-file read would read it: the same
-  newline handling (\\n, \\r\\n, \\r), a byte-order mark dropped only at the file's start.
+  block starts afresh; none within SCAN_BYTES: no edge), a row group of a .parquet file, or a
+  whole .json file. So every document belongs to exactly one piece and is read as a whole-file
+  read reads it: the same newlines (\\n, \\r\\n, \\r), a byte-order mark dropped at the start only.
 - A piece does not know how many lines precede it: its errors name lines counted from its start,
   and `absolute_error` renumbers them once the pieces before it have reported their line counts.
 """
@@ -52,11 +52,11 @@ def plan_pieces(files: Sequence[Path], blocks: bool, piece_bytes: int) -> list[P
         if suffix in PARQUET_SUFFIXES:
             pieces += _row_groups(path)
         elif suffix in TEXT_SUFFIXES + (".jsonl",) and size > piece_bytes:
-            edges = [0]
+            edges, scanned = [0], 0
             with path.open("rb") as f:
                 for target in range(piece_bytes, size, piece_bytes):
-                    if target > edges[-1]:
-                        edge = _edge(f, target, blocks and suffix in TEXT_SUFFIXES)
+                    if target > max(edges[-1], scanned):  # (no rescanning a stretch that had none)
+                        edge, scanned = _edge(f, target, blocks and suffix in TEXT_SUFFIXES)
                         if edge is not None and edges[-1] < edge < size:
                             edges.append(edge)
             edges.append(size)
@@ -80,21 +80,21 @@ def _row_groups(path: Path) -> list[Piece]:
     return pieces or [Piece(path)]
 
 
-def _edge(f: io.BufferedReader, target: int, after_blank: bool) -> Optional[int]:
+def _edge(f: io.BufferedReader, target: int, after_blank: bool) -> tuple[Optional[int], int]:
     """The first line start at or past `target` (after a blank line if `after_blank`), or None
-    when there is none within SCAN_BYTES."""
+    when there is none within SCAN_BYTES; and how far the search read."""
     f.seek(target - 1)
     pos, line = target - 1, f.readline()
     while line.endswith(b"\n"):
         pos += len(line)
         if not after_blank:
-            return pos
+            return pos, pos
         line = f.readline()
         if not line.strip(BLANK) and line.endswith(b"\n"):
-            return pos + len(line)
+            return pos + len(line), pos + len(line)
         if pos - target > SCAN_BYTES:
-            return None
-    return None
+            return None, pos
+    return None, pos + len(line)
 
 
 class _Window(io.RawIOBase):

@@ -2,36 +2,24 @@
 
 Design choices
 - Hub or local, one rule: a `source` that exists on disk is local; one that looks like a path
-  (`./`, `../`, `/`, `~`, `raw/`, more than one `/`, a data-file extension) but does not exist is
-  an error ("source not found: PATH"); anything else is a hub id. A failed hub load is one line
-  naming offline as the likely cause; before a hub load a short TCP probe of the endpoint decides,
-  so offline a cached dataset still loads and a missing one fails at once, not after retries.
-- Local files use the hub's own formats, so a downloaded dataset works unchanged (`.txt`/`.raw`
-  like the HF `text` builder, `.jsonl`/`.json`, `.parquet`); JSON is parsed here line by line, so
-  a broken line is `FILE:LINE: invalid JSON (...)`, not an Arrow traceback.
-- In a directory, splits are told from file or folder names as `datasets` does (`wiki.train.raw`,
-  `train-00000-of-00001.parquet`); no split names: all train; a file whose split cannot be told
-  among others that can is an error. Hidden files, `*.md` and `*.dvc` are ignored.
-- Local text is decoded strictly: non-UTF-8 bytes and NUL characters (a binary or UTF-16 file read
-  by mistake) are errors naming `FILE:LINE`; a leading byte-order mark is dropped. A `.json` file
-  may also hold pretty-printed JSON objects, one record each, instead of lines or an array.
-- The rows are lazy: `pretrain_rows` / `sft_records` open and check the source at once (so a bad
+  (`./`, `/`, `~`, `raw/`, more than one `/`, a data-file extension) but does not exist is an
+  error; anything else is a hub id (`minigpt.hub` loads it, offline when the hub cannot answer).
+- Local files use the hub's own formats and split names (docs/FORMATS.md), so a downloaded
+  dataset works unchanged. JSON is parsed here line by line and text is decoded strictly, so bad
+  input is one line naming `FILE:LINE`, not an Arrow traceback.
+- The rows are lazy: `pretrain_rows` / `sft_records` open and check the source at once (a bad
   source fails before any work), but read it only as `minigpt.data` consumes it.
-- Pre-training format by evidence (`pretrain_format`): `format: auto` is WikiText for the
-  Salesforce/wikitext hub id, or a local source whose first train file's first non-blank line
-  (within SNIFF_CHARS characters / SNIFF_ROWS rows) is a ` = Title = ` heading; else documents:
-  one per JSONL/parquet/hub row, one per blank-line block of a text file (a block also ends at the
-  first line end past MAX_BLOCK_CHARS, so a file without blank lines is never one document).
-- With `max_documents` set, a hub source is streamed (`streaming=True`): `minigpt.data` stops
-  once train holds that many, so only the shards holding them (and the chunks read ahead) are
-  downloaded; each document's split is still its hash alone, whatever the shard order.
+- Pre-training format by evidence (`pretrain_format`): WikiText for the Salesforce/wikitext hub
+  id or a local source whose first train file starts with a ` = Title = ` heading (within
+  SNIFF_CHARS / SNIFF_ROWS); else one document per JSONL/parquet/hub row or blank-line block of
+  text (a block also ends past MAX_BLOCK_CHARS: a file without blank lines is never one document).
+- With `max_documents`, a hub source is streamed: `minigpt.data` stops once train is full, so only
+  the shards it needs are downloaded; each document's split is still its hash alone.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import socket
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -39,6 +27,7 @@ from tqdm import tqdm
 
 from minigpt.config import PretrainDataConfig, SFTDataConfig
 from minigpt.files import SPLITS, FormatError, lone_surrogate, open_text, read_json, utf8_size
+from minigpt.hub import HubUnreachable, load_dataset, one_line  # tests patch sources.load_dataset
 from minigpt.wikitext import starts_like_wikitext
 
 SFT_FIELDS = ("instruction", "context", "response")
@@ -73,69 +62,9 @@ class DataError(ValueError):
     """A problem with the input data or source; the message is one line meant for the user."""
 
 
-def _one_line(exc: BaseException) -> str:
-    """First line of an exception's message, prefixed with its type (for wrapped errors)."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 # --------------------------------------------------------------------------------------------
 # Hub or local, files and their splits
 # --------------------------------------------------------------------------------------------
-
-def load_dataset(*args: Any, **kwargs: Any) -> Any:
-    """`datasets.load_dataset`, imported lazily: `datasets` takes seconds to import and local
-    sources never need it. (Tests monkeypatch this name.) Offline first: see `hub_offline`."""
-    offline = hub_offline()
-    import datasets
-
-    if offline:  # the hub libraries read the flag at import time: set it where they keep it
-        import huggingface_hub.constants
-
-        huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
-        datasets.config.HF_DATASETS_OFFLINE = True
-    try:
-        return datasets.load_dataset(*args, **kwargs)
-    except Exception as e:
-        if offline and _OFFLINE_WHY:
-            raise HubUnreachable(_OFFLINE_WHY) from e
-        raise
-
-
-class HubUnreachable(ConnectionError):
-    """The hub could not be reached and the dataset is not in the local cache."""
-
-
-_OFFLINE_WHY = ""  # why `hub_offline` went offline (empty when the user asked for it)
-
-
-def hub_offline(timeout: float = 2.0) -> bool:
-    """True when hub loads must use the local cache only: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is
-    set, or a TCP connection to the endpoint (HF_ENDPOINT, default huggingface.co) fails within
-    `timeout` seconds (not probed behind an HTTP(S) proxy). Offline, `datasets` loads a cached dataset or fails at once, instead of
-    retrying HTTP requests first; a user who downloaded once can work without a network."""
-    global _OFFLINE_WHY
-    from urllib.parse import urlsplit
-
-    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if any(v.strip().upper() in ("1", "ON", "YES", "TRUE") for v in flags):
-        _OFFLINE_WHY = ""
-        return True
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
-                                       "ALL_PROXY", "all_proxy")):
-        return False  # behind a proxy a direct connection proves nothing: let `datasets` try
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    url = urlsplit(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
-    except OSError as e:
-        _OFFLINE_WHY = (f"the hub ({endpoint}) is unreachable ({_one_line(e)}) and the dataset "
-                        f"is not in the local cache")
-        os.environ["HF_HUB_OFFLINE"] = "1"  # for any hub library imported later in this process
-        return True
-    return False
-
 
 def _looks_like_path(source: str) -> bool:
     """Would a user who wrote `source` have meant a file or directory? Hub ids are `name` or
@@ -166,7 +95,7 @@ def _hub_error(source: str, exc: BaseException, example: str) -> DataError:
         return DataError(f"could not load {source!r}: {exc}; `source` can also be a local path "
                          f"such as {example} (see README)")
     return DataError(
-        f"could not load {source!r} from the Hugging Face hub ({_one_line(exc)}); the hub may be "
+        f"could not load {source!r} from the Hugging Face hub ({one_line(exc)}); the hub may be "
         f"unreachable: `source` can also be a local path such as {example} (see README)")
 
 
@@ -264,7 +193,7 @@ def _parquet_records(path: Path, columns: Sequence[str], hint: str,
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises its own ArrowInvalid for a non-parquet file
-        raise DataError(f"{path}: not a readable parquet file ({_one_line(e)})") from None
+        raise DataError(f"{path}: not a readable parquet file ({one_line(e)})") from None
     names = pf.schema_arrow.names
     for column in columns:
         if column not in names:
@@ -437,7 +366,7 @@ def _hub_column(dataset: Any, column: str, where: str) -> Iterator[str]:
         except StopIteration:
             return
         except Exception as e:
-            raise DataError(f"{where}: reading failed ({_one_line(e)})") from None
+            raise DataError(f"{where}: reading failed ({one_line(e)})") from None
         if column not in batch:
             raise DataError(f"{where}: no column {column!r} (found: {', '.join(batch)}) "
                             "(set process.pretrain.text_column)")

@@ -1,34 +1,21 @@
 """Byte-level BPE tokenizer: training, loading, hashing, and the special tokens.
 
 Design choices
-- Byte-level BPE (GPT-2 style) through Hugging Face `tokenizers`: every Unicode string round-trips
-  exactly, there is no unknown token, and training is fast Rust code. The initial alphabet is all
-  256 byte symbols, so even bytes absent from the training text (control characters, rare CJK
-  bytes) have a token.
-- No normalizer and `add_prefix_space=False`: the tokenizer never changes the text, so
-  `decode(encode(x)) == x` for any string, leading spaces and `\\r\\n` included.
-- Special tokens are fixed here, once, and get the first ids in a fixed order, so ids stay stable
-  across vocabulary sizes.
-- Text is encoded as *ordinary* text (`encode_text`): a literal "<|endoftext|>" inside a document
-  or a user message becomes plain byte-level tokens, never the special id. Special ids are only
-  ever inserted by code (encode appends EOT, `minigpt.template` places the role tokens). The
-  `tokenizers` switch for this (`encode_special_tokens`) is not saved in tokenizer.json, so the
-  saved file behaves like any Hugging Face tokenizer (it parses special tokens in a string).
-- `decode` keeps special tokens: skipping them (the `tokenizers` default) would silently change
-  text that the model generated.
+- Byte-level BPE (GPT-2 style) through Hugging Face `tokenizers`, all 256 bytes in the initial
+  alphabet, no normalizer, `add_prefix_space=False`: every string round-trips exactly
+  (`decode(encode(x)) == x`), with no unknown token.
+- Special tokens are fixed here and get the first ids in a fixed order (stable across vocabulary
+  sizes). Text is encoded as *ordinary* text (`encode_text`): a literal "<|endoftext|>" in a
+  document or message is plain bytes; special ids are only inserted by code. `decode` keeps them.
 - Long documents reach `tokenizers` in pieces of at most PIECE_CHARS (`split_text`), cut at
-  whitespace where the byte-level pre-tokenizer splits anyway: encoding (`minigpt.encode`) gives
-  exactly the whole text's ids and training (`training_pieces`) the same pre-token counts, while
-  no one string outgrows a piece (one 100 MB line otherwise exhausts the trainer's memory). For
-  training only, a longer stretch without such a boundary is cut too; encoding leaves it whole.
+  whitespace where the pre-tokenizer splits anyway: encoding gives exactly the whole text's ids
+  and training the same pre-token counts, while no one string outgrows a piece (one huge line
+  would otherwise exhaust the trainer's memory).
 - Training on a budget (`TrainingSample`): the first `max_chars` characters in stable-hash order
-  (a salted SHA-256 per document, independent of the split hash), each document first cut to
-  `max_doc_chars`. A counting pass sums characters per 1/65536 of hash space, which fixes the
-  threshold; training then streams the documents below it in file order. The sample spreads
-  over the whole corpus (not its first files, often one source or topic), depends on the texts
-  alone (not order, seed or shard layout), fills the budget, and needs O(1) memory (a sort by
-  hash would hold every hash). A corpus within the budget is used whole, in order, in one pass:
-  exactly the unbudgeted result.
+  (a salted SHA-256 per document), each document first cut to `max_doc_chars`. A counting pass
+  over 1/65536ths of hash space fixes the threshold; training then streams the documents below it
+  in file order: a sample spread over the whole corpus, independent of order and shard layout, in
+  constant memory. A corpus within the budget is used whole: exactly the unbudgeted result.
 """
 
 from __future__ import annotations

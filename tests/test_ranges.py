@@ -202,3 +202,38 @@ def test_the_main_process_reads_no_documents(tmp_path, small_pieces, monkeypatch
     assert process_pretrain(cfg, tmp_path / "two", num_proc=2) == expected
     for f in OUTPUTS:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes()
+
+
+def test_a_huge_line_and_a_file_without_blank_lines_go_through_tokenizer_and_encode(
+        tmp_path, small_pieces, monkeypatch):
+    """Small-scale stand-ins for a 100 MB one-row JSONL document and a big text file without
+    headings or blank lines, with the caps lowered: process (2 workers, the same bytes as 1)
+    keeps the long row whole and cuts the text into blocks; the tokenizer trains on pieces and
+    encode writes each document's exact ids and one <|endoftext|> after it."""
+    import minigpt.encode as enc
+    from minigpt.tokenizer import EOT, encode_text, save_tokenizer, train_tokenizer
+
+    monkeypatch.setattr(sources, "MAX_BLOCK_CHARS", 2000)
+    monkeypatch.setattr(enc, "PIECE_CHARS", 1000)
+    rng = random.Random(7)
+    (tmp_path / "src").mkdir()
+    huge = _text(rng, 20000)  # one row spanning many nominal pieces
+    (tmp_path / "src" / "a.jsonl").write_text(
+        json.dumps({"text": "Short."}) + "\n" + json.dumps({"text": huge}) + "\n", encoding="utf-8")
+    (tmp_path / "src" / "b.txt").write_text("".join(_text(rng, 12) + "\n" for _ in range(800)),
+                                            encoding="utf-8")
+    cfg = PretrainDataConfig(source=str(tmp_path / "src"), format="documents",
+                             validation_fraction=0, test_fraction=0)
+    _runs(cfg, tmp_path, workers=(1, 2))
+    _assert_identical(tmp_path, workers=(2,))
+    docs = [json.loads(line)["text"] for line in
+            (tmp_path / "out2" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert docs[:2] == ["Short.", huge] and len(docs) > 20
+    assert max(len(d) for d in docs[2:]) < 2000 + 200
+    tok = train_tokenizer(docs, 400)
+    save_tokenizer(tok, tmp_path / "tok.json")
+    enc.encode_corpus("pretrain", tmp_path / "out2", tmp_path / "tok.json", tmp_path / "tokens",
+                      splits=("train",))
+    ids = enc.read_tokens(tmp_path / "tokens" / "train").tolist()
+    eot = tok.token_to_id(EOT)
+    assert ids == [i for d in docs for i in encode_text(tok, d) + [eot]]
