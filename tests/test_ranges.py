@@ -237,3 +237,20 @@ def test_a_huge_line_and_a_file_without_blank_lines_go_through_tokenizer_and_enc
     ids = enc.read_tokens(tmp_path / "tokens" / "train").tolist()
     eot = tok.token_to_id(EOT)
     assert ids == [i for d in docs for i in encode_text(tok, d) + [eot]]
+
+
+def test_shards_are_appended_without_copy_file_range_too(tmp_path, small_pieces, monkeypatch):
+    """Where the kernel cannot copy between the files (another OS, an old kernel), the shards are
+    copied in user space: the same bytes."""
+    import os
+
+    def unsupported(*args):
+        raise OSError(38, "Function not implemented")
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(_jsonl_bytes(300))
+    cfg = PretrainDataConfig(source=str(path), validation_fraction=0.2, test_fraction=0.2)
+    process_pretrain(cfg, tmp_path / "out1", num_proc=1)
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    process_pretrain(cfg, tmp_path / "out2", num_proc=2)
+    _assert_identical(tmp_path, workers=(2,))
