@@ -1,26 +1,21 @@
 """Lower-precision weights for CPU decoding: int8 and fp16, chosen with `--dtype`.
 
-Design choices
 - Decoding one token reads every weight once and does little else with it, so fewer bytes per
   weight is the lever (int8: a quarter of fp32's, fp16: half). Only the matmuls of the cached
   forward (prefill and decode steps, the tied LM head included) change; the embedding lookup,
   norms, attention and the KV cache stay fp32, and so do training and the eval stage. fp32 stays
   the default and exact.
-- int8: weights symmetric per output row (one scale each, round to nearest, -127..127); each
-  matmul quantizes its input on the fly (one scale and zero point per call, 7-bit range, as
-  torch's dynamic quantization does) and runs torch's x86 quantized linear (fbgemm: int8 dot
-  products, int32 sums, prepacked weights), much as llama.cpp's q8_0 quantizes activations.
-  torch's weight-only kernel (`aten._weight_int8pack_mm`, fp32 inputs) gives the weight-only
-  numbers but, at one row on AVX2, is slower than the fp32 weights it replaces (docs/EXPERIMENTS.md).
-- fp16: fbgemm's fp16-weight linear (fp32 inputs and sums, weights widened in registers), which
-  AVX2's F16C runs fast; fp16 keeps 3 more mantissa bits than bf16, and bf16 weights decoded no
-  faster than fp32 on the CPUs measured (bench/generate_throughput.py).
-- The quantized tensor API these kernels take is deprecated in torch (in favour of torchao, whose
-  CPU int8 paths are the slower kernels above); its warning is silenced where the weights are
-  packed, and `available()` says when a torch build lacks the kernels.
-- The weights are made once per model and dtype by `GPT.decode_weights` (cached like the fp32
-  slabs) and read through `KVCache.weight_slabs`, where a value that is not a tensor is one of
-  these callables.
+- int8: weights symmetric per output row (round to nearest, -127..127); each matmul quantizes its
+  input on the fly (7-bit range, as torch's dynamic quantization does) and runs torch's x86
+  quantized linear (fbgemm: int8 dot products, int32 sums, prepacked weights), much as llama.cpp's
+  q8_0 quantizes activations. torch's weight-only `aten._weight_int8pack_mm` gives the same
+  weights but is slower at one row on AVX2 than the fp32 weights it replaces (docs/EXPERIMENTS.md).
+- fp16: fbgemm's fp16-weight linear (fp32 inputs and sums, weights widened in registers, fast with
+  F16C); fp16 keeps 3 more mantissa bits than bf16, which decoded no faster than fp32 here.
+- These kernels take torch's deprecated quantized tensor API (torchao's CPU int8 paths are the
+  slower kernels above): its warning is silenced where the weights are packed, and `available()`
+  says when a torch build lacks the kernels. `minigpt.decode.decode_weights` makes the weights
+  once per model and dtype and the cache reads them in place of the fp32 slabs.
 """
 
 from __future__ import annotations

@@ -1,31 +1,22 @@
-"""Autoregressive decoding with a KV cache, and the sampling filters.
+"""The decoding loops over a KV cache (`minigpt.decode`), and the sampling filters.
 
 Design choices (timings: bench/generate_throughput.py and docs/EXPERIMENTS.md)
-- One prefill of the prompt, then one token per step through the model's `KVCache`: a decode step
-  is a few GEMVs and a few hundred small ops, so the loop adds as little as it can (no
-  re-allocation, no sort when greedy, one host sync per token). Steps run on all threads or on one,
-  whichever was faster when last timed (`StepThreads`): a step waits for its slowest thread, so
-  beside a busy process one thread wins.
-- On CPU in fp32 the cache reads the weights as one (in, out/P) slab per thread
-  (`GPT.decode_weights`): MKL streams (in, out) faster than nn.Linear's rows, and a batched matmul
-  over P slabs puts every thread on its own slab. The copies cost the weights' memory once more.
+- One prefill of the prompt, then one token per step: the loop adds as little as it can (no
+  re-allocation, no sort when greedy, one host sync per token). Steps run on all threads or on
+  one, whichever was faster when last timed (`StepThreads`): beside a busy process one thread wins.
 - `generate_batch` draws N samples of one prompt as one batch (prefilled once, its keys/values
-  copied to every row): a step for N rows reads the weights once, like a step for one. All rows
-  have the same length, so no padding or masks. `generate` is the N = 1 case.
-- `greedy_batch` answers many prompts at once (the eval stage): each is prefilled alone, exactly as
-  `generate` would, then all unfinished rows decode together, each at its own position.
-- Positions never exceed block_size (RoPE tables stop there). When the context fills up, the
-  sampler keeps the most recent 3/4 of the window and re-prefills it, then continues token by
-  token: one batched prefill every block_size/4 tokens instead of a full forward per token.
-  It warns once per call (`warnings.warn`, or `on_window` if given) when that first happens.
-- A diverged model (NaN/inf logits) is an error, greedy or sampled (`DIVERGED`): argmax over a
-  NaN row picks an arbitrary id (often 0, which decodes to nothing), so the check is folded
-  into the step's one host sync (`_greedy` marks such a row -1).
-- Filters follow Hugging Face's semantics (temperature, then repetition penalty on the raw logits
-  CTRL-style over every id seen, then top-k, then top-p, keeping at least one token), so
-  temperature 0, top_k 1 and a tiny top_p are all greedy. A sampled step draws from the kept
-  candidates only (`candidates`, `sample_next`): no full-vocabulary sort or mask, one uniform
-  number per row instead of `torch.multinomial`.
+  copied to every row): a step for N rows reads the weights once, like a step for one.
+  `generate` is the N = 1 case. `greedy_batch` answers many prompts at once (the eval stage):
+  each is prefilled alone, exactly as `generate` would, then all decode together, ragged.
+- Positions never exceed block_size. When the context fills up, the most recent 3/4 of the window
+  is re-prefilled (one batched prefill every block_size/4 tokens, not a full forward per token),
+  with one warning per call (`warnings.warn`, or `on_window`).
+- A diverged model (NaN/inf logits) is an error, greedy or sampled (`DIVERGED`), checked within
+  the step's one host sync: argmax over a NaN row would pick an arbitrary id.
+- Filters follow Hugging Face's semantics (temperature, then CTRL repetition penalty on the raw
+  logits, then top-k, then top-p, keeping at least one token), so temperature 0, top_k 1 and a
+  tiny top_p are all greedy. A sampled step draws from the kept candidates only (`candidates`,
+  `sample_next`): no full-vocabulary sort or mask, one uniform number per row.
 """
 
 from __future__ import annotations
@@ -195,6 +186,59 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None, top_p: fl
     return j if ids is None else ids.gather(-1, j)
 
 
+class _Window:
+    """The most recent KEEP_FRACTION of block_size tokens of a context that outgrew it; warns
+    once (`warnings.warn`, or `on_window` when given) the first time."""
+
+    def __init__(self, block: int, on_window: Callable[[str], None] | None):
+        self.block, self.keep = block, max(1, int(block * KEEP_FRACTION))
+        self.on_window, self.warned = on_window, False
+
+    def __call__(self, context: list[int]) -> list[int]:
+        if not self.warned:
+            msg = (f"context of {len(context)} tokens exceeds block_size={self.block}: "
+                   f"keeping the most recent {self.keep} tokens (older ones are forgotten)")
+            if self.on_window is not None:
+                self.on_window(msg)
+            else:
+                warnings.warn(msg, stacklevel=4)
+            self.warned = True
+        return context[-self.keep:]
+
+
+def _check_samples(ids: list[int], num_samples: int, on_token) -> None:
+    if len(ids) == 0:
+        raise ValueError("ids must hold at least one token")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
+    if on_token is not None and num_samples != 1:
+        raise ValueError("on_token streams one sample: it needs num_samples == 1")
+
+
+def _prefill(model, prompt: list[int], rows: int):
+    """(cache, logits (rows, 1, V)): `prompt` prefilled once, its keys/values copied to every row."""
+    device = model.tok_emb.weight.device
+    cache = model.new_cache(rows, device=device)
+    one = cache if rows == 1 else model.new_cache(1, device=device)
+    logits, _ = model(torch.tensor([prompt], device=device), cache=one)
+    if rows > 1:
+        cache.copy_prefix(one)
+        cache.pos = one.pos
+        logits = logits.expand(rows, -1, -1)
+    return cache, logits
+
+
+def _pick(logits: Tensor, seen: Tensor | None, repetition_penalty: float, temperature: float,
+          top_k: int | None, top_p: float | None, generator: torch.Generator | None) -> Tensor:
+    """The next token of each row, (B, 1), from the last position's logits (B, T, V)."""
+    x = logits[:, -1].float()
+    if seen is not None:
+        x = apply_repetition_penalty(x, seen, repetition_penalty)
+    if temperature == 0 or top_k == 1:
+        return _greedy(x)
+    return sample_next(x, temperature, top_k, top_p, generator)
+
+
 @torch.inference_mode()
 def generate_batch(model, ids: list[int], max_new_tokens: int, num_samples: int, *,
                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -209,61 +253,25 @@ def generate_batch(model, ids: list[int], max_new_tokens: int, num_samples: int,
     Each row stops at its own stop id; the call returns when all rows have stopped or reached
     max_new_tokens. Same arguments as `generate`; on_token needs num_samples == 1."""
     _check(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
-    if len(ids) == 0:
-        raise ValueError("ids must hold at least one token")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
-    if on_token is not None and num_samples != 1:
-        raise ValueError("on_token streams one sample: it needs num_samples == 1")
+    _check_samples(ids, num_samples, on_token)
     if max_new_tokens == 0:
         return [[] for _ in range(num_samples)]
-    B, block = num_samples, model.config.block_size
-    keep = max(1, int(block * KEEP_FRACTION))
-    device = model.tok_emb.weight.device
-    stop = set(int(s) for s in stop_ids)
-    greedy = temperature == 0 or top_k == 1
-    penalize = repetition_penalty != 1.0
+    B, block, device = num_samples, model.config.block_size, model.tok_emb.weight.device
+    stop, window = set(int(s) for s in stop_ids), _Window(block, on_window)
     history = [list(ids) for _ in range(B)]  # everything so far per row, for the sliding window
     seen = None
-    if penalize:
+    if repetition_penalty != 1.0:
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
         seen[:, torch.tensor(ids, device=device)] = True
-    warned = False
-
-    def slide(context: list[int]) -> list[int]:
-        nonlocal warned
-        if not warned:
-            msg = (f"context of {len(context)} tokens exceeds block_size={block}: "
-                   f"keeping the most recent {keep} tokens (older ones are forgotten)")
-            if on_window is not None:
-                on_window(msg)
-            else:
-                warnings.warn(msg, stacklevel=4)
-            warned = True
-        return context[-keep:]
-
     was_training = model.training
     model.eval()
     step = StepThreads(device)
     try:
-        prompt = history[0] if len(history[0]) <= block else slide(history[0])
-        cache = model.new_cache(B, device=device)
-        one = cache if B == 1 else model.new_cache(1, device=device)
-        logits, _ = model(torch.tensor([prompt], device=device), cache=one)
-        if B > 1:  # the prompt's keys/values, once, for every row
-            cache.copy_prefix(one)
-            cache.pos = one.pos
-            logits = logits.expand(B, -1, -1)
+        cache, logits = _prefill(model, ids if len(ids) <= block else window(ids), B)
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         while True:
-            x = logits[:, -1].float()
-            if penalize:
-                x = apply_repetition_penalty(x, seen, repetition_penalty)
-            if greedy:
-                nxt = _greedy(x)
-            else:
-                nxt = sample_next(x, temperature, top_k, top_p, generator)
+            nxt = _pick(logits, seen, repetition_penalty, temperature, top_k, top_p, generator)
             tokens = nxt.view(-1).tolist()  # the one host sync per step
             if min(tokens) < 0:
                 raise ValueError(f"cannot decode: {DIVERGED}")
@@ -276,14 +284,14 @@ def generate_batch(model, ids: list[int], max_new_tokens: int, num_samples: int,
                 on_token(tokens[0])
             if all(done):
                 return out
-            if penalize:
+            if seen is not None:
                 seen.scatter_(1, nxt, True)
             if cache.pos < block:
                 logits, _ = step(model, nxt, cache=cache)
             else:  # window full: re-prefill the most recent tokens (rows have equal lengths)
                 cache.reset()
                 step.restore()
-                logits, _ = model(torch.tensor([slide(h) for h in history], device=device), cache=cache)
+                logits, _ = model(torch.tensor([window(h) for h in history], device=device), cache=cache)
     finally:
         step.restore()
         model.train(was_training)

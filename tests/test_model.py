@@ -1,4 +1,5 @@
-"""The GPT: loss, gradients, KV cache, RoPE convention, parameter accounting, optimizer groups."""
+"""The GPT (minigpt.model), its chunked loss (minigpt.loss) and KV-cache decoding (minigpt.decode):
+loss, gradients, KV cache, RoPE convention, parameter accounting, optimizer groups."""
 
 import math
 
@@ -6,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minigpt import decode
 from minigpt import model as model_mod
-from minigpt.model import GPT, GPTConfig, IGNORE, linear_cross_entropy
+from minigpt.loss import _LinearCrossEntropy, linear_cross_entropy
+from minigpt.model import GPT, GPTConfig, IGNORE
 from minigpt.optim import adamw
 
 V, T = 97, 16
@@ -73,7 +76,6 @@ def test_linear_cross_entropy_chunking_and_grad_scaling():
     assert torch.isnan(linear_cross_entropy(h, w, torch.full((37,), -100)))  # like F.cross_entropy
     # ignored rows: masking inside the chunks (the torch.compile path) == dropping them first (eager)
     t[::3] = IGNORE
-    from minigpt.model import _LinearCrossEntropy
 
     ref = F.cross_entropy(h @ w.t(), t)
     masked = _LinearCrossEntropy.apply(h, w, t, torch.float32, 4, 3)
@@ -104,7 +106,6 @@ def test_linear_cross_entropy_without_grad_matches_cross_entropy():
 def test_linear_cross_entropy_training_path_keeps_underflowing_targets_exact(dtype):
     # the training path takes log p(target) from the softmax; a block where a target's probability
     # underflows fp32 (logits ~30x apart here) takes exact log-probabilities from log_softmax
-    from minigpt.model import _LinearCrossEntropy
 
     torch.manual_seed(0)
     h, w = (torch.randn(37, 8) * 30).requires_grad_(), torch.randn(11, 8).requires_grad_()
@@ -133,7 +134,6 @@ def test_linear_cross_entropy_bf16_matches_autocast_cross_entropy():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = F.cross_entropy((h @ w.t()).float(), t)
     gh, gw = torch.autograd.grad(ref, (h, w))
-    from minigpt.model import _LinearCrossEntropy
 
     for chunk, rows in ((64, 64), (24, 7)):
         loss = _LinearCrossEntropy.apply(h, w, t, torch.bfloat16, chunk, rows)
@@ -240,14 +240,14 @@ def test_cpu_decode_reads_weight_slabs_one_per_thread(threads):
 
 @pytest.mark.parametrize("threads", [1, 3])  # 3: padded slabs
 @pytest.mark.parametrize("knobs", [{}, {"qk_norm": True, "mlp": "relu2", "logit_softcap": 15.0}])
-def test_lean_decode_step_equals_the_blocks_bitwise(threads, knobs):
-    # GPT._decode_step (CPU fp32 decoding through the slabs) against the blocks' own T = 1 path,
-    # which train() mode selects (dropout 0: the same math), for one row and several
+def test_lean_decode_step_equals_the_blocks_bitwise(threads, knobs, monkeypatch):
+    # decode._step (CPU fp32 decoding through the slabs) against the general cached path at
+    # T = 1, which train() mode selects (dropout 0: the same math), for one row and several
     model = tiny(**knobs)
     x, _ = batch(3)
     calls = []
-    lean = model._decode_step
-    model._decode_step = lambda *a: calls.append(1) or lean(*a)
+    lean = decode._step
+    monkeypatch.setattr(decode, "_step", lambda *a: calls.append(1) or lean(*a))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -280,17 +280,17 @@ def test_decode_weights_follow_every_weight_change():
         with torch.no_grad():
             return model(x[:, :6])[0][:, -1:]
 
-    first = model.decode_weights()
+    first = decode.decode_weights(model)
     with torch.no_grad():
         model.layers[0].mlp.down.weight.mul_(3.0)  # in place, as an optimizer step
-    assert model.decode_weights() is not first
+    assert decode.decode_weights(model) is not first
     torch.testing.assert_close(decoded(), full(), atol=1e-5, rtol=1e-5)
     model.load_state_dict({k: v * 0.5 for k, v in tiny().state_dict().items()})  # as a resume
     torch.testing.assert_close(decoded(), full(), atol=1e-5, rtol=1e-5)
     model.to(torch.bfloat16).float()  # replaced storage, possibly at a freed address
     torch.testing.assert_close(decoded(), full(), atol=1e-5, rtol=1e-5)
-    kept = model.decode_weights()
-    assert model.decode_weights() is kept  # unchanged weights: no new copies
+    kept = decode.decode_weights(model)
+    assert decode.decode_weights(model) is kept  # unchanged weights: no new copies
 
 
 def test_kv_cache_prefill_decode_and_chunked_prefill_match_full_forward():

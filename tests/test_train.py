@@ -652,7 +652,7 @@ def test_muon_matches_torch_muon():
 
 _REFAULTS = """
 import resource, sys, torch
-from minigpt.model import linear_cross_entropy
+from minigpt.loss import linear_cross_entropy
 from minigpt.runtime import keep_freed_memory
 on = sys.argv[1] == "on" and keep_freed_memory()
 h = torch.randn(2048, 128, requires_grad=True)
