@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
@@ -48,6 +48,7 @@ class KVCache:
         self.pos = 0
         self.lengths: Tensor | None = None
         self.weight_slabs: dict = {}  # module -> (P, in, out/P) weight slabs or a quant matmul, CPU decoding
+        self.plan: _Plan | None = None  # the lean decode step's buffers (`_step`)
 
     def reset(self) -> None:
         self.pos = 0  # stale entries beyond pos are never read
@@ -60,6 +61,7 @@ class KVCache:
     def keep_rows(self, index: Tensor) -> None:
         """Only the rows `index` (int64), in that order: finished rows leave a batch."""
         self.kv = self.kv.index_select(2, index)
+        self.plan = None
         if self.lengths is not None:
             self.lengths = self.lengths[index]
 
@@ -203,26 +205,87 @@ def _dropout(y: Tensor, module: Attention | MLP) -> Tensor:
     return F.dropout(y, module.dropout, True) if module.training and module.dropout > 0 else y
 
 
+def _matmul(w, x: Tensor, n_out: int, fresh: bool = False) -> Callable[[], Tensor]:
+    """x @ weight.T as a call without arguments, x a buffer (B, in) that `_Plan` refills: one bmm
+    over the (P, in, out/P) slabs, into a buffer made here (or a new tensor when `fresh`), read
+    row-major; or the quant matmul `w` (`minigpt.quant`)."""
+    if not isinstance(w, Tensor):
+        return lambda: w(x)
+    (P, _, width), B = w.shape, x.shape[0]
+    xs, out = x.expand(P, B, x.shape[1]), torch.empty(P, B, width)
+    if B > 1:  # rows > 1: row-major again (a copy), as `linear` does
+        return lambda: torch.bmm(xs, w).transpose(0, 1).reshape(B, P * width)[:, :n_out]
+    if fresh:  # one row is in order already: a view
+        return lambda: torch.bmm(xs, w).view(1, P * width)[:, :n_out]
+    view = out.view(1, P * width)[:, :n_out]
+
+    def run() -> Tensor:
+        torch.bmm(xs, w, out=out)
+        return view
+    return run
+
+
+class _Plan:
+    """What `_step` reuses at every step of one cache: buffers for the residual stream, the norms
+    and the rotated q|k|v, and each layer's matmuls reading them, made once (not per step)."""
+
+    def __init__(self, model: GPT, cache: KVCache):
+        c, B, w = model.config, cache.kv.shape[2], cache.weight_slabs
+        H, hd, C = c.n_head, c.n_embd // c.n_head, c.n_embd
+        self.weights, self.rows = w, B
+        self.x, self.h, self.sq, self.r = torch.empty(B, C), torch.empty(B, C), torch.empty(B, C), torch.empty(B, 1)
+        self.rot = torch.empty(3, B, H, hd)  # rotated q | k | v: q and k|v each contiguous
+        self.q, self.kv_new = self.rot[0].view(B * H, 1, hd), self.rot[1:]
+        self.o = torch.empty(B * H, 1, hd)  # attention's output, (B, C) for the projection
+        self.inner = torch.empty(B, c.intermediate_size)  # the MLP's activation
+        self.layers = []
+        for block in model.layers:
+            attn, mlp = block.attn, block.mlp
+            self.layers.append((block.attn_norm, _matmul(w[attn.qkv], self.h, 3 * C),
+                                _matmul(w[attn.proj], self.o.view(B, C), C), block.mlp_norm,
+                                _matmul(w[mlp.inner], self.h, mlp.inner.weight.shape[0]),
+                                _matmul(w[mlp.down], self.inner, C)))
+        self.head = _matmul(w[model.tok_emb], self.h, c.vocab_size, fresh=True)
+
+    def norm(self, norm: nn.RMSNorm) -> None:
+        """self.h = F.rms_norm(self.x) with norm's weight, in the same ops (the same numbers)."""
+        torch.mean(torch.pow(self.x, 2, out=self.sq), -1, keepdim=True, out=self.r).add_(norm.eps).rsqrt_()
+        torch.mul(self.x, self.r, out=self.h).mul_(norm.weight)
+
+
 def _step(model: GPT, idx: Tensor, cache: KVCache) -> Tensor:
-    """One token per row through the cache's weight slabs (CPU fp32 decoding): the blocks' math
-    as plain ops on (B, ...) tensors, without the modules' calls and the 5-D views of the general
-    path. The same numbers as `_attention`/`_mlp` at T = 1 (tested bitwise) in less time."""
-    c, B, pos = model.config, idx.shape[0], cache.pos
-    H, hd, C = c.n_head, c.n_embd // c.n_head, c.n_embd
+    """One token per row through the cache's weights (CPU decoding): the blocks' math as plain
+    ops on (B, ...) tensors into buffers made once per cache (`_Plan`), without the modules'
+    calls and the 5-D views of the general path. The same numbers as `_attention`/`_mlp` at
+    T = 1 (tested bitwise) in fewer ops."""
+    plan, B, pos = cache.plan, idx.shape[0], cache.pos
+    if plan is None or plan.weights is not cache.weight_slabs or plan.rows != B:
+        plan = cache.plan = _Plan(model, cache)
+    c = model.config
+    H, hd = c.n_head, c.n_embd // c.n_head
     cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (3, 1, hd): q | k | v slots
-    x = model.tok_emb(idx).view(B, C)
-    for i, block in enumerate(model.layers):
-        attn, mlp, n1, n2 = block.attn, block.mlp, block.attn_norm, block.mlp_norm
-        qkv = linear(F.rms_norm(x, (C,), n1.weight, n1.eps), attn.qkv, cache).view(B, 3, H, hd)
-        qkv = torch.addcmul(qkv * cos, qkv.view(B, 3, H, 2, hd // 2).flip(-2).view(B, 3, H, hd), sin)
-        if attn.qk_norm:
-            qkv = torch.cat((F.rms_norm(qkv[:, :2], (hd,)), qkv[:, 2:]), dim=1)
-        kv = cache.kv[i]  # (k|v, B, H, max_len, hd)
-        kv[:, :, :, pos] = qkv[:, 1:].transpose(0, 1)
-        k, v = kv[:, :, :, : pos + 1].flatten(1, 2).unbind(0)  # (B * H, pos + 1, hd) each
-        att = torch.bmm(qkv[:, 0].reshape(B * H, 1, hd), k.mT).mul_(hd**-0.5).softmax(-1)
-        x = x + linear(torch.bmm(att, v).view(B, C), attn.proj, cache)
-        h = mlp.activate(linear(F.rms_norm(x, (C,), n2.weight, n2.eps), mlp.inner, cache))
-        x = x + linear(h, mlp.down, cache)
+    rot = plan.rot.transpose(0, 1)  # (B, 3, H, hd)
+    seen = cache.kv[:, :, :, :, : pos + 1].flatten(2, 3)  # (layer, k|v, B * H, pos + 1, hd)
+    new, keys, values = cache.kv[:, :, :, :, pos].unbind(0), seen[:, 0].mT.unbind(0), seen[:, 1].unbind(0)
+    torch.index_select(model.tok_emb.weight, 0, idx.view(B), out=plan.x)
+    for i, (norm1, qkv, proj, norm2, inner, down) in enumerate(plan.layers):
+        plan.norm(norm1)
+        y = qkv().view(B, 3, H, hd)
+        torch.mul(y, cos, out=rot).addcmul_(y.view(B, 3, H, 2, hd // 2).flip(-2).view(B, 3, H, hd), sin)
+        if c.qk_norm:
+            rot[:, :2] = F.rms_norm(rot[:, :2], (hd,))
+        new[i].copy_(plan.kv_new)
+        att = torch.bmm(plan.q, keys[i]).mul_(hd**-0.5).softmax(-1)
+        torch.bmm(att, values[i], out=plan.o)
+        plan.x.add_(proj())
+        plan.norm(norm2)
+        y = inner()
+        if c.mlp == "relu2":
+            torch.square(F.relu(y), out=plan.inner)
+        else:
+            gate, up = y.chunk(2, dim=-1)
+            torch.mul(F.silu(gate), up, out=plan.inner)
+        plan.x.add_(down())
     cache.pos += 1
-    return model._cap(linear(model.norm(x), model.tok_emb, cache)).view(B, 1, -1)
+    plan.norm(model.norm)
+    return model._cap(plan.head()).view(B, 1, -1)
