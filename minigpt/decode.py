@@ -109,10 +109,14 @@ def decode_weights(model: GPT) -> dict[nn.Module, Tensor]:
 
 
 def _slabs(w: Tensor, n: int) -> Tensor:
-    """w (out, in) as n contiguous (in, ceil(out/n)) slabs, (n, in, ceil(out/n)), zero-padded."""
+    """w (out, in) as n (in, ceil(out/n)) slabs, (n, in, ceil(out/n)), zero-padded, each slab's
+    memory one block: (in, out/n) row-major for a matrix at least as wide as it is deep, else
+    (out/n, in) (a transposed view): MKL's one-row matmul streams the longer side faster
+    (bench/generate_throughput.py --matmuls)."""
     width = -(-w.shape[0] // n)
     padded = F.pad(w, (0, 0, 0, n * width - w.shape[0]))  # zero rows at the end
-    return padded.view(n, width, w.shape[1]).transpose(1, 2).contiguous()
+    slabs = padded.view(n, width, w.shape[1])
+    return slabs.clone().mT if w.shape[1] > w.shape[0] else slabs.transpose(1, 2).contiguous()
 
 
 def linear(x: Tensor, lin: nn.Module, cache: KVCache) -> Tensor:
