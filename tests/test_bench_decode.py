@@ -1,6 +1,7 @@
 """The decode benches at a trivial size: `bench/generate_throughput.py --vs-llamacpp` against a
-stand-in for llama.cpp's `llama-completion` (its command line and its timing line), and
-`bench/quality.py`'s decode-dtype measurement (teacher-forced through the decode path)."""
+stand-in for llama.cpp's `llama-completion` (its command line and its timing line),
+`bench/quality.py`'s decode-dtype measurement (teacher-forced through the decode path), and
+`bench/decode_step.py`'s profile of one decode step."""
 
 from __future__ import annotations
 
@@ -83,3 +84,16 @@ def test_decode_quality_is_the_full_forward_for_fp32():
     assert int8["ppl"] != fp32["ppl"] and math.isclose(int8["ppl_ratio"], 1.0, rel_tol=0.05)
     assert 0.0 <= int8["argmax_agree"] <= 1.0 and 0.0 <= int8["greedy_agree"] <= 1.0
     assert model.decode_dtype == "fp32"  # put back
+
+
+def test_decode_step_profile_splits_a_step_and_times_both_layouts():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "bench" / "decode_step.py"), "--tiny", "--steps", "2", "--threads", "1"]
+    out = subprocess.run(cmd + ["--layouts"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    ops = int(out.stdout.split(" ops per step")[0].rsplit("\n", 1)[-1])
+    assert 100 < ops < 300  # the fp32 step's ops, as the profiler counts them
+    for part in ("weight matmuls", "attention bmm", "everything else", "aten::bmm", "(in, out)"):
+        assert part in out.stdout, part
+    bad = subprocess.run(cmd + ["--pos", "0"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode != 0 and "error: --pos 0" in bad.stderr
