@@ -17,9 +17,9 @@ of a slab, out of cache (copies cycled through ~128 MB): (in, out) row-major and
 transposed; `minigpt.decode._slabs` keeps the longer side of each matrix along memory.
 
 Measured (2-core AMD EPYC Milan, avx2, 1 thread, thread CPU time on a box loaded by other jobs,
-2026-12-07): fp32 step 216 ops (255 before the per-cache buffers of `decode._Plan`); with the
-weight matmuls stubbed out the rest of a step took ~1.0 ms of ~6.0. One-row matmuls, (in, out)
-vs (out, in): qkv 384x1152 100 vs 147 us, gate_up 384x2048 157 vs 266 (then (in, out)), down
+2026-12-07): fp32 step 193 ops (255 before the per-cache buffers of `decode._Plan`); with
+the weight matmuls stubbed out the rest of a step took ~1.0 ms of ~6.0 (at 216 ops). One-row
+matmuls, (in, out) vs (out, in): qkv 384x1152 100 vs 147 us, gate_up 384x2048 157 vs 266 (then (in, out)), down
 1024x384 145 vs 96 (then (out, in)), proj 384x384 54 vs 52, head 384x30000 1731 vs 3751 us.
 """
 

@@ -4,15 +4,16 @@
   place. Ragged rows (`KVCache.lengths`) decode different prompts together behind a mask.
   Positions stop at the cache's max_len (at most block_size: RoPE's tables stop there).
 - A decode step reads every weight once and does a few hundred small ops around the GEMVs, so it
-  is written for few ops. On CPU in fp32 the cache reads each weight as one (in, out/P) slab per
-  thread (`decode_weights`): MKL's GEMV streams (in, out) faster than nn.Linear's rows but on one
-  thread, a bmm over P slabs on all P; the copies cost the weights' memory once more. `_step`
-  runs such a step as plain ops on (B, ...) tensors, bitwise equal to the general cached path
-  (`_attention`, `_mlp`).
+  is written for few ops. On CPU in fp32 the cache reads each weight as one slab per thread
+  (`decode_weights`): a bmm over P slabs runs on all P threads, and each slab keeps the longer
+  side of its matrix along memory, which MKL's one-row matmul streams faster; the copies cost the
+  weights' memory once more. `_step` runs a step as plain ops into buffers made once per cache
+  (`_Plan`), bitwise equal to the general cached path (`_attention`, `_mlp`).
 - With `GPT.decode_dtype` fp16 or int8 the cache holds `minigpt.quant`'s matmuls in the slabs' place.
 - CPU decode attention is plain matmuls and a softmax, whose results do not depend on the thread
   count (the flash kernel splits its work by it), so `sample.StepThreads` may switch counts freely.
-- Timings behind these choices: docs/EXPERIMENTS.md and bench/generate_throughput.py.
+- Timings behind these choices: docs/EXPERIMENTS.md, bench/decode_step.py (where a step's time
+  goes) and bench/generate_throughput.py.
 """
 
 from __future__ import annotations
@@ -209,21 +210,23 @@ def _dropout(y: Tensor, module: Attention | MLP) -> Tensor:
     return F.dropout(y, module.dropout, True) if module.training and module.dropout > 0 else y
 
 
-def _matmul(w, x: Tensor, n_out: int, fresh: bool = False) -> Callable[[], Tensor]:
+def _matmul(w, x: Tensor, n_out: int, then=None, fresh: bool = False) -> Callable:
     """x @ weight.T as a call without arguments, x a buffer (B, in) that `_Plan` refills: one bmm
     over the (P, in, out/P) slabs, into a buffer made here (or a new tensor when `fresh`), read
-    row-major; or the quant matmul `w` (`minigpt.quant`)."""
+    row-major; or the quant matmul `w` (`minigpt.quant`). `then` (views only) reshapes the
+    (B, out) result: once, on a buffer that stays, else per call."""
+    then = then or (lambda y: y)
     if not isinstance(w, Tensor):
-        return lambda: w(x)
+        return lambda: then(w(x))
     (P, _, width), B = w.shape, x.shape[0]
     xs, out = x.expand(P, B, x.shape[1]), torch.empty(P, B, width)
     if B > 1:  # rows > 1: row-major again (a copy), as `linear` does
-        return lambda: torch.bmm(xs, w).transpose(0, 1).reshape(B, P * width)[:, :n_out]
+        return lambda: then(torch.bmm(xs, w).transpose(0, 1).reshape(B, P * width)[:, :n_out])
     if fresh:  # one row is in order already: a view
-        return lambda: torch.bmm(xs, w).view(1, P * width)[:, :n_out]
-    view = out.view(1, P * width)[:, :n_out]
+        return lambda: then(torch.bmm(xs, w).view(1, P * width)[:, :n_out])
+    view = then(out.view(1, P * width)[:, :n_out])
 
-    def run() -> Tensor:
+    def run():
         torch.bmm(xs, w, out=out)
         return view
     return run
@@ -240,14 +243,18 @@ class _Plan:
         self.x, self.h, self.sq, self.r = torch.empty(B, C), torch.empty(B, C), torch.empty(B, C), torch.empty(B, 1)
         self.rot = torch.empty(3, B, H, hd)  # rotated q | k | v: q and k|v each contiguous
         self.q, self.kv_new = self.rot[0].view(B * H, 1, hd), self.rot[1:]
+        self.rot_rows = self.rot.transpose(0, 1)  # (B, 3, H, hd)
+        self.rot_halves = self.rot_rows.view(B, 3, H, 2, hd // 2)  # RoPE's halves
         self.o = torch.empty(B * H, 1, hd)  # attention's output, (B, C) for the projection
         self.inner = torch.empty(B, c.intermediate_size)  # the MLP's activation
+        halves = (lambda y: y.view(B, 3, H, 2, hd // 2))  # q | k | v, each head's two halves
+        gate_up = None if c.mlp == "relu2" else (lambda y: y.chunk(2, dim=-1))
         self.layers = []
         for block in model.layers:
             attn, mlp = block.attn, block.mlp
-            self.layers.append((block.attn_norm, _matmul(w[attn.qkv], self.h, 3 * C),
+            self.layers.append((block.attn_norm, _matmul(w[attn.qkv], self.h, 3 * C, halves),
                                 _matmul(w[attn.proj], self.o.view(B, C), C), block.mlp_norm,
-                                _matmul(w[mlp.inner], self.h, mlp.inner.weight.shape[0]),
+                                _matmul(w[mlp.inner], self.h, mlp.inner.weight.shape[0], gate_up),
                                 _matmul(w[mlp.down], self.inner, C)))
         self.head = _matmul(w[model.tok_emb], self.h, c.vocab_size, fresh=True)
 
@@ -267,28 +274,27 @@ def _step(model: GPT, idx: Tensor, cache: KVCache) -> Tensor:
         plan = cache.plan = _Plan(model, cache)
     c = model.config
     H, hd = c.n_head, c.n_embd // c.n_head
-    cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (3, 1, hd): q | k | v slots
-    rot = plan.rot.transpose(0, 1)  # (B, 3, H, hd)
+    cos = model.rope_cos[pos].view(3, 1, 2, hd // 2)  # q | k | v slots, each head's halves
+    sin = model.rope_sin[pos].view(3, 1, 2, hd // 2)
     seen = cache.kv[:, :, :, :, : pos + 1].flatten(2, 3)  # (layer, k|v, B * H, pos + 1, hd)
     new, keys, values = cache.kv[:, :, :, :, pos].unbind(0), seen[:, 0].mT.unbind(0), seen[:, 1].unbind(0)
     torch.index_select(model.tok_emb.weight, 0, idx.view(B), out=plan.x)
     for i, (norm1, qkv, proj, norm2, inner, down) in enumerate(plan.layers):
         plan.norm(norm1)
-        y = qkv().view(B, 3, H, hd)
-        torch.mul(y, cos, out=rot).addcmul_(y.view(B, 3, H, 2, hd // 2).flip(-2).view(B, 3, H, hd), sin)
+        y = qkv()  # (B, 3, H, 2, hd / 2)
+        torch.mul(y, cos, out=plan.rot_halves).addcmul_(y.flip(-2), sin)
         if c.qk_norm:
-            rot[:, :2] = F.rms_norm(rot[:, :2], (hd,))
+            plan.rot_rows[:, :2] = F.rms_norm(plan.rot_rows[:, :2], (hd,))
         new[i].copy_(plan.kv_new)
         att = torch.bmm(plan.q, keys[i]).mul_(hd**-0.5).softmax(-1)
         torch.bmm(att, values[i], out=plan.o)
         plan.x.add_(proj())
         plan.norm(norm2)
-        y = inner()
         if c.mlp == "relu2":
-            torch.square(F.relu(y), out=plan.inner)
+            torch.square(F.relu(inner()), out=plan.inner)
         else:
-            gate, up = y.chunk(2, dim=-1)
-            torch.mul(F.silu(gate), up, out=plan.inner)
+            gate, up = inner()
+            torch.mul(F.silu(gate, inplace=True), up, out=plan.inner)
         plan.x.add_(down())
     cache.pos += 1
     plan.norm(model.norm)
