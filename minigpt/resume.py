@@ -13,26 +13,34 @@ Design choices
   deleted.
 - `lock_scratch` holds an exclusive `flock` on a training scratch directory for the life of a run,
   so two trainers can never interleave writes there.
+- A checkpoint is resumed only under its own run's fingerprint (`run_identity`, compared by
+  `identity_mismatch`): config, architecture, runtime and input file digests (`file_digests`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pickle
 import re
 import secrets
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from minigpt.checkpoint import MODEL_FILE, CheckpointError, unwrap
 from minigpt.files import atomic_write_json, fsync_dir, fsync_file, public, sha256_file
+
+if TYPE_CHECKING:
+    from minigpt.config import TrainConfig
+    from minigpt.runtime import Runtime
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -236,3 +244,52 @@ def lock_scratch(directory: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def run_identity(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, meta: dict,
+                 keep_best: bool = False, patience: int = 0, inputs: dict | None = None) -> dict:
+    """The run's fingerprint: what must match for a checkpoint to be resumed (meta.json's "meta")."""
+    train = {**dataclasses.asdict(cfg), "keep_best": keep_best, "patience": patience}
+    return {"model": dataclasses.asdict(unwrap(model).config), "train": train,
+            "runtime": {"device": rt.device.type, "dtype": rt.dtype, "world_size": rt.world_size},
+            "caller": meta, "inputs": inputs or {}}
+
+
+def file_digests(paths: Iterable[str | Path], rt: Runtime | None = None) -> dict[str, str]:
+    """{path: SHA-256} of a stage's input files, for the run fingerprint (`fit(inputs=...)`).
+
+    Under DDP only rank 0 reads the files and the digests are broadcast: gigabytes of tokens are
+    read once per start, not once per rank, and every rank decides to resume (or not) on the
+    same fingerprint. A file rank 0 cannot read fails every rank with its message."""
+    if rt is None or not rt.ddp:
+        return {str(p): sha256_file(p) for p in paths}
+    box: list = [None]
+    if rt.is_main:
+        try:
+            box[0] = {str(p): sha256_file(p) for p in paths}
+        except OSError as e:
+            box[0] = e
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], OSError):
+        raise box[0]
+    return box[0]
+
+
+def _flatten(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def identity_mismatch(saved: dict, current: dict) -> str | None:
+    """A one-line reason why `saved` cannot be resumed under `current`, or None."""
+    a, b = _flatten(saved), _flatten(json.loads(json.dumps(current)))  # JSON-normalise tuples
+    diffs = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not diffs:
+        return None
+    more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    return "; ".join(diffs[:3]) + more

@@ -2,14 +2,12 @@
 
 Design choices
 - Device, precision and DDP are `minigpt.runtime`; parameter updates `minigpt.optim`; batches
-  come from a `BatchSource` (`windows.TokenWindows`, `sft.SFTBatches`).
+  come from a `BatchSource` (`windows.TokenWindows`, `sft.SFTBatches`); the run's record and
+  curves `minigpt.history`.
 - Resume: ckpt_dir is undeclared scratch (not a DVC out), used only to finish an interrupted run of
-  exactly the same inputs. Its meta.json holds the run's fingerprint: the whole training config
-  (intervals included: they change the curves), the architecture, resolved device/dtype/world size,
-  the caller's `meta` and `inputs` (SHA-256 of data / starting weights, hashed by rank 0 and
-  broadcast). Equal -> restore everything, per-rank RNG and data state included; anything else ->
-  one line saying what differs, start fresh. So a stage's output is a function of its deps and
-  params only: a finished 20-step run is never continued by a 40-step one.
+  exactly the same inputs (`resume.run_identity`: config, architecture, runtime, input digests).
+  Equal -> restore everything, per-rank RNG and data state included; anything else -> one line
+  saying what differs, start fresh: a finished 20-step run is never continued by a 40-step one.
 - A step's loss is the mean over every target of the global batch (micro-batches and ranks weighted
   by their target counts), so masked SFT batches train like one big batch under accumulation/DDP.
 - Loss and grad norm are checked (all-reduced) BEFORE the optimizer step: a non-finite loss stops
@@ -18,19 +16,16 @@ Design choices
   divergence: the step is skipped (it counts against max_steps, as in torch's recipe), the scale
   halved and the skip counted; at a scale <= 1 it is a divergence. The scale resumes from state.pt.
 - Validation at step 0, every eval_interval steps and at the end; tokens/s and MFU leave out each
-  session's first step (compile, warm-up). Only rank 0 writes, holding a lock on ckpt_dir; the TSV
-  curves are rewritten atomically at every log row, so plots of a running experiment are current.
-"""
+  session's first step. Only rank 0 writes, holding a lock on ckpt_dir; the TSV curves are
+  rewritten atomically at every log row, so plots of a running experiment are current."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
@@ -38,22 +33,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from minigpt.checkpoint import CheckpointError, save_model, unwrap
-from minigpt.files import atomic_write_bytes
+from minigpt.checkpoint import CheckpointError, save_model
+from minigpt.history import RUN_DEPENDENT, History, run_summary, write_curves
 from minigpt.model import IGNORE
 from minigpt.optim import build_optimizer, lr_at, set_lr
-from minigpt.resume import load_state, lock_scratch, read_state_meta, save_state
+from minigpt.resume import (identity_mismatch, load_state, lock_scratch, read_state_meta,
+                            run_identity, save_state)
 from minigpt.runtime import Runtime, grad_scaler
 
 if TYPE_CHECKING:
     from minigpt.config import TrainConfig  # FinetuneConfig is a TrainConfig
 
-# summary entries that depend on the machine and the session, not on deps and params: in the
-# metrics JSON only, never in the model directory's config.json (a DVC out that other stages hash)
-RUN_DEPENDENT = ("tokens_per_s", "mfu", "train_time_s", "time_s", "resumed_from_step")
 BEST_FILE = "best.safetensors"  # extra file in ckpt_dir when keep_best: the best weights so far
-TRAIN_COLUMNS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")
-VAL_COLUMNS = ("step", "tokens", "val_loss")
 
 
 class TrainingError(RuntimeError):
@@ -100,80 +91,7 @@ def val_loss(model: torch.nn.Module, batches: Iterable, rt: Runtime) -> float:
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
-# --- resume identity --------------------------------------------------------------------------
-
-
-def run_identity(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, meta: dict,
-                 keep_best: bool = False, patience: int = 0, inputs: dict | None = None) -> dict:
-    """The run's fingerprint: what must match for a checkpoint to be resumed (meta.json's "meta")."""
-    train = {**dataclasses.asdict(cfg), "keep_best": keep_best, "patience": patience}
-    return {"model": dataclasses.asdict(unwrap(model).config), "train": train,
-            "runtime": {"device": rt.device.type, "dtype": rt.dtype, "world_size": rt.world_size},
-            "caller": meta, "inputs": inputs or {}}
-
-
-def file_digests(paths: Iterable[str | Path], rt: Runtime | None = None) -> dict[str, str]:
-    """{path: SHA-256} of a stage's input files, for the run fingerprint (`fit(inputs=...)`).
-
-    Under DDP only rank 0 reads the files and the digests are broadcast: gigabytes of tokens are
-    read once per start, not once per rank, and every rank decides to resume (or not) on the
-    same fingerprint. A file rank 0 cannot read fails every rank with its message."""
-    from minigpt.files import sha256_file
-
-    if rt is None or not rt.ddp:
-        return {str(p): sha256_file(p) for p in paths}
-    box: list = [None]
-    if rt.is_main:
-        try:
-            box[0] = {str(p): sha256_file(p) for p in paths}
-        except OSError as e:
-            box[0] = e
-    dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], OSError):
-        raise box[0]
-    return box[0]
-
-
-def _flatten(d: Any, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def identity_mismatch(saved: dict, current: dict) -> str | None:
-    """A one-line reason why `saved` cannot be resumed under `current`, or None."""
-    a, b = _flatten(saved), _flatten(json.loads(json.dumps(current)))  # JSON-normalise tuples
-    diffs = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    if not diffs:
-        return None
-    more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
-    return "; ".join(diffs[:3]) + more
-
-
 # --- the loop ---------------------------------------------------------------------------------
-
-
-@dataclass
-class History:
-    """Everything besides weights/optimizer/RNG that a resume restores (plain values only)."""
-
-    step: int = 0
-    tokens: int = 0
-    train_time: float = 0.0  # seconds inside timed training steps (evals, saves excluded)
-    timed_tokens: int = 0  # tokens of those steps (a session's first step, with its
-    # torch.compile / allocator warm-up, is not timed)
-    wall_time: float = 0.0  # seconds of the whole loop, over all sessions
-    train_rows: list = field(default_factory=list)  # rows of TRAIN_COLUMNS
-    val_rows: list = field(default_factory=list)  # rows of VAL_COLUMNS
-    best_val: float = math.inf
-    best_step: int = -1
-    evals_since_best: int = 0
-    stopped_early: bool = False
-    skipped_steps: int = 0  # fp16: steps skipped because the loss scale overflowed
 
 
 def _gather(obj: Any, rt: Runtime) -> list:
@@ -194,15 +112,6 @@ def _set_rng_state(rng: dict, rt: Runtime) -> None:
     torch.set_rng_state(rng["cpu"])
     if rng.get("cuda") is not None and rt.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], rt.device)
-
-
-def _write_tsv(path: Path, columns: tuple, rows: list) -> None:
-    lines = ["\t".join(columns)] + ["\t".join(_fmt(v) for v in row) for row in rows]
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
-
-
-def _fmt(v: Any) -> str:
-    return str(v) if isinstance(v, int) else f"{v:.6g}"
 
 
 @dataclass
@@ -238,8 +147,7 @@ def _save(run: _Run, ckpt_dir: Path) -> None:
 
 def _write_curves(run: _Run, curves_dir: Path) -> None:
     if run.rt.is_main:
-        _write_tsv(curves_dir / "train.tsv", TRAIN_COLUMNS, run.h.train_rows)
-        _write_tsv(curves_dir / "val.tsv", VAL_COLUMNS, run.h.val_rows)
+        write_curves(run.h, curves_dir)
 
 
 def _try_resume(run: _Run, ckpt_dir: Path, log) -> bool:
@@ -356,32 +264,6 @@ def train_step(run: _Run) -> tuple[float, float, int]:
     return loss_val, norm_val, tokens * rt.world_size
 
 
-def _summary(run: _Run, resumed_from: int | None) -> dict:
-    h, raw = run.h, run.raw
-    tps = h.timed_tokens / h.train_time if h.train_time > 0 else 0.0
-    vals = [r[2] for r in h.val_rows]
-    return {
-        "steps": h.step,
-        "tokens": h.tokens,
-        "train_loss": h.train_rows[-1][2] if h.train_rows else None,
-        "first_val_loss": vals[0] if vals else None,
-        "val_loss": vals[-1] if vals else None,
-        "best_val_loss": h.best_val if vals else None,
-        "best_step": h.best_step,
-        "tokens_per_s": round(tps, 1),
-        "mfu": round(run.flops_per_token * tps / run.rt.peak_flops, 4) if run.rt.peak_flops else 0.0,
-        "params": raw.num_params(),
-        "params_non_embedding": raw.num_params(non_embedding=True),
-        "flops_per_token": run.flops_per_token,
-        "train_time_s": round(h.train_time, 2),
-        "time_s": round(h.wall_time, 2),
-        "stopped_early": int(h.stopped_early),
-        "resumed_from_step": resumed_from,
-        "skipped_steps": h.skipped_steps,  # fp16 overflows (0 in bf16/fp32)
-        "loss_scale": run.scaler.get_scale() if run.scaler is not None else None,
-    }
-
-
 def fit(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, train_source: BatchSource,
         val_batches: Iterable, *, model_dir: str | Path, ckpt_dir: str | Path,
         curves_dir: str | Path, meta: dict,
@@ -427,7 +309,8 @@ def _fit(model, cfg, rt, train_source, val_batches, model_dir, ckpt_dir, curves_
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         run.model = torch.nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
     _loop(run, ckpt_dir, curves_dir, keep_best, patience, log)
-    summary = _summary(run, resumed_from)
+    summary = run_summary(run.h, raw, run.flops_per_token, rt.peak_flops, run.scaler,
+                          resumed_from)
     if rt.is_main:
         if keep_best and run.best is not None:
             raw.load_state_dict(run.best)
@@ -452,43 +335,14 @@ def _loop(run: _Run, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience
 
 def _steps(run: _Run, bar, ckpt_dir: Path, curves_dir: Path, keep_best: bool, patience: int,
            log) -> None:
-    cfg, rt, h = run.cfg, run.rt, run.h
+    cfg, h = run.cfg, run.h
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "norm": 0.0, "normed": 0}
     start = time.perf_counter()
     last_saved = h.step if h.step else None  # a resumed run's checkpoint; a fresh run has none yet
     warm_up = True  # the first step of a session compiles/allocates: kept out of tokens/s
     while h.step < cfg.max_steps and not h.stopped_early:
-        t0 = time.perf_counter()
-        try:
-            loss, norm, tokens = train_step(run)
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
-                raise
-            key = _section(cfg)
-            raise TrainingError(f"{key}.batch_size: out of memory at step {h.step + 1} with "
-                                f"{cfg.batch_size} sequences per micro-batch; lower it (raise "
-                                f"{key}.grad_accum to keep the batch)") from None
-        if not (math.isfinite(loss) and (math.isfinite(norm) or run.skipped)):
-            kept = (f"the last good checkpoint (step {last_saved}) in {ckpt_dir} is kept"
-                    if last_saved is not None else "no checkpoint of this run was saved yet")
-            scale = f", fp16 loss scale {run.scaler.get_scale():g}" if run.scaler is not None else ""
-            raise TrainingError(
-                f"non-finite loss {loss} (grad norm {norm}{scale}) at step {h.step + 1}; stopped "
-                f"without updating the weights; {kept}; lower the learning rate or check the data")
-        if run.skipped:
-            log(f"step {h.step + 1:6d} | fp16 gradients overflowed: step skipped, loss scale "
-                f"now {run.scaler.get_scale():g} ({h.skipped_steps} skipped so far)")
-        dt = time.perf_counter() - t0
-        h.step, h.tokens = h.step + 1, h.tokens + tokens
-        window["loss"] += loss
-        window["steps"] += 1
-        if not run.skipped:  # an overflowed step has no gradient norm
-            window["norm"] += norm
-            window["normed"] += 1
-        if not warm_up:
-            h.train_time, h.timed_tokens = h.train_time + dt, h.timed_tokens + tokens
-            window["time"] += dt
-            window["tokens"] += tokens
+        loss, norm, tokens, dt = _checked_step(run, ckpt_dir, last_saved, log)
+        _account(run, window, loss, norm, tokens, dt, warm_up)
         warm_up = False
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -514,6 +368,50 @@ def _steps(run: _Run, bar, ckpt_dir: Path, curves_dir: Path, keep_best: bool, pa
     h.wall_time += time.perf_counter() - start
 
 
+def _checked_step(run: _Run, ckpt_dir: Path, last_saved: int | None,
+                  log) -> tuple[float, float, int, float]:
+    """`train_step` -> (loss, grad norm, tokens, seconds); out of memory and a non-finite loss
+    become one-line `TrainingError`s, an fp16 overflow a log line."""
+    cfg, h = run.cfg, run.h
+    t0 = time.perf_counter()
+    try:
+        loss, norm, tokens = train_step(run)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        key = section(cfg)
+        raise TrainingError(f"{key}.batch_size: out of memory at step {h.step + 1} with "
+                            f"{cfg.batch_size} sequences per micro-batch; lower it (raise "
+                            f"{key}.grad_accum to keep the batch)") from None
+    if not (math.isfinite(loss) and (math.isfinite(norm) or run.skipped)):
+        kept = (f"the last good checkpoint (step {last_saved}) in {ckpt_dir} is kept"
+                if last_saved is not None else "no checkpoint of this run was saved yet")
+        scale = f", fp16 loss scale {run.scaler.get_scale():g}" if run.scaler is not None else ""
+        raise TrainingError(
+            f"non-finite loss {loss} (grad norm {norm}{scale}) at step {h.step + 1}; stopped "
+            f"without updating the weights; {kept}; lower the learning rate or check the data")
+    if run.skipped:
+        log(f"step {h.step + 1:6d} | fp16 gradients overflowed: step skipped, loss scale "
+            f"now {run.scaler.get_scale():g} ({h.skipped_steps} skipped so far)")
+    return loss, norm, tokens, time.perf_counter() - t0
+
+
+def _account(run: _Run, window: dict, loss: float, norm: float, tokens: int, dt: float,
+             warm_up: bool) -> None:
+    """Count a finished step in the history and in the window of the next log row."""
+    h = run.h
+    h.step, h.tokens = h.step + 1, h.tokens + tokens
+    window["loss"] += loss
+    window["steps"] += 1
+    if not run.skipped:  # an overflowed step has no gradient norm
+        window["norm"] += norm
+        window["normed"] += 1
+    if not warm_up:
+        h.train_time, h.timed_tokens = h.train_time + dt, h.timed_tokens + tokens
+        window["time"] += dt
+        window["tokens"] += tokens
+
+
 def _log_row(run: _Run, window: dict, log) -> None:
     h, rt = run.h, run.rt
     n = window["steps"]
@@ -530,72 +428,8 @@ def _log_row(run: _Run, window: dict, log) -> None:
     window.update(loss=0.0, steps=0, tokens=0, time=0.0, norm=0.0, normed=0)
 
 
-# --- memory -----------------------------------------------------------------------------------
-
-
-def _section(cfg: TrainConfig) -> str:
+def section(cfg: TrainConfig) -> str:
+    """The params section `cfg` was read from, to name its keys in an error."""
     from minigpt.config import FinetuneConfig
 
     return "finetune" if isinstance(cfg, FinetuneConfig) else "pretrain"
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes this process could still allocate on `device`, or None where that is unknown."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return None
-
-
-def _saved_bytes(model: torch.nn.Module, rows: int, rt: Runtime) -> int:
-    """Bytes of the tensors autograd keeps for backward after a forward of `rows` full sequences
-    (parameters excluded: they exist already)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    T = model.config.block_size
-    x = torch.zeros((rows, T), dtype=torch.long, device=rt.device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rt.autocast():
-        model(x, x)
-    return sum(seen.values())
-
-
-def check_batch_fits(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime) -> None:
-    """Refuse a micro-batch whose activations cannot fit in memory, before allocating them.
-
-    What autograd keeps per sequence is measured on 1 and 2 sequences (eval mode: no RNG drawn;
-    the difference excludes per-step constants such as autocast's weight copies), scaled to
-    batch_size, plus a gradient and one optimizer moment per parameter: a lower bound of a step's
-    peak. CPU ranks of one node share its memory."""
-    available = available_memory(rt.device)
-    if available is None:
-        return
-    was_training = model.training
-    model.eval()
-    try:
-        one, two = _saved_bytes(model, 1, rt), _saved_bytes(model, 2, rt)
-    finally:
-        model.train(was_training)
-    per_seq = max(two - one, 0)
-    need = max(one - per_seq, 0) + per_seq * cfg.batch_size + 8 * unwrap(model).num_params()
-    if rt.device.type == "cpu":
-        need *= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if need > available:
-        key = _section(cfg)
-        raise TrainingError(
-            f"{key}.batch_size: {cfg.batch_size} sequences of {model.config.block_size} tokens "
-            f"need at least {need / 2**30:.1f} GiB on {rt.device}, {available / 2**30:.1f} GiB is "
-            f"available; lower it (raise {key}.grad_accum to keep the batch)")

@@ -42,7 +42,9 @@ from minigpt.finetune import check_tokenizer, data_report, with_dropout  # noqa:
 from minigpt.runtime import setup_runtime, teardown  # noqa: E402
 from minigpt.stage import run_training_stage  # noqa: E402
 from minigpt.tokenizer import PAD  # noqa: E402
-from minigpt.train import check_batch_fits, file_digests, fit  # noqa: E402
+from minigpt.memory import check_batch_fits  # noqa: E402
+from minigpt.resume import file_digests  # noqa: E402
+from minigpt.train import fit  # noqa: E402
 
 PRETRAINED = Path("out/pretrain")
 TOKENS = Path("data/tokens/sft")

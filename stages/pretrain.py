@@ -31,7 +31,9 @@ from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.stage import run_training_stage  # noqa: E402
 from minigpt.tokenizer import load_tokenizer, tokenizer_hash  # noqa: E402
 from minigpt.runtime import setup_runtime, teardown  # noqa: E402
-from minigpt.train import check_batch_fits, file_digests, fit  # noqa: E402
+from minigpt.memory import check_batch_fits  # noqa: E402
+from minigpt.resume import file_digests  # noqa: E402
+from minigpt.train import fit  # noqa: E402
 from minigpt.windows import TokenWindows, val_windows  # noqa: E402
 
 TOKENIZER = Path("data/tokenizer/tokenizer.json")

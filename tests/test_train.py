@@ -418,7 +418,7 @@ DIGEST_SCRIPT = textwrap.dedent("""
     import minigpt.files
     from minigpt.config import TrainConfig
     from minigpt.runtime import setup_runtime, teardown
-    from minigpt.train import file_digests
+    from minigpt.resume import file_digests
     root = Path(sys.argv[2])
     rt = setup_runtime(TrainConfig(device="cpu", nproc=2))
     reads = []
@@ -438,7 +438,7 @@ DIGEST_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="needs torchrun")
 def test_ddp_inputs_are_hashed_once_on_rank_0(data):
-    from minigpt.train import file_digests
+    from minigpt.resume import file_digests
 
     script = data["root"] / "digests.py"
     script.write_text(DIGEST_SCRIPT)
