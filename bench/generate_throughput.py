@@ -100,7 +100,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from minigpt.export import export_hf  # noqa: E402
-from minigpt.runtime import cpu_has_bf16  # noqa: E402
+from minigpt.hardware import cpu_has_bf16  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.sample import generate, generate_batch  # noqa: E402
 

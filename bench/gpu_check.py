@@ -181,7 +181,7 @@ def native_bf16(device: str) -> bool:
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_capability(torch.device(device))[0] >= 8
-    from minigpt.runtime import cpu_has_bf16
+    from minigpt.hardware import cpu_has_bf16
 
     return device == "cpu" and cpu_has_bf16()
 

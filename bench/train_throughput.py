@@ -8,8 +8,8 @@ Seed config by default (6 layers, 6 heads, 384 wide, block 256, vocab 30000, bat
 runtime's autocast, backward, grad-norm clip, the loss/norm sync, AdamW step (fused). "Theirs"
 is GPT2LMHeadModel (attn sdpa, dropout 0) with the same clip and the same fused AdamW.
 Both models step alternately, so machine noise hits both; after warm-up steps we report the median
-step time as tokens/s, MFU (each model's 6N + 12LCT FLOPs/token over the runtime's peak, see
-minigpt.runtime) and the ratio ours/theirs. `--profile` prints the top ops of one step of each.
+step time as tokens/s, MFU (each model's 6N + 12LCT FLOPs/token over the peak, see
+minigpt.mfu) and the ratio ours/theirs. `--profile` prints the top ops of one step of each.
 
 Measured (seed config, fp32, batch 8, `--steps 8 --warmup 2`):
 - 2-core AMD EPYC, AVX2 only (no AVX-512, no bf16), quiet: ours 554 tok/s (MFU 64.6% of 60
@@ -76,7 +76,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-from minigpt import optim, runtime, train  # noqa: E402
+from minigpt import hardware, host, optim, precision, runtime, train  # noqa: E402
 from minigpt.config import TrainConfig  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 
@@ -144,8 +144,8 @@ def bench(dtype: str, args) -> dict:
     opt = optim.adamw(ours.parameters(), 0.1, 1e-4, (0.9, 0.95), rt.device.type)
     run = train._Run(raw=ours, model=torch.compile(ours) if args.compile else ours, optimizer=opt,
                      cfg=cfg, rt=rt, source=source, val=[], identity={}, h=train.History(),
-                     scaler=runtime.grad_scaler(rt.device, rt.dtype))
-    their_scaler = runtime.grad_scaler(rt.device, rt.dtype)
+                     scaler=precision.grad_scaler(rt.device, rt.dtype))
+    their_scaler = precision.grad_scaler(rt.device, rt.dtype)
     their_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95),
                                   fused=True)  # as ours (optim.adamw) on CPU and CUDA
     their_model = torch.compile(theirs) if args.compile else theirs
@@ -199,11 +199,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="runtime.keep_freed_memory() first, as the training stages do (both sides)")
+                    help="host.keep_freed_memory() first, as the training stages do (both sides)")
     args = ap.parse_args()
-    kept = args.keep_freed_memory and runtime.keep_freed_memory()
+    kept = args.keep_freed_memory and host.keep_freed_memory()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, bf16 CPU instructions: "
-          f"{runtime.cpu_has_bf16()}, compile {args.compile}, freed memory kept: {kept}")
+          f"{hardware.cpu_has_bf16()}, compile {args.compile}, freed memory kept: {kept}")
     for dtype in args.dtype:
         r = bench(dtype, args)
         print(f"{r['device']} {r['dtype']}: ours {r['tok_s_ours']:,.0f} tok/s (mfu {100 * r['mfu_ours']:.1f}%, "

@@ -43,7 +43,8 @@ from tqdm import tqdm
 from minigpt.template import encode_prompt, truncate_example
 from minigpt.config import EvalConfig
 from minigpt.encode import read_meta, read_sft, read_tokens
-from minigpt.runtime import DeviceError, autocast, eval_dtype, one_cpu_thread, resolve_device
+from minigpt.precision import autocast, eval_dtype
+from minigpt.runtime import DeviceError, one_cpu_thread, resolve_device
 from minigpt.sample import greedy_batch
 from minigpt.scores import echo_baseline, text_scores
 from minigpt.model import IGNORE

@@ -1,9 +1,9 @@
 """One training loop for pre-training and fine-tuning: `fit`, its resume and its curves.
 
 Design choices
-- Device, precision and DDP are `minigpt.runtime`; parameter updates `minigpt.optim`; batches
-  come from a `BatchSource` (`windows.TokenWindows`, `sft.SFTBatches`); the run's record and
-  curves `minigpt.history`.
+- Device and DDP are `minigpt.runtime`, precision `minigpt.precision`, parameter updates
+  `minigpt.optim`, the run's record and curves `minigpt.history`; batches come from a
+  `BatchSource` (`windows.TokenWindows`, `sft.SFTBatches`).
 - Resume: ckpt_dir is undeclared scratch (not a DVC out), used only to finish an interrupted run of
   exactly the same inputs (`resume.run_identity`: config, architecture, runtime, input digests).
   Equal -> restore everything, per-rank RNG and data state included; anything else -> one line
@@ -12,7 +12,7 @@ Design choices
   by their target counts), so masked SFT batches train like one big batch under accumulation/DDP.
 - Loss and grad norm are checked (all-reduced) BEFORE the optimizer step: a non-finite loss stops
   training without touching the weights or the last good checkpoint (`TrainingError`, the step).
-- fp16 (`runtime.grad_scaler`): non-finite gradients under a finite loss are an overflow, not a
+- fp16 (`precision.grad_scaler`): non-finite gradients under a finite loss are an overflow, not a
   divergence: the step is skipped (it counts against max_steps, as in torch's recipe), the scale
   halved and the skip counted; at a scale <= 1 it is a divergence. The scale resumes from state.pt.
 - Validation at step 0, every eval_interval steps and at the end; tokens/s and MFU leave out each
@@ -37,9 +37,10 @@ from minigpt.checkpoint import CheckpointError, save_model
 from minigpt.history import RUN_DEPENDENT, History, run_summary, write_curves
 from minigpt.model import IGNORE
 from minigpt.optim import build_optimizer, lr_at, set_lr
+from minigpt.precision import grad_scaler
 from minigpt.resume import (identity_mismatch, load_state, lock_scratch, read_state_meta,
                             run_identity, save_state)
-from minigpt.runtime import Runtime, grad_scaler
+from minigpt.runtime import Runtime
 
 if TYPE_CHECKING:
     from minigpt.config import TrainConfig  # FinetuneConfig is a TrainConfig

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from minigpt import runtime, train
+from minigpt import hardware, mfu, precision, runtime, train
 from minigpt.config import ConfigError, TrainConfig
 from minigpt.runtime import Runtime
 from minigpt.train import TrainingError, fit
@@ -140,39 +140,39 @@ def fake_cuda(monkeypatch, capability: tuple[int, int], name: str = "Tesla T4") 
                                               ((8, 0), "bf16"), ((8, 9), "bf16"), ((9, 0), "bf16")])
 def test_auto_on_cuda_is_bf16_only_from_compute_capability_8(monkeypatch, capability, want):
     cuda = fake_cuda(monkeypatch, capability)
-    assert runtime.resolve_dtype("auto", cuda) == want
-    assert runtime.eval_dtype(cuda) == ("bf16" if want == "bf16" else "fp32")  # no unscaled fp16
-    assert runtime.resolve_dtype("fp32", cuda) == "fp32"
+    assert precision.resolve_dtype("auto", cuda) == want
+    assert precision.eval_dtype(cuda) == ("bf16" if want == "bf16" else "fp32")  # no unscaled fp16
+    assert precision.resolve_dtype("fp32", cuda) == "fp32"
 
 
 def test_auto_on_mps_is_fp16_where_torch_scales_it(monkeypatch):
     mps = torch.device("mps")
     monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.13.0"))
-    assert runtime.resolve_dtype("auto", mps) == "fp16"
+    assert precision.resolve_dtype("auto", mps) == "fp16"
     monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.8.0"))
-    assert runtime.resolve_dtype("auto", mps) == "fp16"
+    assert precision.resolve_dtype("auto", mps) == "fp16"
     monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.7.1"))
-    assert runtime.resolve_dtype("auto", mps) == "fp32"  # no GradScaler on MPS before 2.8
-    assert runtime.eval_dtype(mps) == "fp32"
+    assert precision.resolve_dtype("auto", mps) == "fp32"  # no GradScaler on MPS before 2.8
+    assert precision.eval_dtype(mps) == "fp32"
 
 
 def test_auto_on_cpu_is_bf16_only_with_its_instructions(monkeypatch):
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
-    assert runtime.resolve_dtype("auto", CPU) == "fp32"
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
-    assert runtime.resolve_dtype("auto", CPU) == "bf16"
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    assert precision.resolve_dtype("auto", CPU) == "fp32"
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert precision.resolve_dtype("auto", CPU) == "bf16"
 
 
 def test_fp16_autocast_scaler_and_peak(monkeypatch):
-    with runtime.autocast(CPU, "fp16"):
+    with precision.autocast(CPU, "fp16"):
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float16
-    assert isinstance(runtime.grad_scaler(CPU, "fp16"), torch.amp.GradScaler)
-    assert runtime.grad_scaler(CPU, "bf16") is None and runtime.grad_scaler(CPU, "fp32") is None
+    assert isinstance(precision.grad_scaler(CPU, "fp16"), torch.amp.GradScaler)
+    assert precision.grad_scaler(CPU, "bf16") is None and precision.grad_scaler(CPU, "fp32") is None
     cuda = fake_cuda(monkeypatch, (7, 5), "Tesla T4")
-    assert runtime.peak_flops(cuda, "fp16", 2) == pytest.approx(2 * 65e12)
-    assert runtime.peak_flops(cuda, "fp32", 1) == pytest.approx(8.1e12)
+    assert mfu.peak_flops(cuda, "fp16", 2) == pytest.approx(2 * 65e12)
+    assert mfu.peak_flops(cuda, "fp32", 1) == pytest.approx(8.1e12)
     fake_cuda(monkeypatch, (8, 9), "NVIDIA L40S")  # not an L4: unknown, MFU 0
-    assert runtime.peak_flops(cuda, "bf16", 1) == 0.0
+    assert mfu.peak_flops(cuda, "bf16", 1) == 0.0
     TrainConfig(dtype="fp16").validate("pretrain")  # a params value
     with pytest.raises(ConfigError, match=r"pretrain.dtype.*auto, bf16, fp16 or fp32"):
         TrainConfig(dtype="fp8").validate("pretrain")
@@ -182,23 +182,23 @@ def test_fp16_autocast_scaler_and_peak(monkeypatch):
 
 
 def test_bf16_on_a_cpu_without_it_warns_once(monkeypatch, capsys):
-    monkeypatch.setattr(runtime, "_warned", set())
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma"})
-    assert runtime.resolve_dtype("bf16", CPU, "pretrain.dtype") == "bf16"  # asked for: kept
-    assert runtime.resolve_dtype("bf16", CPU, "pretrain.dtype") == "bf16"
+    monkeypatch.setattr(precision, "_warned", set())
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma"})
+    assert precision.resolve_dtype("bf16", CPU, "pretrain.dtype") == "bf16"  # asked for: kept
+    assert precision.resolve_dtype("bf16", CPU, "pretrain.dtype") == "bf16"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: pretrain.dtype bf16: ")
     assert "avx512_bf16" in err and "pretrain.dtype: fp32 or auto" in err
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    runtime.resolve_dtype("bf16", CPU, "finetune.dtype")
-    runtime.resolve_dtype("fp32", CPU, "finetune.dtype")
-    runtime.resolve_dtype("auto", CPU, "finetune.dtype")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    precision.resolve_dtype("bf16", CPU, "finetune.dtype")
+    precision.resolve_dtype("fp32", CPU, "finetune.dtype")
+    precision.resolve_dtype("auto", CPU, "finetune.dtype")
     assert capsys.readouterr().err == ""  # native bf16, or nothing emulated asked for
 
 
 def test_setup_runtime_names_the_section_in_the_warning(monkeypatch, capsys):
-    monkeypatch.setattr(runtime, "_warned", set())
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(precision, "_warned", set())
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})
     monkeypatch.setattr(runtime, "die_with_parent", lambda: None)  # not for the test process
     monkeypatch.setattr(runtime, "keep_freed_memory", lambda: False)
     rt = runtime.setup_runtime(cfg(dtype="bf16"), "finetune")
@@ -207,12 +207,12 @@ def test_setup_runtime_names_the_section_in_the_warning(monkeypatch, capsys):
 
 
 def test_bf16_on_a_gpu_before_compute_8_warns(monkeypatch, capsys):
-    monkeypatch.setattr(runtime, "_warned", set())
+    monkeypatch.setattr(precision, "_warned", set())
     cuda = fake_cuda(monkeypatch, (7, 5))
-    runtime.resolve_dtype("bf16", cuda, "pretrain.dtype")
+    precision.resolve_dtype("bf16", cuda, "pretrain.dtype")
     err = capsys.readouterr().err
     assert "compute capability 7.5" in err and "pretrain.dtype: fp16 or auto" in err
-    runtime.resolve_dtype("fp16", cuda, "pretrain.dtype")
+    precision.resolve_dtype("fp16", cuda, "pretrain.dtype")
     assert capsys.readouterr().err == ""
 
 
@@ -230,7 +230,7 @@ def test_pretrain_stage_trains_in_fp16_when_asked(tmp_path, monkeypatch, capsys)
                               eval_interval=2, eval_batches=2, save_interval=2, log_interval=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(runtime, "_warned", set())
+    monkeypatch.setattr(precision, "_warned", set())
     monkeypatch.setattr(runtime, "die_with_parent", lambda: None)
     tok_path = tmp_path / "data" / "tokenizer" / "tokenizer.json"
     tok_path.parent.mkdir(parents=True)
@@ -245,7 +245,7 @@ def test_pretrain_stage_trains_in_fp16_when_asked(tmp_path, monkeypatch, capsys)
     assert _load_stage().main() == 0
     out, err = capsys.readouterr()
     assert "cpu fp16" in out and "loss scale 65536 (0 skipped)" in out
-    if not runtime.cpu_has_fp16():
+    if not hardware.cpu_has_fp16():
         assert "warning: pretrain.dtype fp16: this CPU has no native fp16" in err
     metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
     assert metrics["skipped_steps"] == 0 and metrics["loss_scale"] == 65536.0 and metrics["steps"] == 4

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigpt import optim, runtime, train
+from minigpt import hardware, mfu, optim, precision, runtime, train
 from minigpt.config import TrainConfig
 from minigpt.files import sha256_file
 from minigpt.model import GPT, GPTConfig, IGNORE
@@ -180,11 +180,11 @@ def test_val_windows_fixed_and_sharded(data):
 
 def test_auto_dtype_follows_cpu_bf16_support(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512f"})
-    assert runtime.resolve_dtype("auto", cpu) == "fp32"
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    assert runtime.resolve_dtype("auto", cpu) == "bf16"
-    assert runtime.resolve_dtype("fp32", cpu) == "fp32"
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert precision.resolve_dtype("auto", cpu) == "fp32"
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert precision.resolve_dtype("auto", cpu) == "bf16"
+    assert precision.resolve_dtype("fp32", cpu) == "fp32"
 
 
 def test_cpu_peak_follows_the_instruction_set(monkeypatch):
@@ -192,10 +192,10 @@ def test_cpu_peak_follows_the_instruction_set(monkeypatch):
     for flags, fp32, bf16 in (({"avx2", "fma"}, 120e9, 120e9), ({"avx512f"}, 240e9, 240e9),
                               ({"avx512f", "avx512_bf16"}, 240e9, 480e9),
                               ({"avx512f", "avx512_bf16", "amx_bf16"}, 240e9, 3840e9)):
-        monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
-        assert runtime.cpu_peak_per_core("fp32") == pytest.approx(fp32)
-        assert runtime.cpu_peak_per_core("bf16") == pytest.approx(bf16)  # no bf16 units: fp32's
-        assert runtime.peak_flops(cpu, "fp32", 2) == pytest.approx(fp32 * torch.get_num_threads() * 2)
+        monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+        assert mfu.cpu_peak_per_core("fp32") == pytest.approx(fp32)
+        assert mfu.cpu_peak_per_core("bf16") == pytest.approx(bf16)  # no bf16 units: fp32's
+        assert mfu.peak_flops(cpu, "fp32", 2) == pytest.approx(fp32 * torch.get_num_threads() * 2)
 
 
 def test_cpu_peak_is_above_what_a_large_matmul_reaches_here():
@@ -209,7 +209,7 @@ def test_cpu_peak_is_above_what_a_large_matmul_reaches_here():
         a @ b
         best = min(best, time.perf_counter() - start)
     achieved = 2 * 1024**3 / best
-    assert achieved < runtime.peak_flops(torch.device("cpu"), "fp32", 1), achieved
+    assert achieved < mfu.peak_flops(torch.device("cpu"), "fp32", 1), achieved
 
 
 def test_auto_device_is_what_torch_reports():
@@ -415,15 +415,15 @@ DIGEST_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, sys.argv[1])
     from pathlib import Path
-    import minigpt.files
+    import minigpt.resume
     from minigpt.config import TrainConfig
     from minigpt.runtime import setup_runtime, teardown
     from minigpt.resume import file_digests
     root = Path(sys.argv[2])
     rt = setup_runtime(TrainConfig(device="cpu", nproc=2))
     reads = []
-    real = minigpt.files.sha256_file
-    minigpt.files.sha256_file = lambda p: reads.append(str(p)) or real(p)
+    real = minigpt.resume.sha256_file
+    minigpt.resume.sha256_file = lambda p: reads.append(str(p)) or real(p)
     paths = [root / "tokens" / "train.bin", root / "tokens" / "validation.bin"]
     out = {"digests": file_digests(paths, rt)}
     out["reads"] = list(reads)
@@ -653,7 +653,7 @@ def test_muon_matches_torch_muon():
 _REFAULTS = """
 import resource, sys, torch
 from minigpt.loss import linear_cross_entropy
-from minigpt.runtime import keep_freed_memory
+from minigpt.host import keep_freed_memory
 on = sys.argv[1] == "on" and keep_freed_memory()
 h = torch.randn(2048, 128, requires_grad=True)
 w = torch.randn(8192, 128, requires_grad=True)
