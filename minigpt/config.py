@@ -3,27 +3,23 @@
 Design choices
 - `params.yaml` is the single source of truth (DVC tracks it per section); every stage calls
   `load_params()` and reads its own section, so there are no dicts passed around.
-- Validation happens once, here, at load: an unknown key, a wrong type or an impossible value raises
-  `ConfigError` with one line naming the file, the dotted key and the offending value.
+- Validation happens once, at load: an unknown key, a wrong type or an impossible value raises
+  `ConfigError` with one line naming the file, the dotted key and the offending value. Types,
+  unknown keys and YAML 1.2 floats are `minigpt.schema`'s; the values' rules are here.
 - Each field carries a one-line docstring-style comment, like litgpt's `args.py`.
 - Dataclasses are frozen: a config is a value, not state.
-- A float field also takes a string in YAML 1.2's float syntax: PyYAML (YAML 1.1) reads `3e-3`
-  (no dot) as a string, while DVC (`dvc exp run -S pretrain.lr=3e-3`, ruamel, YAML 1.2) and
-  every other YAML 1.2 reader see a number; both must mean the same run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from minigpt.schema import ConfigError, build
 
 BYTE_ALPHABET = 256  # byte-level BPE always holds the 256 byte symbols
 PRETRAIN_FORMATS = ("auto", "wikitext", "documents")
@@ -31,12 +27,6 @@ PRETRAIN_FORMATS = ("auto", "wikitext", "documents")
 REPLACED = {"process.pretrain.wikitext": "replaced by format: auto | wikitext | documents; "
                                          "auto is WikiText only for WikiText sources",
             "eval.seed": "removed: evaluation decodes greedily and draws nothing; delete it"}
-# YAML 1.2 core schema floats PyYAML leaves as strings (`3e-3`, `1E5`): digits, no .inf/.nan
-_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
-
-
-class ConfigError(ValueError):
-    """A bad value in params.yaml; the message is one line naming the key."""
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -403,64 +393,9 @@ class Params:
                "is one block")
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
-    """Is `value` acceptable for the annotation `hint`? (ints are accepted for floats)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin or hint)
-
-
-def _finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond any float
-        return False
-
-
-def _build(cls: type, data: Any, key: str) -> Any:
-    """Build dataclass `cls` from a mapping, recursing into nested dataclasses."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{key or 'params'}: must be a mapping (got {data!r})")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{key}.{unknown[0]}" if key else unknown[0]
-        if where in REPLACED:
-            raise ConfigError(f"{where}: unknown key ({REPLACED[where]})")
-        raise ConfigError(f"{where}: unknown key (allowed: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        hint, sub = hints[name], f"{key}.{name}" if key else name
-        if hint is float and isinstance(value, str) and _YAML12_FLOAT.fullmatch(value):
-            value = float(value)
-        if dataclasses.is_dataclass(hint):
-            if value is None:  # `model:` with nothing under it would silently mean the defaults
-                raise ConfigError(f"{sub}: is null; give its keys, or delete the section to use "
-                                  "the defaults")
-            kwargs[name] = _build(hint, value, sub)
-        elif not _type_ok(value, hint):
-            expected = getattr(hint, "__name__", str(hint).replace("typing.", ""))
-            raise ConfigError(f"{sub}: expected {expected} (got {value!r})")
-        elif hint is float and not _finite(value):  # YAML's .inf/.nan, `-S key=.inf`, 10**400
-            raise ConfigError(f"{sub}: must be a finite number (got {value!r})")
-        else:
-            kwargs[name] = float(value) if hint is float else value
-    return cls(**kwargs)
-
-
 def parse_params(data: Any) -> Params:
     """Build and validate `Params` from an already-parsed mapping."""
-    params = _build(Params, data, "")
+    params = build(Params, data, "", REPLACED)
     params.validate()
     return params
 
