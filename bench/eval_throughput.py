@@ -6,7 +6,7 @@
 The quick-start model shape from params.yaml (random init, vocab 8192) unless --model names a
 trained model directory; random tokens unless --test names a token file. Three sides, run in
 turn within each repeat (medians compared, so other load hits all of them alike):
-- `minigpt`: `evaluate.sliding_window_nll` as the eval stage runs it (one worker thread per core,
+- `minigpt`: `perplexity.sliding_window_nll` as the eval stage runs it (one worker thread per core,
   each on one intra-op thread, 1,024-token batches) and `sample.greedy_batch` (all prompts as one
   ragged batch);
 - `before`: the previous path, same functions with workers=1 and 32-window batches (8,192 tokens)
@@ -80,9 +80,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from generate_throughput import alternate, tiny_tokenizer  # noqa: E402
 from minigpt.config import load_params  # noqa: E402
-from minigpt.evaluate import IGNORE, sliding_window_nll, window_plan  # noqa: E402
+from minigpt.perplexity import sliding_window_nll, window_plan  # noqa: E402
 from minigpt.runtime import one_cpu_thread  # noqa: E402
-from minigpt.model import GPT, GPTConfig  # noqa: E402
+from minigpt.model import GPT, IGNORE, GPTConfig  # noqa: E402
 from minigpt.sample import generate, greedy_batch  # noqa: E402
 from minigpt.tokenizer import EOT, SPECIAL_TOKENS  # noqa: E402
 

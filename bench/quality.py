@@ -55,7 +55,7 @@ from minigpt import optim, runtime, train, windows  # noqa: E402
 from minigpt.config import ConfigError, parse_params  # noqa: E402
 from minigpt.wikitext import article_text, wikitext_articles  # noqa: E402
 from minigpt.encode import flatten_with_eot, read_tokens, token_dtype  # noqa: E402
-from minigpt.evaluate import sliding_window_nll, window_plan  # noqa: E402
+from minigpt.perplexity import sliding_window_nll, window_plan  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.tokenizer import EOT, load_tokenizer, save_tokenizer, special_id, train_tokenizer  # noqa: E402
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from minigpt.answers import prompt_budget
 from minigpt.engine import (Loaded, Sampling, TextStream, UsageError, fit_conversation,
                             make_generator, stream_ids, utf8_text, write_out)
 
@@ -92,7 +93,7 @@ def chat(m: Loaded, settings: Sampling, system: str | None) -> None:
     # Room kept free for the answer: max_new_tokens, but at most half the context, so a long
     # --max_new_tokens does not wipe the history every turn (a longer answer slides the window).
     block_size = m.model.config.block_size
-    limit = block_size - min(settings.max_new_tokens, block_size // 2)
+    limit = prompt_budget(block_size, settings.max_new_tokens)  # the rule evaluation keeps too
     generator = make_generator(settings.seed, m.device)
     interactive = sys.stdin.isatty()
     read = _line_reader(interactive)

@@ -121,7 +121,7 @@ def teardown(rt: Runtime) -> None:
 def one_cpu_thread(device: torch.device) -> Iterator[None]:
     """Run on one intra-op thread on CPU, restoring the setting after: the eval workers, one per
     core, each running small ops whose parallel regions would wait for a second thread to be
-    scheduled (evaluate.summed_batches). Decoding chooses per step instead (sample.StepThreads)."""
+    scheduled (perplexity.summed_batches). Decoding chooses per step instead (sample.StepThreads)."""
     if device.type != "cpu":
         yield
         return

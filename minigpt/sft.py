@@ -119,13 +119,20 @@ def load_split(data_dir: str | Path, name: str, block_size: int,
 # rows and batches
 
 
+def example_xy(ids, mask) -> tuple[np.ndarray, np.ndarray]:
+    """Next-token (x, y) of ids and their loss mask: x = ids[:-1], y = ids[1:] where mask[1:] is 1,
+    else -100. mask[j] == 1 means token j is a target (the response and its closing EOT), so the
+    target y[j - 1] = ids[j] counts exactly when mask[j] is 1. The one rule for training rows
+    (`row_xy`) and evaluation's SFT loss."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return ids[:-1], np.where(np.asarray(mask[1:], dtype=bool), ids[1:], IGNORE)
+
+
 def row_xy(split: SFTSplit, members: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate examples into one row; return its inputs and masked targets."""
     ids = np.concatenate([split.ids[i] for i in members])
     mask = np.concatenate([split.masks[i] for i in members])
-    x = ids[:-1]
-    y = np.where(mask[1:], ids[1:], IGNORE)
-    return x, y
+    return example_xy(ids, mask)
 
 
 def collate(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

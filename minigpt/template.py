@@ -15,8 +15,9 @@ Design choices
 - The loss mask is 1 on `\\n{response}` and the closing `<|endoftext|>`; the generation prompt
   (`encode_prompt`) ends with `<|assistant|>\\n`, a prefix of the training ids.
 - `encode_examples` encodes many examples in one `encode_batch` call (the Rust thread pool).
-- `truncate_example` works on ids: it drops the tail of the user text (context first) and keeps
-  the template tokens and the whole response, so the model never learns from a cut-off answer.
+- `truncate_example` (and `truncate_prompt`, for a generation prompt) works on ids: it drops the
+  tail of the user text (context first), keeps the template tokens and the whole response, so
+  the model never learns from a cut-off answer.
 """
 
 from __future__ import annotations
@@ -160,11 +161,32 @@ def truncate_example(ids: Sequence[int], mask: Sequence[int], max_len: int
                          "a response masked 1 to the end)")
     if n <= max_len:
         return ids, mask
+    keep = _kept(n, prompt, max_len)
+    if keep is None:
+        return None
+    if isinstance(ids, np.ndarray):
+        return ids[keep], np.asarray(mask)[keep]
+    return [ids[k] for k in keep], [mask[k] for k in keep]
+
+
+def truncate_prompt(ids: Sequence[int], max_len: int) -> list[int] | None:
+    """A generation prompt (`encode_prompt`) cut to `max_len` tokens the way `truncate_example`
+    cuts an example, the "\\n" after `<|assistant|>` kept like a response: the user text's tail
+    goes first. None when the template tokens alone do not fit."""
+    n = len(ids)
+    if n < _TEMPLATE_HEAD + _TEMPLATE_TAIL + 1 or int(ids[n - 2]) != _ASSISTANT_ID:
+        raise ValueError("not a generation prompt (ending in <|assistant|>, then one token)")
+    if n <= max_len:
+        return list(ids)
+    keep = _kept(n, n - 1, max_len)
+    return None if keep is None else [ids[k] for k in keep]
+
+
+def _kept(n: int, prompt: int, max_len: int) -> np.ndarray | None:
+    """Which of n tokens stay when the response starts at `prompt` and max_len < n: the role token,
+    as much user text as fits, "\\n<|assistant|>" and the whole response (None: it cannot fit)."""
     response = n - prompt
     if _TEMPLATE_HEAD + _TEMPLATE_TAIL + response > max_len:
         return None
     head = max_len - response - _TEMPLATE_TAIL  # role token + as much user text as fits
-    keep = np.r_[0:head, prompt - _TEMPLATE_TAIL:n]
-    if isinstance(ids, np.ndarray):
-        return ids[keep], np.asarray(mask)[keep]
-    return [ids[k] for k in keep], [mask[k] for k in keep]
+    return np.r_[0:head, prompt - _TEMPLATE_TAIL:n]

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from minigpt import answers, evaldata, perplexity
 from minigpt import evaluate as ev
 from minigpt.model import IGNORE
 from minigpt.scores import echo_baseline, text_scores
@@ -68,7 +69,7 @@ def tiny_gpt(vocab: int = 50, block_size: int = 16):
 def test_window_plan_scores_every_target_once_with_context(n, block, stride):
     width = min(block, n)
     scored = []
-    for begin, first in ev.window_plan(n, block, stride):
+    for begin, first in perplexity.window_plan(n, block, stride):
         assert 0 <= begin and begin + width <= n and 0 <= first < width
         for j in range(first, width):
             target = begin + 1 + j
@@ -82,7 +83,7 @@ def test_window_plan_scores_every_target_once_with_context(n, block, stride):
 
 def test_window_plan_rejects_stride_beyond_block():
     with pytest.raises(ValueError, match="stride"):
-        ev.window_plan(100, 8, 9)
+        perplexity.window_plan(100, 8, 9)
 
 
 # ----------------------------------------------------------------------------- sliding window NLL
@@ -93,7 +94,7 @@ def test_sliding_window_scores_each_token_exactly_once(stride, batch):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 20, size=203).astype(np.uint16)  # memmap-like dtype
     model = BigramStub(20)
-    nll, n = ev.sliding_window_nll(model, tokens, block_size=8, stride=stride, batch_size=batch)
+    nll, n = perplexity.sliding_window_nll(model, tokens, block_size=8, stride=stride, batch_size=batch)
     assert n == len(tokens) - 1
     assert nll == pytest.approx(model.exact_nll(tokens), rel=1e-5)
 
@@ -101,8 +102,8 @@ def test_sliding_window_scores_each_token_exactly_once(stride, batch):
 def test_sliding_window_batches_windows():
     tokens = np.arange(200) % 20
     model = BigramStub(20)
-    ev.sliding_window_nll(model, tokens, block_size=8, stride=4, batch_size=10, workers=1)
-    assert model.calls == math.ceil(len(ev.window_plan(199, 8, 4)) / 10)
+    perplexity.sliding_window_nll(model, tokens, block_size=8, stride=4, batch_size=10, workers=1)
+    assert model.calls == math.ceil(len(perplexity.window_plan(199, 8, 4)) / 10)
 
 
 def test_worker_threads_give_the_single_thread_totals():
@@ -110,17 +111,17 @@ def test_worker_threads_give_the_single_thread_totals():
     as one batch after another, for the sliding window and the SFT loss."""
     model = tiny_gpt(block_size=16)
     tokens = np.random.default_rng(2).integers(0, 50, size=400)
-    one = ev.sliding_window_nll(model, tokens, 16, 5, 3, workers=1)
+    one = perplexity.sliding_window_nll(model, tokens, 16, 5, 3, workers=1)
     for workers in (2, 3):
-        nll, n = ev.sliding_window_nll(model, tokens, 16, 5, 3, workers=workers)
+        nll, n = perplexity.sliding_window_nll(model, tokens, 16, 5, 3, workers=workers)
         assert n == one[1] and nll == pytest.approx(one[0], rel=1e-6)
     rng = np.random.default_rng(3)
     examples = [(rng.integers(0, 50, k), (np.arange(k) >= k // 2).astype(np.uint8)) for k in range(4, 17)]
-    a = ev.masked_nll(model, examples, 2, pad_id=1)
+    a = perplexity.masked_nll(model, examples, 2, pad_id=1)
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # workers default to the intra-op threads: one means no pool
     try:
-        b = ev.masked_nll(model, examples, 2, pad_id=1)
+        b = perplexity.masked_nll(model, examples, 2, pad_id=1)
     finally:
         torch.set_num_threads(before)
     assert a[1:] == b[1:] and a[0] == pytest.approx(b[0], rel=1e-6)
@@ -129,7 +130,7 @@ def test_worker_threads_give_the_single_thread_totals():
 def test_sliding_window_max_tokens_caps_the_targets():
     tokens = np.random.default_rng(1).integers(0, 20, size=500)
     model = BigramStub(20)
-    nll, n = ev.sliding_window_nll(model, tokens, 8, 4, 16, max_tokens=77)
+    nll, n = perplexity.sliding_window_nll(model, tokens, 8, 4, 16, max_tokens=77)
     assert n == 77
     assert nll == pytest.approx(model.exact_nll(tokens[:78]), rel=1e-5)
 
@@ -137,7 +138,7 @@ def test_sliding_window_max_tokens_caps_the_targets():
 def test_sliding_window_equals_full_forward_when_text_fits():
     model = tiny_gpt(block_size=16)
     tokens = torch.randint(0, 50, (14,), generator=torch.Generator().manual_seed(0))
-    nll, n = ev.sliding_window_nll(model, tokens.numpy(), block_size=16, stride=4, batch_size=4)
+    nll, n = perplexity.sliding_window_nll(model, tokens.numpy(), block_size=16, stride=4, batch_size=4)
     with torch.no_grad():
         logits, _ = model(tokens[None, :-1])
         want = F.cross_entropy(logits[0], tokens[1:], reduction="sum").item()
@@ -148,7 +149,7 @@ def test_sliding_window_equals_full_forward_when_text_fits():
 def test_stride_equal_to_block_is_non_overlapping_chunks():
     model = tiny_gpt(block_size=16)
     tokens = torch.randint(0, 50, (16 * 5 + 1,), generator=torch.Generator().manual_seed(1))
-    nll, n = ev.sliding_window_nll(model, tokens.numpy(), block_size=16, stride=16, batch_size=2)
+    nll, n = perplexity.sliding_window_nll(model, tokens.numpy(), block_size=16, stride=16, batch_size=2)
     want = 0.0
     with torch.no_grad():
         for b in range(0, 80, 16):
@@ -161,8 +162,8 @@ def test_stride_equal_to_block_is_non_overlapping_chunks():
 def test_more_context_does_not_change_the_count_and_gpt_runs_in_windows():
     model = tiny_gpt(block_size=16)
     tokens = np.random.default_rng(2).integers(0, 50, size=100)
-    _, n1 = ev.sliding_window_nll(model, tokens, 16, 16, 8)
-    _, n2 = ev.sliding_window_nll(model, tokens, 16, 3, 8)
+    _, n1 = perplexity.sliding_window_nll(model, tokens, 16, 16, 8)
+    _, n2 = perplexity.sliding_window_nll(model, tokens, 16, 3, 8)
     assert n1 == n2 == 99
 
 
@@ -172,9 +173,9 @@ def test_more_context_does_not_change_the_count_and_gpt_runs_in_windows():
 def test_uniform_logits_give_ln_vocab_and_exact_bpb_and_word_ppl():
     vocab = 64
     tokens = np.arange(101) % vocab
-    nll, n = ev.sliding_window_nll(UniformStub(vocab), tokens, 16, 8, 4)
+    nll, n = perplexity.sliding_window_nll(UniformStub(vocab), tokens, 16, 8, 4)
     assert n == 100 and nll == pytest.approx(100 * math.log(vocab), rel=1e-6)
-    m = ev.lm_metrics(nll, n, n_bytes=300, n_words=50)
+    m = perplexity.lm_metrics(nll, n, n_bytes=300, n_words=50)
     assert m["loss"] == pytest.approx(math.log(vocab))
     assert m["perplexity"] == pytest.approx(vocab)
     # 100 tokens at 6 bits each over 300 bytes; 100 ln 64 nats over 50 words -> 64^2 per word
@@ -183,7 +184,7 @@ def test_uniform_logits_give_ln_vocab_and_exact_bpb_and_word_ppl():
 
 
 def test_loss_metrics_without_tokens_is_nan_and_rounded_makes_it_null():
-    m = ev.loss_metrics(0.0, 0)
+    m = perplexity.loss_metrics(0.0, 0)
     assert math.isnan(m["loss"])
     assert ev.rounded({"a": m, "b": [1.23456789, 2]}) == {"a": {"loss": None, "perplexity": None},
                                                            "b": [1.23457, 2]}
@@ -199,7 +200,7 @@ def test_masked_nll_counts_response_tokens_only():
     mask = np.array([0, 0, 0, 1, 1, 1])  # tokens 6, 7 and the closing EOT (0) are the response
     short = (np.array([3, 8, 0]), np.array([0, 1, 1]))
     prompt_only = (np.array([3, 4, 5]), np.array([0, 0, 0]))  # nothing to score: not counted
-    nll, n, examples = ev.masked_nll(model, [(ids, mask), short, prompt_only], batch_size=2, pad_id=1)
+    nll, n, examples = perplexity.masked_nll(model, [(ids, mask), short, prompt_only], batch_size=2, pad_id=1)
     per_token = F.cross_entropy(model.table[torch.tensor(ids[:-1])], torch.tensor(ids[1:]),
                                 reduction="none")
     per_short = F.cross_entropy(model.table[torch.tensor([3, 8])], torch.tensor([8, 0]), reduction="none")
@@ -208,9 +209,9 @@ def test_masked_nll_counts_response_tokens_only():
 
 
 def test_sft_rows_mask_prompt_targets_and_collate_pads():
-    from minigpt.sft import collate
+    from minigpt.sft import collate, example_xy
 
-    rows = ev.sft_rows([(np.array([5, 6, 7]), np.array([0, 0, 1])), (np.array([5, 6]), np.array([0, 1]))])
+    rows = [example_xy(np.array([5, 6, 7]), np.array([0, 0, 1])), example_xy([5, 6], [0, 1])]
     x, y = collate(rows, pad_id=1)
     assert x.tolist() == [[5, 6], [5, 1]]
     assert y.tolist() == [[IGNORE, 7], [6, IGNORE]]
@@ -249,9 +250,27 @@ def test_echo_baseline_repeats_instruction_and_context():
 def test_fit_prompt_cuts_user_text_and_keeps_the_template():
     # <|user|> "\n" instruction/context tokens "\n" <|assistant|> "\n"  (9 stands for "\n")
     ids = [3, 9, 10, 11, 12, 13, 14, 9, 4, 9]
-    assert ev.fit_prompt(ids, 10) == ids
-    assert ev.fit_prompt(ids, 7) == [3, 9, 10, 11, 9, 4, 9]
-    assert ev.prompt_budget(256, 96) == 160 and ev.prompt_budget(32, 30) == 16
+    assert answers.fit_prompt(ids, 10) == ids
+    assert answers.fit_prompt(ids, 7) == [3, 9, 10, 11, 9, 4, 9]
+    assert answers.prompt_budget(256, 96) == 160 and answers.prompt_budget(32, 30) == 16
+    with pytest.raises(ev.EvalError, match="cannot be cut to 3 tokens"):
+        answers.fit_prompt(ids, 3)  # <|user|>, "\n" <|assistant|>, "\n": 4 at the least
+
+
+def test_a_prompt_is_cut_exactly_as_an_example_whose_response_is_its_last_token():
+    """template.truncate_prompt states the cut once: the same tokens truncate_example keeps for
+    the prompt with a mask of 1 on its closing "\n" (how evaluation cut prompts before)."""
+    from minigpt.template import truncate_example, truncate_prompt
+
+    rng = random.Random(0)
+    for _ in range(200):
+        user = [rng.randrange(5, 50) for _ in range(rng.randrange(1, 30))]
+        ids = [3] + user + [9, 4, 9]
+        for max_len in range(1, len(ids) + 2):
+            cut = truncate_example(ids, [0] * (len(ids) - 1) + [1], max_len)
+            assert truncate_prompt(ids, max_len) == (None if cut is None else list(cut[0]))
+    with pytest.raises(ValueError, match="not a generation prompt"):
+        truncate_prompt([3, 10, 9, 4], 2)  # no token after <|assistant|>
 
 
 # ----------------------------------------------------------------------------- the eval stage
@@ -405,8 +424,8 @@ def test_eval_reads_only_the_test_tokens_it_scores(workspace):
     from minigpt.config import EvalConfig
 
     assert EvalConfig().max_tokens == 1_000_000  # bounded by default (WikiText's test split fits)
-    full = ev.load_eval_data(workspace / "data/tokens", workspace / "data/processed", 0)
-    capped = ev.load_eval_data(workspace / "data/tokens", workspace / "data/processed", 0, max_tokens=50)
+    full = evaldata.load_eval_data(workspace / "data/tokens", workspace / "data/processed", 0)
+    capped = evaldata.load_eval_data(workspace / "data/tokens", workspace / "data/processed", 0, max_tokens=50)
     assert len(capped.tokens) == 51 and not isinstance(capped.tokens, np.memmap)
     assert capped.tokens_total == full.tokens_total == len(full.tokens) - 1 > 200
     assert np.array_equal(capped.tokens, full.tokens[:51])
@@ -422,7 +441,7 @@ def test_a_stride_beyond_the_block_is_refused_by_the_library_too(workspace):
     from minigpt.checkpoint import load_model
     from minigpt.config import EvalConfig
 
-    data = ev.load_eval_data(workspace / "data/tokens", workspace / "data/processed", 0, max_tokens=50)
+    data = evaldata.load_eval_data(workspace / "data/tokens", workspace / "data/processed", 0, max_tokens=50)
     model, _, _ = load_model(workspace / "out/pretrain", "cpu")
     with pytest.raises(ValueError, match=r"stride must be in \[1, block_size=32\] \(got 64\)"):
         ev.evaluate_lm(model, data, EvalConfig(**{**EVAL, "stride": 64}), torch.device("cpu"))
