@@ -12,15 +12,12 @@ Design choices
   from the safetensors header (bounded) and compared with the config *before* the model is
   allocated, so a hostile config can neither exhaust memory nor fail deep inside torch.
 - The weights remember what they were saved with: `model.safetensors`' metadata holds the
-  architecture (`minigpt.config`, every GPTConfig field but dropout) and the tokenizer's hash
-  (`minigpt.tokenizer_hash`). Most fields are pinned by the tensors' shapes, but block_size,
-  qk_norm, rope_theta, norm_eps and logit_softcap own no weight (RoPE tables are rebuilt from
-  the config), so an edited config.json would load silently and compute other logits; on load
-  each recorded field must equal config.json's (a directory saved before this has no record:
-  only its shapes can be checked). config.json must name its `tokenizer_hash`: without it a
-  foreign tokenizer.json of a fitting size would load.
-- Files are written with the usual permissions (0666 minus the umask): safetensors alone
-  creates them 0600.
+  architecture (every GPTConfig field but dropout) and the tokenizer's hash. block_size, qk_norm,
+  rope_theta, norm_eps and logit_softcap own no weight, so an edited config.json would load
+  silently and compute other logits: on load each recorded field must equal config.json's (an
+  older directory has no record: only its shapes are checked). config.json must name its
+  `tokenizer_hash`, else a foreign tokenizer.json of a fitting size would load.
+- Files get the usual permissions (0666 minus the umask; safetensors alone makes them 0600).
 """
 
 from __future__ import annotations

@@ -16,12 +16,8 @@ Design choices
   `finetune.patience`, so the shipped weights are the best by masked validation loss.
 - The architecture comes from out/pretrain/config.json; only dropout is re-set, from
   `finetune.dropout`. The SFT tokens must share the base model's tokenizer (same hash).
-- The resume fingerprint holds the SHA-256 of the base weights and of every SFT token file used,
-  so a re-trained base model or re-encoded data starts fine-tuning afresh instead of resuming.
-- metrics/finetune.json is fit's summary plus what the data side did (`finetune.data_report`),
-  written once, by rank 0.
-- Any error is one line `error: ...` on stderr and exit status 2; MINIGPT_DEBUG=1 shows the
-  traceback instead.
+- metrics/finetune.json: fit's summary plus the data side's report (`finetune.data_report`).
+- Any error is one line `error: ...` on stderr, exit status 2 (`minigpt.stage`).
 """
 
 from __future__ import annotations
