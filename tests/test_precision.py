@@ -218,30 +218,11 @@ def test_bf16_on_a_gpu_before_compute_8_warns(monkeypatch, capsys):
 
 def test_pretrain_stage_trains_in_fp16_when_asked(tmp_path, monkeypatch, capsys):
     """`pretrain.dtype: fp16` in params.yaml: the stage trains loss-scaled and says so."""
-    import yaml
+    from test_train import _load_stage, stage_project, stage_tokenizer, stage_tokens
 
-    from minigpt.tokenizer import save_tokenizer, tokenizer_hash, train_tokenizer
-    from test_train import ROOT, _load_stage, write_tokens
-
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"] = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.0}
-    params["eval"]["stride"] = 16  # <= block_size, checked at load
-    params["pretrain"].update(device="cpu", dtype="fp16", batch_size=4, max_steps=4, warmup_steps=1,
-                              eval_interval=2, eval_batches=2, save_interval=2, log_interval=2)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.chdir(tmp_path)
+    stage_project(tmp_path, monkeypatch, dtype="fp16")
     monkeypatch.setattr(precision, "_warned", set())
-    monkeypatch.setattr(runtime, "die_with_parent", lambda: None)
-    tok_path = tmp_path / "data" / "tokenizer" / "tokenizer.json"
-    tok_path.parent.mkdir(parents=True)
-    save_tokenizer(train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 30, 300), tok_path)
-    tokens = tmp_path / "data" / "tokens" / "pretrain"
-    tokens.mkdir(parents=True)
-    for split in ("train", "validation"):
-        write_tokens(tokens / f"{split}.bin", 2000, seed=len(split))
-        side = json.loads((tokens / f"{split}.json").read_text())
-        side["tokenizer_hash"] = tokenizer_hash(tok_path)
-        (tokens / f"{split}.json").write_text(json.dumps(side))
+    stage_tokens(tmp_path, stage_tokenizer(tmp_path))
     assert _load_stage().main() == 0
     out, err = capsys.readouterr()
     assert "cpu fp16" in out and "loss scale 65536 (0 skipped)" in out

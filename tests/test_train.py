@@ -465,39 +465,64 @@ def _load_stage():
     return module
 
 
-def test_pretrain_stage_errors_and_run(tmp_path, monkeypatch, capsys):
+def stage_project(tmp_path: Path, monkeypatch, **pretrain) -> None:
+    """A tiny params.yaml (pretrain overrides: `pretrain`) in tmp_path, the working directory.
+    The stage runs in this process: its process-wide settings (the parent watchdog, glibc's
+    malloc tuning) are kept out of pytest's."""
     import yaml
-
-    from minigpt.tokenizer import save_tokenizer, tokenizer_hash, train_tokenizer
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"] = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.0}
     params["eval"]["stride"] = 16  # <= block_size, checked at load
-    params["pretrain"].update(device="cpu", dtype="fp32", batch_size=4, max_steps=4, warmup_steps=1,
-                              eval_interval=2, eval_batches=2, save_interval=2, log_interval=2)
+    params["pretrain"].update(device="cpu", batch_size=4, max_steps=4, warmup_steps=1,
+                              eval_interval=2, eval_batches=2, save_interval=2, log_interval=2,
+                              **pretrain)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runtime, "die_with_parent", lambda: None)
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: False)
+
+
+def stage_tokenizer(tmp_path: Path) -> Path:
+    from minigpt.tokenizer import save_tokenizer, train_tokenizer
+
+    tok_path = tmp_path / "data" / "tokenizer" / "tokenizer.json"
+    tok_path.parent.mkdir(parents=True)
+    save_tokenizer(train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 30, 300), tok_path)
+    return tok_path
+
+
+def stage_tokens(tmp_path: Path, tok_path: Path | None) -> None:
+    """data/tokens/pretrain/{train,validation}: stamped with tok_path's hash (None: another's)."""
+    from minigpt.tokenizer import tokenizer_hash
+
+    tokens = tmp_path / "data" / "tokens" / "pretrain"
+    tokens.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation"):
+        write_tokens(tokens / f"{split}.bin", 2000, seed=len(split))
+        if tok_path is not None:
+            side = json.loads((tokens / f"{split}.json").read_text())
+            side["tokenizer_hash"] = tokenizer_hash(tok_path)
+            (tokens / f"{split}.json").write_text(json.dumps(side))
+
+
+def test_pretrain_stage_errors_and_run(tmp_path, monkeypatch, capsys):
+    from minigpt.tokenizer import tokenizer_hash
+
+    stage_project(tmp_path, monkeypatch, dtype="fp32")
     stage = _load_stage()
 
     assert stage.main() == 2  # no tokenizer yet
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: data/tokenizer/tokenizer.json") and "\n" not in err
 
-    tok_path = tmp_path / "data" / "tokenizer" / "tokenizer.json"
-    tok_path.parent.mkdir(parents=True)
-    save_tokenizer(train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 30, 300), tok_path)
-    tokens = tmp_path / "data" / "tokens" / "pretrain"
-    tokens.mkdir(parents=True)
-    for split in ("train", "validation"):
-        write_tokens(tokens / f"{split}.bin", 2000, seed=len(split))
+    tok_path = stage_tokenizer(tmp_path)
+    stage_tokens(tmp_path, None)
     assert stage.main() == 2  # token files made with another tokenizer
     err = capsys.readouterr().err.strip()
     assert "encoded with tokenizer 0123456789abcdef" in err and "\n" not in err
 
-    for split in ("train", "validation"):
-        side = json.loads((tokens / f"{split}.json").read_text())
-        side["tokenizer_hash"] = tokenizer_hash(tok_path)
-        (tokens / f"{split}.json").write_text(json.dumps(side))
+    stage_tokens(tmp_path, tok_path)
     assert stage.main() == 0
     out = capsys.readouterr().out
     assert "without embeddings" in out and "val loss" in out
