@@ -1,4 +1,4 @@
-"""One training loop for pre-training and fine-tuning: `fit`, its resume and its curves.
+"""One training loop for pre-training and fine-tuning: `fit`, with resume, validation, early stop.
 
 Design choices
 - Device and DDP are `minigpt.runtime`, precision `minigpt.precision`, parameter updates
