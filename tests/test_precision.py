@@ -97,18 +97,10 @@ def test_fp16_resume_after_kill_is_exact(data, monkeypatch, capsys):
 
 
 def test_fp16_divergence_still_stops_with_one_line(data):
+    from test_train import poisoned_model
+
     c = cfg(dtype="fp16", max_steps=8, save_interval=2)
-    model = tiny_model(c.seed)
-    calls = {"n": 0}
-
-    def poison(module, args, output):  # the 3rd training forward returns NaN activations
-        if module.training:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                return output * float("nan")
-        return output
-
-    model.norm.register_forward_hook(poison)
+    model = poisoned_model(c.seed)
     with pytest.raises(TrainingError, match=r"at step 3\b") as e:
         run_fp16(data, c, model=model)
     assert "\n" not in str(e.value) and "fp16 loss scale" in str(e.value) and "step 2" in str(e.value)

@@ -339,19 +339,25 @@ def test_early_stopping_keeps_best_weights(data, monkeypatch):
     assert all(torch.equal(got[k], ref.state_dict()[k]) for k in got)
 
 
-def test_nan_stops_with_step_and_keeps_checkpoint(data):
-    c = cfg(max_steps=8, save_interval=2)
-    model = tiny_model(c.seed)
+def poisoned_model(seed: int, at: int = 3):
+    """tiny_model(seed) whose `at`-th training forward returns NaN activations."""
+    model = tiny_model(seed)
     calls = {"n": 0}
 
-    def poison(module, args, output):  # the 3rd training forward returns NaN activations
+    def poison(module, args, output):
         if module.training:
             calls["n"] += 1
-            if calls["n"] == 3:
+            if calls["n"] == at:
                 return output * float("nan")
         return output
 
     model.norm.register_forward_hook(poison)
+    return model
+
+
+def test_nan_stops_with_step_and_keeps_checkpoint(data):
+    c = cfg(max_steps=8, save_interval=2)
+    model = poisoned_model(c.seed)
     with pytest.raises(TrainingError, match=r"at step 3\b") as e:
         run_fit(data, c, model=model)
     assert "\n" not in str(e.value) and "step 2" in str(e.value)
