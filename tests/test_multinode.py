@@ -17,7 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from test_pipeline import ROOT, TINY_PARAMS, _dolly_file, _dvc, _run, _set_params, _stale, _wikitext_file
+from test_pipeline import (ROOT, TINY_PARAMS, _dolly_file, _dvc, _run, _set_params, _stale, _wikitext_file,
+                           copy_project)
 
 
 def free_port() -> int:
@@ -32,10 +33,7 @@ def free_port() -> int:
 def test_two_nodes_with_c10d_rendezvous_match_one_node_and_dvc_commit(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
-    for name in ("minigpt", "stages"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_project(repo)
     rng = random.Random(0)
     (repo / "raw/pretrain").mkdir(parents=True)
     (repo / "raw/sft").mkdir(parents=True)

@@ -102,13 +102,18 @@ def _set_params(repo: Path, override: dict) -> None:
                                    sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("pipeline")
+def copy_project(repo: Path) -> None:
+    """This checkout's pipeline into `repo`: dvc.yaml, params.yaml, ignores, minigpt/, stages/."""
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
     for name in ("minigpt", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("pipeline")
+    copy_project(repo)
     rng = random.Random(0)
     (repo / "raw/pretrain").mkdir(parents=True)
     (repo / "raw/sft").mkdir(parents=True)

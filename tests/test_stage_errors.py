@@ -217,15 +217,12 @@ def test_outputs_under_metrics_stay_ignored_after_a_failed_repro(tmp_path):
     import random
     import shutil
 
-    from test_pipeline import (ROOT as PIPELINE_ROOT, TINY_PARAMS, _dolly_file, _dvc, _run,
-                               _set_params as set_pipeline_params, _wikitext_file)
+    from test_pipeline import (TINY_PARAMS, _dolly_file, _dvc, _run, _set_params as set_pipeline_params,
+                               _wikitext_file, copy_project)
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(PIPELINE_ROOT / name, repo / name)
-    for name in ("minigpt", "stages"):
-        shutil.copytree(PIPELINE_ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_project(repo)
     rng = random.Random(0)
     for d in ("raw/pretrain", "raw/sft"):
         (repo / d).mkdir(parents=True)
