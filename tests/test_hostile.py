@@ -363,6 +363,13 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")  # a zombie has exited; only its exit status is left
 
 
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while not _gone(pid) and time.time() < deadline:
+        time.sleep(0.2)
+    return _gone(pid)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and prctl")
 def test_trainer_dies_with_its_parent_and_a_second_writer_is_refused(project):
     _set_params(project, pretrain=LONG_RUN)
@@ -381,10 +388,7 @@ def test_trainer_dies_with_its_parent_and_a_second_writer_is_refused(project):
         _one_error(second, f"pid {trainer}", "out/ckpt/pretrain")
         parent.kill()  # like `kill -9` of dvc repro
         parent.wait()
-        deadline = time.time() + 20
-        while not _gone(trainer) and time.time() < deadline:
-            time.sleep(0.2)
-        assert _gone(trainer), "the trainer outlived its parent"
+        assert _gone_within(trainer, 20), "the trainer outlived its parent"
     finally:
         if not _gone(trainer):
             os.kill(trainer, signal.SIGKILL)
@@ -423,10 +427,7 @@ def test_torchrun_worker_dies_when_the_command_above_torchrun_is_killed(project)
         time.sleep(15)  # well into training (imports, model, first steps)
         parent.kill()
         parent.wait()
-        deadline = time.time() + 30
-        while not _gone(trainer) and time.time() < deadline:
-            time.sleep(0.2)
-        assert _gone(trainer), "the torchrun worker outlived the command that started torchrun"
+        assert _gone_within(trainer, 30), "the torchrun worker outlived the command that started torchrun"
     finally:
         for pid in (trainer, agent):
             if pid is not None and not _gone(pid):
