@@ -1,7 +1,8 @@
 """Clean deterministic splits out of a corpus: the library behind the `process` stage.
 
 Where rows come from is `minigpt.sources` (pieces of local files: `minigpt.ranges`); WikiText
-articles are `minigpt.wikitext`; this module splits, cleans and writes.
+articles are `minigpt.wikitext`; where a document goes and what is counted is
+`minigpt.splits`; this module cleans, routes and writes.
 
 Design choices
 - Official splits are kept; a missing validation/test split is carved out of train by a stable
@@ -15,8 +16,7 @@ Design choices
 - SFT: fields stripped; empty instructions/responses and exact duplicates (the first copy kept, in
   input order) dropped and counted; missing splits carved by a hash of (instruction, context), so
   every answer to one prompt shares a split.
-- All-or-nothing output (`minigpt.files.atomic_directory`); JSONL escapes U+2028, U+2029 and
-  U+0085, where `str.splitlines()` would break a document's line.
+- All-or-nothing output (`minigpt.files.atomic_directory`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 from collections import Counter, deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -38,6 +37,8 @@ from minigpt.config import PretrainDataConfig, SFTDataConfig
 from minigpt.files import atomic_directory, write_json
 from minigpt.parallel import Workers, ordered_map, resolve_workers
 from minigpt.ranges import PieceReader, absolute_error, plan_pieces
+from minigpt.splits import (Measures, Prepared, SplitStats, SplitWriter, assign_split, jsonl_line,
+                             measure, require_nonempty, sft_split_key, total_dropped)
 from minigpt.sources import (PRETRAIN_SUFFIXES, SFT_FIELDS, SPLITS, DataError, is_streamed,
                              local_splits, pretrain_format, pretrain_rows, resolve_source,
                              sft_records)
@@ -54,139 +55,6 @@ CHUNK_ITEMS = 4096
 # and their shards exist at once.
 PIECE_BYTES = 2**25
 MIN_PIECE_BYTES = 2**20
-
-
-# --------------------------------------------------------------------------------------------
-# Stable hashing and splits
-# --------------------------------------------------------------------------------------------
-
-def stable_fraction(key: str) -> float:
-    """Map a string to [0, 1) with SHA-256: the same on every machine, run and Python version
-    (unlike `hash()`, which is salted per process)."""
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    # The top 53 bits: exactly representable in a float, so the result is always < 1.0.
-    return (int.from_bytes(digest[:8], "big") >> 11) / 2**53
-
-
-def assign_split(key: str, validation_fraction: float, test_fraction: float,
-                 candidates: Sequence[str] = ("validation", "test")) -> str:
-    """The split of a document or example, by a stable hash of `key`.
-
-    [0, validation_fraction) -> validation, then [.., + test_fraction) -> test, else train.
-    `candidates` lists the splits that may be carved (those the source lacks); the bands stay
-    where they are either way, so carving only test never moves documents into validation."""
-    u = stable_fraction(key)
-    if u < validation_fraction:
-        return "validation" if "validation" in candidates else "train"
-    if u < validation_fraction + test_fraction:
-        return "test" if "test" in candidates else "train"
-    return "train"
-
-
-def sft_split_key(instruction: str, context: str) -> str:
-    """What an SFT example's split is hashed on: the prompt only, so every answer to one prompt
-    lands in the same split. JSON makes the pair unambiguous (no separator can collide)."""
-    return json.dumps([instruction, context], ensure_ascii=False)
-
-
-# --------------------------------------------------------------------------------------------
-# Output: split files and statistics
-# --------------------------------------------------------------------------------------------
-
-def _jsonl_line(record: dict) -> str:
-    # ensure_ascii=False keeps text readable; these three are escaped because splitlines()
-    # would break a line at them (json already escapes every control character below U+0020).
-    line = json.dumps(record, ensure_ascii=False)
-    return line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
-
-
-Measures = tuple[int, int, int]  # characters, UTF-8 bytes, whitespace words
-Prepared = tuple[str, Optional[str], Measures]  # split, JSONL line (None: empty), measures
-
-
-def measure(text: str) -> Measures:
-    return len(text), len(text.encode("utf-8")), count_words(text)
-
-
-@dataclass
-class SplitStats:
-    """Running totals for one split."""
-
-    count: int = 0
-    characters: int = 0
-    bytes: int = 0
-    words: int = 0
-    dropped: Counter = field(default_factory=Counter)
-
-    def add(self, measures: Measures) -> None:
-        self.count += 1
-        self.characters += measures[0]
-        self.bytes += measures[1]
-        self.words += measures[2]
-
-    def merge(self, other: "SplitStats") -> None:
-        self.count += other.count
-        self.characters += other.characters
-        self.bytes += other.bytes
-        self.words += other.words
-        self.dropped.update(other.dropped)
-
-    def to_dict(self, unit: str, reasons: Sequence[str]) -> dict:
-        return {unit: self.count, "characters": self.characters, "bytes": self.bytes,
-                "words": self.words, "dropped": {r: self.dropped[r] for r in reasons}}
-
-
-def count_words(text: str, chunk: int = 2**20) -> int:
-    """`len(text.split())` without building the list of words (a 100 MB document's list alone
-    is ~1 GB): count chunk by chunk, minus the words a chunk boundary cut in two."""
-    if len(text) <= chunk:
-        return len(text.split())
-    n = 0
-    for i in range(0, len(text), chunk):
-        n += len(text[i:i + chunk].split())
-        if i and not text[i - 1].isspace() and not text[i].isspace():
-            n -= 1
-    return n
-
-
-class SplitWriter:
-    """Writes one split's JSONL file and keeps its statistics."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.file = path.open("w", encoding="utf-8", newline="\n")
-        self.stats = SplitStats()
-
-    def write_line(self, line: str, measures: Measures) -> None:
-        """Write one JSONL line (`_jsonl_line`); `measures`: of the text the statistics count."""
-        self.file.write(line)
-        self.file.write("\n")  # not `+ "\n"`: that would copy a huge document's line once more
-        self.stats.add(measures)
-
-    def drop(self, reason: str) -> None:
-        self.stats.dropped[reason] += 1
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _require_nonempty(stats: dict[str, SplitStats], source: str, unit: str,
-                      hashed: Sequence[str], cfg: Any) -> None:
-    """Later stages cannot train or evaluate on an empty split: fail here, naming the cause.
-    A split filled by hashing (`hashed`) may be empty only when its fraction is 0 (asked for)."""
-    total = sum(st.count for st in stats.values())
-    for split, st in stats.items():
-        if st.count:
-            continue
-        fraction = getattr(cfg, f"{split}_fraction", None)
-        if split in hashed and fraction == 0:
-            continue
-        dropped = sum(st.dropped.values())
-        why = f"; {dropped} dropped" if dropped else ""
-        if split in hashed:
-            why += (f"; {total} {unit} in all are too few for {split}_fraction={fraction}: "
-                    f"raise it or add data")
-        raise DataError(f"{source}: no {unit} in the {split} split{why}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +94,7 @@ def _prepare_unit(unit: Any, cfg: PretrainDataConfig, split: str, carved: Sequen
     raw, text = pretrain_document(unit, cfg)
     if split == "train" and carved:
         split = assign_split(raw, cfg.validation_fraction, cfg.test_fraction, carved)
-    return split, _jsonl_line({"text": text}) if text.strip() else None, measure(text)
+    return split, jsonl_line({"text": text}) if text.strip() else None, measure(text)
 
 
 def _unit_chars(unit: Any) -> int:
@@ -269,7 +137,7 @@ def process_pretrain(cfg: PretrainDataConfig, out_dir: str | Path, num_proc: int
     carved = [s for s in ("validation", "test") if s not in official]
     with atomic_directory(out_dir) as tmp:
         split_stats = write(tmp, carved)
-        _require_nonempty(split_stats, cfg.source, "documents", carved, cfg)
+        require_nonempty(split_stats, cfg.source, "documents", carved, cfg)
         stats = {
             "source": cfg.source,
             "name": None if path is not None else cfg.name,  # a hub config; meaningless locally
@@ -280,7 +148,7 @@ def process_pretrain(cfg: PretrainDataConfig, out_dir: str | Path, num_proc: int
             "official_splits": official,
             "carved_splits": carved,
             **{s: st.to_dict("documents", PRETRAIN_DROP_REASONS) for s, st in split_stats.items()},
-            "dropped": _total_dropped(split_stats, PRETRAIN_DROP_REASONS),
+            "dropped": total_dropped(split_stats, PRETRAIN_DROP_REASONS),
         }
         write_json(tmp / "stats.json", stats)
     return stats
@@ -415,10 +283,6 @@ def _route_document(split: str, line: str | None, measures: Measures, cfg: Pretr
         writer.write_line(line, measures)
 
 
-def _total_dropped(stats: dict[str, SplitStats], reasons: Sequence[str]) -> dict[str, int]:
-    return {r: sum(st.dropped[r] for st in stats.values()) for r in reasons}
-
-
 # --------------------------------------------------------------------------------------------
 # Instruction-tuning corpus
 # --------------------------------------------------------------------------------------------
@@ -446,7 +310,7 @@ def _prepare_sft(job: tuple[SFTDataConfig, str, Sequence[str], list[dict[str, st
             split = assign_split(sft_split_key(ex["instruction"], ex["context"]),
                                  cfg.validation_fraction, cfg.test_fraction, carved)
         digest = hashlib.sha256(json.dumps([ex[f] for f in SFT_FIELDS]).encode()).digest()
-        line = _jsonl_line(ex) if reason is None else None
+        line = jsonl_line(ex) if reason is None else None
         out.append((split, reason, digest, line, measure(ex["response"])))
     return out
 
@@ -478,10 +342,10 @@ def process_sft(cfg: SFTDataConfig, out_dir: str | Path, num_proc: int = 1) -> d
                 w.close()
         split_stats = {s: w.stats for s, w in writers.items()}
         if sum(st.count for st in split_stats.values()) == 0:
-            dropped = _total_dropped(split_stats, SFT_DROP_REASONS)
+            dropped = total_dropped(split_stats, SFT_DROP_REASONS)
             detail = ", ".join(f"{k}: {v}" for k, v in dropped.items() if v) or "no rows"
             raise DataError(f"{cfg.source}: no examples left after cleaning ({detail})")
-        _require_nonempty(split_stats, cfg.source, "examples", carved, cfg)
+        require_nonempty(split_stats, cfg.source, "examples", carved, cfg)
         stats = {
             "source": cfg.source,
             "revision": cfg.revision,
@@ -490,7 +354,7 @@ def process_sft(cfg: SFTDataConfig, out_dir: str | Path, num_proc: int = 1) -> d
             "carved_splits": carved,
             "measured": "response",  # characters/bytes/words count the response text
             **{s: st.to_dict("examples", SFT_DROP_REASONS) for s, st in split_stats.items()},
-            "dropped": _total_dropped(split_stats, SFT_DROP_REASONS),
+            "dropped": total_dropped(split_stats, SFT_DROP_REASONS),
         }
         write_json(tmp / "stats.json", stats)
     return stats

@@ -94,7 +94,7 @@ def training_pieces(texts: Iterable[str], max_chars: int = PIECE_CHARS) -> Itera
 
 def _sample_fraction(text: str) -> float:
     """A document's place in [0, 1) for the training sample: SHA-256 with its own salt, so it is
-    uncorrelated with the split hash (`minigpt.data.stable_fraction`), which already decided
+    uncorrelated with the split hash (`minigpt.splits.stable_fraction`), which already decided
     that every train document lies outside the validation/test bands."""
     digest = hashlib.sha256(b"tokenizer-sample\0" + text.encode("utf-8")).digest()
     return (int.from_bytes(digest[:8], "big") >> 11) / 2**53

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from minigpt.config import PretrainDataConfig, SFTDataConfig
-from minigpt.data import assign_split, process_pretrain, process_sft, stable_fraction
+from minigpt.data import process_pretrain, process_sft
+from minigpt.splits import assign_split, stable_fraction
 from minigpt.files import atomic_directory, read_objects
 from minigpt.sources import DataError, resolve_source, split_of
 from minigpt.wikitext import article_text, detokenize, detokenize_line, is_title, wikitext_articles
@@ -874,7 +875,7 @@ def test_text_documents_are_blank_line_blocks_with_a_size_cap(tmp_path, monkeypa
 
 
 def test_word_count_of_a_huge_document_matches_split():
-    from minigpt.data import count_words
+    from minigpt.splits import count_words
 
     rng = random.Random(0)
     text = "".join(rng.choice(["ab", "c", " ", "\n", "  ", "déf"]) for _ in range(20_000))
