@@ -636,8 +636,9 @@ def _closed_port() -> int:
 
 @pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "closed HF_ENDPOINT"])
 def test_offline_hub_load_fails_fast_in_one_line(tmp_path, how):
-    """The real `datasets` with no reachable hub: the stage prints one line within seconds
-    (a closed endpoint used to cost ~36 s of retries). A hub id nobody has cached."""
+    """The real `datasets` with no reachable hub: the stage prints one line. A hub id nobody has
+    cached. How fast (within 5 s; a closed endpoint once cost ~36 s of retries) is machine-
+    dependent: `python bench/machine_checks.py offline_hub`."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
            "HF_ENDPOINT") and not k.lower().endswith("_proxy")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"),
@@ -648,20 +649,14 @@ def test_offline_hub_load_fails_fast_in_one_line(tmp_path, how):
         env["HF_ENDPOINT"] = f"http://127.0.0.1:{_closed_port()}"
     params = {"process": {"pretrain": {"source": "minigpt-tests/not-cached", "name": None}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    timer = (f"import sys, time; sys.path.insert(0, {str(ROOT / 'stages')!r}); "
-             "import datasets, process; t = time.perf_counter(); rc = process.main(['pretrain']); "
-             "print(f'{time.perf_counter() - t:.2f}'); sys.exit(rc)")
-    result = subprocess.run([sys.executable, "-c", timer], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(ROOT / "stages" / "process.py"), "pretrain"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: could not load 'minigpt-tests/not-cached'")
     assert "local path such as raw/pretrain" in err[0]
     if how != "HF_HUB_OFFLINE":
         assert "unreachable" in err[0] and "127.0.0.1" in err[0]
-    seconds = float(result.stdout.split()[-1])  # the stage itself, without Python's start-up
-    print(f"{how}: {seconds} s: {err[0]}")
-    assert seconds < 5, f"{how}: {seconds} s"
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def template(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def workspace(template, tmp_path, monkeypatch) -> Iterator[Path]:
+def workspace(template, tmp_path, monkeypatch, stage_in_process) -> Iterator[Path]:
     root = tmp_path / "ws"
     shutil.copytree(template, root)
     (root / "params.yaml").write_text(yaml.safe_dump({"finetune": FINETUNE}))

@@ -207,12 +207,10 @@ def test_hostile_config_is_refused_before_allocating(model_dir, override, field)
     config = json.loads((model_dir / "config.json").read_text())
     text = json.dumps({**config, **override})  # NaN is written as NaN, which json reads back
     (model_dir / "config.json").write_text(text)
-    start = time.perf_counter()
     proc = _cli("generate", "--checkpoint_path", str(model_dir), "--device", "cpu",
-                "--max_new_tokens", "1", limit_as=MEM_LIMIT, timeout=90)
+                "--max_new_tokens", "1", limit_as=MEM_LIMIT, timeout=90)  # not minutes of swapping
     line = _one_error(proc, field)
     assert str(model_dir) in line
-    assert time.perf_counter() - start < 60  # seconds, not minutes of swapping (shared CPU)
 
 
 def test_model_dir_loads_under_the_memory_limit(model_dir):  # the limit itself is not the cause

@@ -361,7 +361,6 @@ def test_client_disconnect_mid_stream_stops_generation(servers):
     """A client that leaves after the first piece frees the model: the sampler stops (logged),
     and the next request is answered."""
     body = {"prompt": "The river", "max_tokens": CAP, "temperature": 0, "stream": True}
-    start = time.time()
     with httpx.stream("POST", servers.base.url + "/v1/completions", json=body, timeout=60) as s:
         for line in s.iter_lines():
             if line.startswith("data: "):
@@ -375,7 +374,6 @@ def test_client_disconnect_mid_stream_stops_generation(servers):
     line = next(x for x in servers.base.log.read_text().splitlines() if "client disconnected" in x)
     stopped_after = int(line.split("stopped after ")[1].split()[0])
     assert stopped_after < CAP, line
-    assert time.time() - start < 60
 
 
 def test_window_slide_notice_is_a_log_line_not_in_the_answer(servers):

@@ -12,9 +12,7 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -196,20 +194,6 @@ def test_cpu_peak_follows_the_instruction_set(monkeypatch):
         assert mfu.cpu_peak_per_core("fp32") == pytest.approx(fp32)
         assert mfu.cpu_peak_per_core("bf16") == pytest.approx(bf16)  # no bf16 units: fp32's
         assert mfu.peak_flops(cpu, "fp32", 2) == pytest.approx(fp32 * torch.get_num_threads() * 2)
-
-
-def test_cpu_peak_is_above_what_a_large_matmul_reaches_here():
-    """MFU must stay below 100%: a large fp32 GEMM (near the machine's real ceiling) runs under the
-    nominal peak (a fixed 60 GFLOP/s per AVX2 core read 128% on an EPYC Milan)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    achieved = 2 * 1024**3 / best
-    assert achieved < mfu.peak_flops(torch.device("cpu"), "fp32", 1), achieved
 
 
 def test_auto_device_is_what_torch_reports():
@@ -679,36 +663,3 @@ def test_muon_matches_torch_muon():
     for p, q, s in zip(ours, ref, start):
         moved = (q - s).abs().max().item()
         assert moved > 0.01 and (p - q).abs().max().item() < 0.05 * moved  # bf16 rounding only
-
-
-_REFAULTS = """
-import resource, sys, torch
-from minigpt.loss import linear_cross_entropy
-from minigpt.host import keep_freed_memory
-on = sys.argv[1] == "on" and keep_freed_memory()
-h = torch.randn(2048, 128, requires_grad=True)
-w = torch.randn(8192, 128, requires_grad=True)
-t = torch.randint(0, 8192, (2048,))
-def step():  # the chunked loss allocates and frees ~100 MB of logits and gradients per call
-    linear_cross_entropy(h, w, t).backward()
-    h.grad = w.grad = None
-faults = []
-for _ in range(6):  # the heap may still grow once (by a 4096-page step) after warm-up: keep the least
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    step()
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(on, min(faults[2:]))
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_keep_freed_memory_stops_refaulting_large_tensors():
-    # with glibc's defaults every large tensor is a fresh mmap whose pages fault in again
-    faults = {}
-    for mode in ("off", "on"):
-        out = subprocess.run([sys.executable, "-c", _REFAULTS, mode], capture_output=True, text=True,
-                             check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
-        if mode == "on" and out[0] != "True":
-            pytest.skip("not glibc: mallopt unavailable")
-        faults[mode] = int(out[1])
-    assert faults["off"] > 10_000 and faults["on"] < 1_000, faults
