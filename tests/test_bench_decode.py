@@ -33,6 +33,7 @@ print(f"llama_perf_context_print:        eval time = {{ms * n:10.2f}} ms / {{n:5
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="x86 kernels")
 def test_vs_llamacpp_runs_both_sides_and_prints_ratios(tmp_path):
     pytest.importorskip("gguf")

@@ -327,6 +327,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_never_tears(tmp_path):
     script = tmp_path / "saver.py"
     script.write_text(KILLER)

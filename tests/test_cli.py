@@ -112,6 +112,7 @@ SAMPLED = ["--temperature", "1.0", "--top_k", "0", "--top_p", "1.0", "--device",
 
 # --- generate -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_greedy_chat_model_applies_template_and_matches_sampler(env, capsys):
     """`python -m minigpt.generate` (a subprocess) and `minigpt generate` (in-process) print the
     same greedy answer: the chat template applied, stopped at <|endoftext|>."""
@@ -280,6 +281,7 @@ def chat_reply(env, messages: list[dict], max_new_tokens: int) -> str:
     return greedy_text(env.chat, encode_conversation(env.tok, messages), max_new_tokens)
 
 
+@pytest.mark.slow
 def test_chat_piped_reset_and_quit(env):
     """Subprocess with piped stdin: /reset forgets the history, /quit stops reading."""
     stdin = "Hello there\n/reset\nHello there\n/quit\nnever answered\n"
@@ -329,6 +331,7 @@ def test_fit_conversation_keeps_system_and_last_user(env):
     assert dropped == 0 and messages == turns
 
 
+@pytest.mark.slow
 def test_chat_overflow_warning_is_its_own_line_on_a_shared_screen(env):
     """stdout and stderr into one pipe (a terminal shows both): the context-overflow notice comes
     after the streamed answer's line, never inside it."""

@@ -434,6 +434,7 @@ def test_sft_cleaning_counts_drops(tmp_path):
     assert split[rows[2]["response"]] == split[rows[2]["response"] + " Different."]
 
 
+@pytest.mark.slow
 def test_workers_write_the_same_bytes_as_one_process(tmp_path, monkeypatch):
     """num_proc 1 (in this process) and 3 spawned workers, four documents a chunk so every worker
     gets several: byte-identical splits and stats, with carving, max_documents, empty documents
@@ -634,6 +635,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "closed HF_ENDPOINT"])
 def test_offline_hub_load_fails_fast_in_one_line(tmp_path, how):
     """The real `datasets` with no reachable hub: the stage prints one line. A hub id nobody has

@@ -14,6 +14,8 @@ import pytest
 
 from test_pipeline import ROOT, _dolly_file, _wikitext_file
 
+pytestmark = pytest.mark.slow  # the whole pipeline through `dvc exp run`, then the benches
+
 pytest.importorskip("transformers")
 
 

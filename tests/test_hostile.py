@@ -143,6 +143,7 @@ def _stage(root: Path, *args: str, timeout: float = 180) -> subprocess.Completed
 
 # --- 1. path traversal from meta.json -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_hostile_meta_json_never_touches_files_outside_the_checkpoint(project):
     ckpt = project / "out/ckpt/pretrain"
     ckpt.mkdir(parents=True)
@@ -201,6 +202,7 @@ HOSTILE_CONFIGS = [  # (override, field named in the error)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, field", HOSTILE_CONFIGS,
                          ids=[json.dumps(o)[:40] for o, _ in HOSTILE_CONFIGS])
 def test_hostile_config_is_refused_before_allocating(model_dir, override, field):
@@ -213,6 +215,7 @@ def test_hostile_config_is_refused_before_allocating(model_dir, override, field)
     assert str(model_dir) in line
 
 
+@pytest.mark.slow
 def test_model_dir_loads_under_the_memory_limit(model_dir):  # the limit itself is not the cause
     proc = _cli("generate", "--checkpoint_path", str(model_dir), "--device", "cpu",
                 "--max_new_tokens", "2", "--seed", "0", limit_as=MEM_LIMIT, timeout=90)
@@ -245,6 +248,7 @@ def test_huge_header_length_is_refused(model_dir):
 
 # --- 3. tokenizer vocabulary always checked ------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vocab", [340, 300])
 def test_config_without_tokenizer_hash_is_refused(tmp_path, tok_file, vocab):
     """Without a hash a foreign tokenizer.json was accepted when it was not larger than the
@@ -282,6 +286,7 @@ def test_torch_floor_excludes_cve_2025_32434():
 
 # --- 5. export ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_export_into_its_own_model_directory_is_refused(model_dir):
     before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
     for out in (model_dir, model_dir / "hf", model_dir.parent):
@@ -291,6 +296,7 @@ def test_export_into_its_own_model_directory_is_refused(model_dir):
     load_model(model_dir)
 
 
+@pytest.mark.slow
 def test_export_is_atomic_and_leaves_no_stale_files(model_dir, tmp_path):
     from minigpt.export import EXPORT_FILES
 
@@ -322,6 +328,7 @@ def test_invalid_utf8_prompt_is_one_line_exit_2(model_dir):
     _one_error(proc, "--prompt is not valid UTF-8", "0xff")
 
 
+@pytest.mark.slow
 def test_invalid_utf8_chat_line_is_one_line_exit_2(model_dir):
     proc = _cli("chat", "--checkpoint_path", str(model_dir), "--device", "cpu",
                 "--max_new_tokens", "2", stdin=b"hello\n\xff\xfe oops\n")
@@ -368,6 +375,7 @@ def _gone_within(pid: int, seconds: float) -> bool:
     return _gone(pid)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and prctl")
 def test_trainer_dies_with_its_parent_and_a_second_writer_is_refused(project):
     _set_params(project, pretrain=LONG_RUN)
@@ -436,6 +444,7 @@ def test_torchrun_worker_dies_when_the_command_above_torchrun_is_killed(project)
 
 # --- 9. encode sweeps stale temporary directories -------------------------------------------------
 
+@pytest.mark.slow
 def test_encode_sweeps_temp_dirs_of_killed_runs(project):
     tokens = project / "data/tokens"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -499,6 +508,7 @@ MEM_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
 def test_one_huge_document_encodes_in_bounded_memory(tmp_path, tok_file):
     src = tmp_path / "processed"
@@ -560,6 +570,7 @@ def test_null_section_is_an_error_naming_it(tmp_path, section):
 
 # --- 12. precise messages ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_yaml_syntax_error_has_line_and_column(project):
     (project / "params.yaml").write_text("model:\n  n_layer: 1\n  n_head: [2\n  n_embd: 32\n")
     proc = _stage(project, "pretrain.py")
@@ -567,6 +578,7 @@ def test_yaml_syntax_error_has_line_and_column(project):
     assert "not valid YAML" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu:abc", "cuda:x", "gpu"])
 def test_bad_device_names_the_key(project, device):
     _set_params(project, pretrain={"device": device})
@@ -634,6 +646,7 @@ def test_divergence_before_any_save_cites_no_missing_checkpoint(tmp_path):
 
 # --- 13. file modes ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_model_files_get_ordinary_permissions(tmp_path, tok_file, project):
     old = os.umask(0o022)
     try:
@@ -657,6 +670,7 @@ def _edit_config(d: Path, **fields) -> None:
     (d / "config.json").write_text(json.dumps({**config, **fields}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field,value", [("block_size", 16), ("qk_norm", True),
                                          ("logit_softcap", 30.0), ("rope_theta", 500000.0),
                                          ("norm_eps", 1e-6)])
@@ -668,6 +682,7 @@ def test_config_edit_that_no_weight_pins_is_refused(model_dir, field, value):
     _one_error(proc, "config.json", f"{field}=", "does not match the weights")
 
 
+@pytest.mark.slow
 def test_unknown_mlp_in_config_names_the_field_and_file(model_dir):
     _edit_config(model_dir, mlp="gelu")
     proc = _cli("generate", "--checkpoint_path", str(model_dir), "--device", "cpu", "--max_new_tokens", "3")
@@ -691,6 +706,7 @@ def _diverged_dir(path: Path, tok_file: Path) -> Path:
     return d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--temperature", "0"], ["--top_k", "1"],
                                    ["--temperature", "0", "--num_samples", "2"]])
 def test_diverged_model_decoding_greedily_is_an_error(tmp_path, tok_file, flags):
@@ -716,6 +732,7 @@ def test_out_of_range_sampling_flags_are_one_line(model_dir, command, flags, nee
     _one_error(proc, *needles)
 
 
+@pytest.mark.slow
 def test_largest_seed_works(model_dir):
     proc = _cli("generate", "--checkpoint_path", str(model_dir), "--device", "cpu", "--prompt", "the",
                 "--max_new_tokens", "2", "--seed", str(2**64 - 1))
@@ -742,6 +759,7 @@ def _leftovers(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if "tmp" in p.name) if d.exists() else []
 
 
+@pytest.mark.slow
 def test_write_failure_during_hf_export_keeps_the_previous_export(model_dir, tmp_path):
     out = tmp_path / "hf"
     assert _cli("export", "--checkpoint_path", str(model_dir), str(out)).returncode == 0
@@ -752,6 +770,7 @@ def test_write_failure_during_hf_export_keeps_the_previous_export(model_dir, tmp
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_write_failure_during_gguf_export_leaves_no_tmp(model_dir, tmp_path):
     pytest.importorskip("gguf")
     out = tmp_path / "gguf"

@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from test_pipeline import (ROOT, TINY_PARAMS, _dolly_file, _dvc, _run, _set_params, _stale, _wikitext_file,
                            copy_project)
 
+pytestmark = pytest.mark.slow  # two torchrun launchers and `dvc repro`
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -27,7 +29,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None or not sys.platform.startswith("linux"),
                     reason="needs torchrun")
 def test_two_nodes_with_c10d_rendezvous_match_one_node_and_dvc_commit(tmp_path):

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # `minigpt plots` processes and headless Chromium
+
 ROOT = Path(__file__).resolve().parents[1]
 CURVES = '''import pathlib, yaml
 lr = yaml.safe_load(open("params.yaml"))["finetune"]["lr"]

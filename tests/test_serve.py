@@ -31,6 +31,8 @@ from minigpt.checkpoint import load_model, save_model  # noqa: E402
 from minigpt.tokenizer import EOT, save_tokenizer, train_tokenizer  # noqa: E402
 from test_cli import CORPUS, _model_dir, run_module  # noqa: E402
 
+pytestmark = pytest.mark.slow  # server subprocesses and headless Chromium
+
 ROOT = Path(__file__).resolve().parents[1]
 CAP = 4000  # the servers' --max_tokens
 CHROMIUM = "/usr/bin/chromium"

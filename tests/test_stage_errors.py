@@ -24,6 +24,8 @@ import yaml
 from test_hostile import (ROOT, _env, _one_error, _set_params, _stage, project,  # noqa: F401
                           project_template, tok_file)
 
+pytestmark = pytest.mark.slow  # every test starts a stage process (some under torchrun)
+
 
 def _tree(directory: Path) -> dict[str, str]:
     return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -160,7 +162,6 @@ def test_torchrun_launch_reports_bad_params_before_starting_workers(project):
     assert proc.stderr.decode().strip() == line
 
 
-@pytest.mark.slow
 def test_torchrun_launch_trains_with_two_workers(project):
     _set_params(project, pretrain={"nproc": 2})
     proc = _dvc_cmd(project, timeout=300)

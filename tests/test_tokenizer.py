@@ -220,6 +220,7 @@ print((peak_kb() - base) / 1024)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
 def test_one_huge_line_trains_in_bounded_memory():
     # Whole, the trainer needs ~80 bytes per character of one sequence (a 100 MB line exhausted

@@ -378,6 +378,7 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="needs torchrun")
 @pytest.mark.parametrize("recipe", ["adamw_cosine", "muon_wsd"])
 def test_ddp_two_ranks_match_one_process_with_the_global_batch(data, recipe):
@@ -426,6 +427,7 @@ DIGEST_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="needs torchrun")
 def test_ddp_inputs_are_hashed_once_on_rank_0(data):
     from minigpt.resume import file_digests
