@@ -76,8 +76,12 @@ def test_decode_quality_is_the_full_forward_for_fp32():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=32, block_size=16)).eval()
     tokens = np.random.default_rng(0).integers(0, 50, 60).astype(np.uint16)
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    q = quality.decode_quality(model, tokens, ["int8"], max_tokens=40, prompts=2, new_tokens=5)
+    try:
+        q = quality.decode_quality(model, tokens, ["int8"], max_tokens=40, prompts=2, new_tokens=5)
+    finally:
+        torch.set_num_threads(before)
     fp32, int8 = q["fp32"], q["int8"]
     assert fp32["tokens"] == int8["tokens"] == 40
     # teacher-forced decoding over non-overlapping windows = the full forward's perplexity
