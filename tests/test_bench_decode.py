@@ -91,6 +91,7 @@ def test_decode_quality_is_the_full_forward_for_fp32():
     assert model.decode_dtype == "fp32"  # put back
 
 
+@pytest.mark.slow
 def test_decode_step_profile_splits_a_step_and_times_both_layouts():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "bench" / "decode_step.py"), "--tiny", "--steps", "2", "--threads", "1"]

@@ -105,6 +105,7 @@ def test_model_dir_round_trip_identical_logits_without_pickle(tmp_path, tokenize
     assert tok.get_vocab_size() > 256
 
 
+@pytest.mark.slow
 def test_load_model_stays_light(tmp_path, tokenizer_file):
     # the shape check builds the model on the meta device; any init op there imports
     # torch._dynamo (~1.4 s, most of a short `minigpt generate`), so none may run

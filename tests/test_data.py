@@ -718,6 +718,7 @@ def _run_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_stage_script_end_to_end(tmp_path):
     _wiki_file(tmp_path / "raw" / "pretrain" / "wiki.train.raw", 30)
     _wiki_file(tmp_path / "raw" / "pretrain" / "wiki.valid.raw", 3, seed=1)
@@ -1000,6 +1001,7 @@ def test_a_long_document_is_one_document_in_the_token_stream(tmp_path, monkeypat
     assert len(enc.split_text(docs[1], 1000)) > 10
 
 
+@pytest.mark.slow
 def test_source_outside_raw_warns_that_dvc_does_not_track_it(tmp_path):
     """dvc.yaml declares raw/ as the process stages' dependency: a source elsewhere (outside the
     repo, say) is read but not tracked, so edits to it would leave stale outputs without a word."""

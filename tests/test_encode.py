@@ -86,6 +86,7 @@ def test_chunks_end_at_the_count_or_the_byte_cap(tmp_path):
     assert sum(size for *_, size in enc._chunks(path, 2)) == path.stat().st_size
 
 
+@pytest.mark.slow
 def test_workers_write_the_same_bytes_as_one_process(project, tmp_path):
     """num_proc 1 (in this process) and 3 spawned workers, chunked small so every worker gets
     several chunks out of order: byte-identical token files for both corpora."""
@@ -259,6 +260,7 @@ def _run_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_stage_cli(project, tmp_path):
     (project / "params.yaml").write_text("encode:\n  batch_size: 5\n  num_proc: 2\n")
     result = _run_stage(project, "nope")

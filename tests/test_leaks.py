@@ -36,6 +36,7 @@ def _states(call: str) -> tuple[dict, dict]:
     return tuple(json.loads(out.stdout.splitlines()[-1]))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and glibc's mallinfo2")
 def test_the_check_sees_a_training_stage_setup():
     """setup_runtime arms the watchdog and keep_freed_memory (large tensors from the heap: its

@@ -117,6 +117,7 @@ def test_text_pieces_write_the_same_bytes_as_one_process(tmp_path, small_pieces,
     _assert_identical(tmp_path)
 
 
+@pytest.mark.slow
 def test_parquet_row_groups_write_the_same_bytes_as_one_process(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
