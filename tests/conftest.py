@@ -12,14 +12,18 @@ count, without restoring it.
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 from minigpt import host, runtime
 
+ROOT = Path(__file__).resolve().parents[1]
 _LINUX = sys.platform.startswith("linux")
 _libc = ctypes.CDLL(None, use_errno=True) if _LINUX else None
 
@@ -84,3 +88,21 @@ def stage_in_process(monkeypatch):
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, for modules of tiny models (`pytestmark = pytest.mark.usefixtures(...)`):
+    with tiny matmuls, threads only add contention, and spin while a loaded CI box runs others."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_stage_script(stage: str, cwd, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """`python stages/STAGE.py ARGS` in `cwd`, as DVC runs it, with this checkout's minigpt."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MINIGPT_DEBUG", None)
+    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout)

@@ -23,15 +23,9 @@ from minigpt.checkpoint import CheckpointError
 from minigpt.model import GPT, GPTConfig
 from minigpt.optim import adamw
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(seed: int = 0) -> GPT:

@@ -28,6 +28,8 @@ from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import (EOT, PAD, SPECIAL_TOKENS, decode, encode_text, save_tokenizer,
                                tokenizer_hash, train_tokenizer)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = [
     "The river runs through the old city and the band plays on the bridge.",
@@ -66,15 +68,6 @@ def env(tmp_path_factory) -> SimpleNamespace:
         chat=_model_dir(root / "chat", tok_file, vocab, chat=True, seed=0),
         base=_model_dir(root / "base", tok_file, vocab, chat=False, seed=1),
     )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The model is tiny: one thread is fastest, and spinning threads stall on a loaded CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_main(capsys, *argv: str) -> tuple[int, str, str]:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conftest
 import pytest
 import yaml
 
@@ -712,10 +713,7 @@ def test_jsonl_keeps_one_document_per_line(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 def _run_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("MINIGPT_DEBUG", None)
-    return subprocess.run([sys.executable, str(ROOT / "stages" / "process.py"), *args], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return conftest.run_stage_script("process", cwd, *args, timeout=120)
 
 
 @pytest.mark.slow

@@ -6,10 +6,10 @@ import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import conftest
 import pytest
 
 import minigpt.encode as enc
@@ -254,10 +254,7 @@ def test_missing_inputs_fail_before_any_work(project, tmp_path):
 
 
 def _run_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("MINIGPT_DEBUG", None)
-    return subprocess.run([sys.executable, str(ROOT / "stages" / "encode.py"), *args], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=60)
+    return conftest.run_stage_script("encode", cwd, *args, timeout=60)
 
 
 @pytest.mark.slow

@@ -18,7 +18,9 @@ from minigpt.config import ConfigError, TrainConfig
 from minigpt.runtime import Runtime
 from minigpt.train import TrainingError, fit
 from minigpt.windows import TokenWindows, val_windows
-from test_train import BLOCK, CrashAfter, cfg, data, one_thread, tiny_model, weights  # noqa: F401
+from test_train import BLOCK, CrashAfter, cfg, data, tiny_model, weights  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 CPU = torch.device("cpu")
 

@@ -9,16 +9,10 @@ from minigpt.model import GPT, GPTConfig
 from minigpt.quant import REDUCE_RANGE, Fp16Linear, Int8Linear, available, check_dtype, quantize_int8
 from minigpt.sample import generate, greedy_batch
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
+
 V, BLOCK = 64, 32
 kernels = pytest.mark.skipif(available("int8") is not None, reason="no x86 quantized kernels (fbgemm)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @kernels

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from minigpt import sft
 from minigpt.model import GPT, GPTConfig, IGNORE
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
+
 EOT, PAD, USER, ASSISTANT = 0, 1, 3, 4
 VOCAB = 40
 
@@ -48,15 +50,6 @@ def write_sft(directory, split: str, examples, tokenizer_hash: str = "abc") -> N
     meta = {"dtype": "uint16", "count": int(len(ids)), "examples": len(examples),
             "tokenizer_hash": tokenizer_hash}
     (directory / f"{split}.json").write_text(json.dumps(meta))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread beats two that wait on each other (and on other processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_gpt(block_size: int = 32) -> GPT:

@@ -29,16 +29,10 @@ from minigpt.optim import lr_at
 from minigpt.train import TrainingError, fit
 from minigpt.windows import TokenWindows, val_windows
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK, VOCAB = 16, 64
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention and nondeterminism
-    yield
-    torch.set_num_threads(before)
 
 
 def write_tokens(path: Path, n: int, seed: int = 0, dtype: str = "uint16") -> Path:
