@@ -50,7 +50,7 @@ sys.path.insert(0, sys.argv[1])
 from minigpt.parallel import Workers
 
 def report_and_wait(x):
-    print(os.getpid(), flush=True)
+    os.write(1, b"%d\\n" % os.getpid())  # one write: two workers' lines never interleave
     time.sleep(60)
 
 if __name__ == "__main__":
@@ -73,7 +73,12 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, str(script), str(root)], stdout=subprocess.PIPE,
                               text=True)
     try:
-        workers = {int(parent.stdout.readline()) for _ in range(2)}
+        workers: set[int] = set()
+        while len(workers) < 2:  # the first two pids the workers write
+            line = parent.stdout.readline()
+            assert line, "the parent exited before its workers reported"
+            if line.strip():
+                workers.add(int(line))
     finally:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
