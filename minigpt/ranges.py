@@ -22,7 +22,7 @@ from typing import Iterator, Optional, Sequence
 
 from minigpt.files import FormatError, json_line
 from minigpt.sources import (PARQUET_SUFFIXES, TEXT_COLUMN_HINT, TEXT_SUFFIXES, DataError, _select,
-                             check_text_line, read_records, text_blocks)
+                             checked_text_lines, read_records, text_blocks)
 
 SCAN_BYTES = 2**26  # how far past a text range's nominal edge to look for a blank line
 BLANK = b" \t\r\n\x0b\x0c"  # bytes of a line that is blank however the text lines are cut
@@ -154,10 +154,7 @@ class PieceReader:
                 yield line
 
     def _text_lines(self) -> Iterator[str]:
-        for line in self._lines():
-            check_text_line(line, f"{self.piece.path}:{self.lines}")
-            line = line.rstrip("\n")  # rebound: a huge line is not held twice while in use
-            yield line
+        return checked_text_lines(self._lines(), self.piece.path)  # numbered within the piece
 
 
 def absolute_error(message: str, piece: Piece, line: int, lines_before: int) -> str:

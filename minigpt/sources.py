@@ -229,10 +229,15 @@ def read_text_lines(path: Path) -> Iterator[str]:
     """Lines of a text file without their line ending, like the HF `text` builder's rows
     (a leading BOM dropped; bad UTF-8 and NUL characters are errors naming the line)."""
     with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            check_text_line(line, f"{path}:{lineno}")
-            line = line.rstrip("\n")  # rebound: a huge line is not held twice while in use
-            yield line
+        yield from checked_text_lines(f, path)
+
+
+def checked_text_lines(lines: Iterable[str], path: Path) -> Iterator[str]:
+    """`lines` (of `path`, numbered from 1) checked and without their line ending."""
+    for lineno, line in enumerate(lines, 1):
+        check_text_line(line, f"{path}:{lineno}")
+        line = line.rstrip("\n")  # rebound: a huge line is not held twice while in use
+        yield line
 
 
 def check_text_line(line: str, where: str) -> None:
