@@ -83,7 +83,44 @@ def profile_steps(model: GPT, steps: int, pos: int) -> None:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        print(f"without the profiler: {(time.perf_counter() - t0) / steps * 1000:.2f} ms per step (wall)")
+        wall = (time.perf_counter() - t0) / steps * 1000
+        print(f"without the profiler: {wall:.2f} ms per step (wall)")
+        floor(model, cache.plan, len(top) / steps, wall, steps)
+
+
+def cheapest_op_us(reps: int = 20000) -> float:
+    """The least time one eager op takes here: an in-place add of one element to another (the
+    Python call and torch's dispatch, almost no work), best of 5, in microseconds."""
+    x, one, best = torch.zeros(1), torch.ones(1), float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            x.add_(one)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best * 1e6
+
+
+def floor(model: GPT, plan, ops: float, wall: float, steps: int) -> None:
+    """The weight matmuls of a step alone (the step's own calls, in its order) and the least time
+    its number of eager ops can take: the lowest this step can go without fewer ops or kernels."""
+    matmuls = [f for layer in plan.layers for f in (layer[1], layer[2], layer[4], layer[5])] + [plan.head]
+    for f in matmuls:  # warm
+        f()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            for f in matmuls:
+                f()
+        best = min(best, (time.perf_counter() - t0) / steps * 1000)
+    size = {"fp32": 4, "fp16": 2, "int8": 1}[model.decode_dtype]
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
+    op_us = cheapest_op_us()
+    print(f"weight matmuls alone: {best:.2f} ms per step, {weights * size / best / 1e6:.1f} GB/s of "
+          f"{model.decode_dtype} weights ({len(matmuls)} calls)")
+    print(f"cheapest eager op here: {op_us:.2f} us; {ops:.0f} ops x that = {ops * op_us / 1000:.2f} ms")
+    print(f"floor of this step: {best + ops * op_us / 1000:.2f} ms (weight matmuls + ops x cheapest op), "
+          f"measured {wall:.2f} ms")
 
 
 def layouts(model: GPT) -> None:

@@ -71,11 +71,11 @@ DIVERGED = "the logits hold NaN or inf (has the model diverged?)"
 
 
 def _greedy(x: Tensor) -> Tensor:
-    """argmax per row, (B, 1); -1 where the row's maximum is not finite (see DIVERGED). argmax
+    """argmax per row, (B, 1); -1 where the row's maximum is not finite (see DIVERGED). max
     picks a NaN or +inf when the row holds one, so checking the B picked values is enough: no
-    second pass over the vocabulary per step."""
-    ids = x.argmax(-1, keepdim=True)
-    return ids.masked_fill(~torch.isfinite(x.gather(-1, ids)), -1)
+    second pass over the vocabulary per step (v - v is 0 for a finite v, else NaN)."""
+    values, ids = x.max(-1, keepdim=True)  # the first maximal index, as argmax
+    return ids.masked_fill_(values.sub_(values).ne(0), -1)
 
 
 def _check(temperature, top_k, top_p, repetition_penalty, max_new_tokens) -> None:
