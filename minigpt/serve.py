@@ -65,7 +65,7 @@ class Served:
     def info(self) -> dict:
         c = self.m.model.config
         return {"model": self.name, "chat": self.m.is_chat, "block_size": self.block,
-                "max_tokens": self.max_tokens_cap, "parallel": self.worker.parallel, "parameters": self.m.model.num_params(),
+                "max_tokens": self.max_tokens_cap, "parameters": self.m.model.num_params(),
                 "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_embd": c.n_embd}
 
     async def on_worker(self, fn, *args):
@@ -223,7 +223,7 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int, host: str = "127.0.0.1
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **info}
+        return {"status": "ok", **info, **s.worker.load()}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

@@ -119,6 +119,10 @@ class Batcher:
         self.inbox.put(row)
         return row.future
 
+    def load(self) -> dict:
+        """How busy it is (read from another thread: a snapshot, for /health)."""
+        return {"parallel": self.parallel, "decoding": len(self.rows), "waiting": len(self.waiting)}
+
     def close(self) -> None:
         """Stop the thread (rows still running end with an error)."""
         self.inbox.put(None)
