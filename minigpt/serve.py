@@ -196,7 +196,7 @@ def _log_slide(message: str) -> None:
 
 
 def create_app(m: Loaded, name: str, max_tokens_cap: int, host: str = "127.0.0.1",
-               api_key: str | None = None, parallel: int = 1) -> FastAPI:
+               api_key: str | None = None, parallel: int = 4) -> FastAPI:
     """The app; `parallel` requests decode as one batch (`minigpt.serve_batch`)."""
     app = FastAPI(title="minigpt", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, host=host, api_key=api_key)
