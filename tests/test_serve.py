@@ -105,8 +105,9 @@ def keyed(servers, tmp_path_factory):
     srv.out.close()
 
 
-# A server whose tokenizer waits (for the file FLAGS/release) on any text holding "HOLD", and whose
-# sampler fails on max_tokens=13: a slow tokenization and a bug, at a moment the test chooses.
+# A server whose tokenizer waits (for the file FLAGS/release) on any text holding "HOLD", whose
+# sampler fails on max_tokens=13, and whose next batched step fails once FLAGS/step_fault exists:
+# a slow tokenization and bugs, at a moment the test chooses.
 RIGGED = """
 import sys, time
 from pathlib import Path
@@ -151,6 +152,17 @@ def pick(row):
 
 
 serve_batch.pick = pick
+real_forward = m.model.forward
+
+
+def forward(idx, *args, **kw):  # a step of several rows fails once the file FLAGS/step_fault exists
+    if idx.shape[0] > 1 and (flags / "step_fault").exists():
+        (flags / "step_fault").unlink()
+        raise RuntimeError("injected step fault")
+    return real_forward(idx, *args, **kw)
+
+
+m.model.forward = forward
 serve.serve(m, "rigged", "127.0.0.1", port, 100)
 """
 
@@ -739,6 +751,31 @@ def test_a_failure_mid_stream_ends_with_an_error_event_and_done(rigged):
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["type"] == "server_error"
     assert chat(rigged.url, "hi", max_tokens=2).status_code == 200  # and it keeps serving
+
+
+def test_a_failure_in_a_batch_ends_the_rows_it_hits_and_the_server_serves_on(rigged):
+    """A failing row (max_tokens=13) ends only its own stream; a failing batched step ends every
+    row in it (an error event, then [DONE], or a 500); later requests are answered."""
+    def ask(max_tokens: int, stream: bool) -> list | httpx.Response:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+                "temperature": 0, "stream": stream}
+        if not stream:
+            return httpx.post(rigged.url + "/v1/chat/completions", json=body, timeout=60)
+        with httpx.stream("POST", rigged.url + "/v1/chat/completions", json=body, timeout=60) as s:
+            return sse(s)
+
+    with ThreadPoolExecutor(2) as pool:
+        bad, good = pool.submit(ask, 13, True), pool.submit(ask, 60, True)
+        assert bad.result()[-2]["error"]["message"] == "internal error: RuntimeError"
+        assert "error" not in good.result()[-2] and good.result()[-1] == "[DONE]"
+    (rigged.flags / "step_fault").touch()
+    with ThreadPoolExecutor(2) as pool:
+        answers = [pool.submit(ask, 100, True), pool.submit(ask, 100, False)]  # they overlap
+        events, response = answers[0].result(), answers[1].result()
+    assert not (rigged.flags / "step_fault").exists()  # a step of two rows ran, and failed
+    assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "server_error"
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    assert ask(4, False).status_code == 200
 
 
 def test_a_diverged_model_is_a_500_that_says_so(servers, tmp_path):
