@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -350,6 +351,36 @@ def test_concurrent_requests_decode_together_and_answer_as_alone(servers):
     together, health = concurrently(url, bodies)
     assert together == alone
     assert max(h["decoding"] for h in health) >= 3  # rows shared steps
+
+
+def test_a_client_leaving_a_batch_frees_its_row_and_the_others_finish(servers):
+    url, log = servers.base.url, servers.base.log
+    bodies = [{"prompt": p, "max_tokens": 300, "temperature": 0, "stream": True} for p in ("a", "What")]
+    alone = [complete(url, body) for body in bodies]
+    left = log.read_text().count("client disconnected")
+
+    shared = threading.Event()
+
+    def leave() -> None:  # once /health has shown the three rows, with thousands of tokens to go
+        body = {"prompt": "The river", "max_tokens": CAP, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as s:
+            next(line for line in s.iter_lines() if shared.is_set() or time.time() > deadline)
+
+    deadline = time.time() + 30
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(complete, url, body) for body in bodies] + [pool.submit(leave)]
+        rows = []
+        while not all(f.done() for f in futures):
+            rows.append(httpx.get(url + "/health", timeout=10).json()["decoding"])
+            if rows[-1] == 3:
+                shared.set()
+        assert [f.result() for f in futures] == [*alone, None]
+    assert 3 in rows and 2 in rows[rows.index(3):]  # three rows shared steps, one left early
+    deadline = time.time() + 30
+    while log.read_text().count("client disconnected") == left and time.time() < deadline:
+        time.sleep(0.1)
+    line = [x for x in log.read_text().splitlines() if "client disconnected" in x][left]
+    assert int(line.split("stopped after ")[1].split()[0]) < CAP, line
 
 
 def test_parallel_1_answers_one_request_at_a_time(servers, tmp_path):
