@@ -14,7 +14,8 @@ Design choices
   with one line, exit 2 (rather than guessed at with U+FFFD). `--max_new_tokens` is capped at
   MAX_NEW_TOKENS (65536, 256 windows of the largest context trained here): a typo must not mean a
   run that never ends. `--num_samples` is capped at MAX_NUM_SAMPLES (256): the samples are one
-  batch, each row with its own KV cache, so 200,000 asked for many GB at once. `--seed` is what
+  batch, each row with its own KV cache, so 200,000 asked for many GB at once; so is `serve
+  --parallel` (MAX_PARALLEL rows, refused when their cache cannot fit in memory). `--seed` is what
   torch's generator takes (0 .. 2**64-1).
 """
 
