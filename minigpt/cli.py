@@ -14,7 +14,8 @@ Design choices
   with one line, exit 2 (rather than guessed at with U+FFFD). `--max_new_tokens` is capped at
   MAX_NEW_TOKENS (65536, 256 windows of the largest context trained here): a typo must not mean a
   run that never ends. `--num_samples` is capped at MAX_NUM_SAMPLES (256): the samples are one
-  batch, each row with its own KV cache, so 200,000 asked for many GB at once. `--seed` is what
+  batch, each row with its own KV cache, so 200,000 asked for many GB at once; so is `serve
+  --parallel` (MAX_PARALLEL rows, refused when their cache cannot fit in memory). `--seed` is what
   torch's generator takes (0 .. 2**64-1).
 """
 
@@ -35,6 +36,7 @@ DEFAULT_CHECKPOINT = "out/finetune"
 MAX_NEW_TOKENS = 65536
 MAX_NUM_SAMPLES = 256
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest
+MAX_PARALLEL = 64  # serve's batch rows: far past where a CPU step stops being bound by the weights
 
 
 class _Parser(argparse.ArgumentParser):
@@ -178,6 +180,9 @@ def _add_serve_command(sub) -> None:
                      help="require 'Authorization: Bearer KEY' on every request but the chat page "
                           "(which asks for it); default: $MINIGPT_API_KEY, else no key (a warning "
                           "when --host is not loopback)")
+    srv.add_argument("--parallel", type=_int_at_least(1, MAX_PARALLEL), default=4,
+                     help="requests decoded together as one batch (continuous batching: a new "
+                          "one joins at the next token); 1 = one at a time (default: %(default)s)")
     _add_device_args(srv)
     srv.set_defaults(func=cmd_serve)
 
@@ -251,6 +256,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from minigpt.serve import serve
+        from minigpt.serve_batch import check_parallel
     except ImportError as e:
         raise UsageError(f"serve needs FastAPI and uvicorn: pip install 'minigpt[serve]' ({e})") from None
     if args.port > 65535:
@@ -262,8 +268,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if key is not None and not (key and key.isascii() and key.isprintable() and " " not in key):
         raise UsageError(f"{where} must be non-empty printable ASCII without spaces")
     m = load(args.checkpoint_path, args.device, dtype=args.dtype)
+    check_parallel(m, args.parallel)
     serve(m, args.name or Path(args.checkpoint_path).resolve().name, args.host, args.port,
-          args.max_tokens, key)
+          args.max_tokens, key, args.parallel)
     return 0
 
 

@@ -6,9 +6,10 @@
     GET  /                      a static chat page (serve_page.html: no CDN, no build step)
 
 Design choices (errors and limits in docs/FORMATS.md)
-- FastAPI + uvicorn + pydantic; the wire format is `serve_api`, who may ask `serve_guard`, what
-  runs on the one model thread `serve_jobs`. This module is the routes and how a job's text
-  reaches the client: one JSON body, or server-sent events as the text becomes final.
+- FastAPI + uvicorn + pydantic; the wire format is `serve_api`, who may ask `serve_guard`, a
+  generation `serve_jobs`, the one model thread that decodes up to `--parallel` of them as one
+  batch `serve_batch`. This module is the routes and how a job's text reaches the client: one
+  JSON body, or server-sent events as the text becomes final.
 - A dropped client cancels its generation at the next token; a failure after the 200 ends the
   stream with an error event, then `[DONE]`. /health answers while a generation runs.
 - Cheap requests must not cost a lot: prompts are tokenized on the model thread; a prompt longer
@@ -24,7 +25,6 @@ import json
 import logging
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
@@ -36,8 +36,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from minigpt.engine import Loaded
 from minigpt.serve_api import (APIError, ChatRequest, CompletionRequest, ResponseShape, error_body,
                                include_usage, internal_error, parse)
+from minigpt.serve_batch import Batcher
 from minigpt.serve_guard import Guard, is_loopback
-from minigpt.serve_jobs import Job, run_job
+from minigpt.serve_jobs import Job
 
 log = logging.getLogger("minigpt.serve")
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -50,8 +51,7 @@ class Served:
     m: Loaded
     name: str
     max_tokens_cap: int
-    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="minigpt-model"))
+    worker: Batcher
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -69,8 +69,8 @@ class Served:
                 "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_embd": c.n_embd}
 
     async def on_worker(self, fn, *args):
-        """`fn(*args)` on the model thread (after the jobs queued before it)."""
-        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+        """`fn(*args)` on the model thread (between two decode steps)."""
+        return await asyncio.wrap_future(self.worker.call(fn, *args))
 
     def max_tokens(self, value: int | None, param: str) -> int:
         if value is None:
@@ -107,7 +107,7 @@ async def chat_job(s: Served, req: ChatRequest) -> Job:
     # threads with one tokenizer, see minigpt.tokenizer.ordinary_text).
     ids = await s.on_worker(lambda: encode_conversation(s.m.tok, messages, add_generation_prompt=True))
     s.check_prompt(ids, "messages")
-    return Job(ids, req, max_tokens)
+    return Job(ids, req, max_tokens, s.m.tok, s.m.eot)
 
 
 async def completion_job(s: Served, req: CompletionRequest) -> Job:
@@ -122,7 +122,7 @@ async def completion_job(s: Served, req: CompletionRequest) -> Job:
     # what `generate --raw` feeds the model, tokenized on the model thread (see chat_job)
     ids = [s.m.eot] + await s.on_worker(encode_text, s.m.tok, prompt)
     s.check_prompt(ids, "prompt")
-    return Job(ids, req, max_tokens)
+    return Job(ids, req, max_tokens, s.m.tok, s.m.eot)
 
 
 # --- jobs to responses --------------------------------------------------------------------------
@@ -131,7 +131,7 @@ async def answer(s: Served, job: Job, kind: str, with_usage: bool):
     """A JSON response, or an SSE stream of OpenAI chunks, for `job` run on the model thread."""
     shape = ResponseShape(kind, s.name, len(job.ids))
     if not job.req.stream:
-        await s.on_worker(run_job, s.m, job, lambda piece: None)
+        await asyncio.wrap_future(s.worker.submit(job))
         return shape.completion(job.text, job.finish_reason, job.completion_tokens)
     return StreamingResponse(stream(s, job, shape, with_usage), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -143,14 +143,10 @@ def stream(s: Served, job: Job, shape: ResponseShape, with_usage: bool) -> Async
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
-
-    def run() -> None:
-        try:
-            run_job(s.m, job, lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece))
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, done)
-
-    future = loop.run_in_executor(s.worker, run)
+    job.emit = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)
+    ended = s.worker.submit(job)  # after its last piece (both from the model thread, in order)
+    ended.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, done))
+    future = asyncio.wrap_future(ended, loop=loop)
 
     async def events():
         try:
@@ -200,11 +196,12 @@ def _log_slide(message: str) -> None:
 
 
 def create_app(m: Loaded, name: str, max_tokens_cap: int, host: str = "127.0.0.1",
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, parallel: int = 4) -> FastAPI:
+    """The app; `parallel` requests decode as one batch (`minigpt.serve_batch`)."""
     app = FastAPI(title="minigpt", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, host=host, api_key=api_key)
     _add_error_handlers(app)
-    s = Served(m, name, max_tokens_cap)
+    s = Served(m, name, max_tokens_cap, Batcher(m, parallel))
     m.warn_slide = _log_slide  # type: ignore[method-assign]
 
     @app.post("/v1/chat/completions")
@@ -226,7 +223,7 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int, host: str = "127.0.0.1
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **info}
+        return {"status": "ok", **info, **s.worker.load()}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -236,18 +233,18 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int, host: str = "127.0.0.1
 
 
 def serve(m: Loaded, name: str, host: str, port: int, max_tokens_cap: int,
-          api_key: str | None = None) -> None:
+          api_key: str | None = None, parallel: int = 4) -> None:
     """Run the server until Ctrl-C (logs go to stderr, one line each)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s:     %(message)s")
-    app = create_app(m, name, max_tokens_cap, host, api_key)
+    app = create_app(m, name, max_tokens_cap, host, api_key, parallel)
     if not is_loopback(host) and not api_key:
         log.warning("--host %s without an API key: anyone who can reach this port can use the "
                     "model, and web pages can reach it through DNS rebinding; set --api-key or "
                     "MINIGPT_API_KEY", host)
-    log.info("serving %s (%s, %d parameters, context %d) on http://%s:%d", name,
-             "chat" if m.is_chat else "base", m.model.num_params(), m.model.config.block_size,
-             host, port)
+    log.info("serving %s (%s, %d parameters, context %d, %d requests at a time) on http://%s:%d",
+             name, "chat" if m.is_chat else "base", m.model.num_params(),
+             m.model.config.block_size, parallel, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info")

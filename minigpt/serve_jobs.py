@@ -1,41 +1,74 @@
-"""What runs on `minigpt serve`'s model thread: one generation (`Job`) and its stop strings.
+"""One `minigpt serve` generation (`Job`): its settings, and how its text leaves, stop strings cut.
 
 Design choices
-- One model thread: requests run one at a time in arrival order, never sharing the KV cache or
-  the seeded generator, while the event loop keeps accepting. The sampler is the CLI's
-  (`engine.sample_ids`, `engine.TextStream`), so a seeded request answers what `minigpt generate`
-  prints with the same sampling settings (OpenAI has no top_k: off).
-- Text leaves through a callback per piece, only once it is final: a piece that may begin a `stop`
-  string is held back until it cannot, and the text is cut before a stop string that appears.
-- A dropped client sets the job's `cancel` event; the sampler stops at its next token.
+- The model thread (`minigpt.serve_batch`) decodes a job's tokens, alone or batched with others;
+  it hands the job each new token (`Job.take`), which says when the job is over. The sampling
+  settings are the CLI's (`engine.Sampling`; OpenAI has no top_k: off), so a seeded request
+  served alone answers what `minigpt generate` prints with the same settings.
+- Text leaves through a callback per piece (`Job.emit`), only once it is final: a piece that may
+  begin a `stop` string is held back until it cannot, and the text is cut before a stop string
+  that appears. Decoding goes through `engine.TextStream`, on the model thread.
+- A dropped client sets the job's `cancel` event; the model thread drops its row at the next step.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
+from typing import Callable
 
-from minigpt.engine import Loaded, Sampling, TextStream, make_generator, sample_ids
+from minigpt.engine import Sampling, TextStream
 from minigpt.serve_api import SamplingRequest
-
-log = logging.getLogger("minigpt.serve")
-
-
-class Cancelled(Exception):
-    """Raised from the sampler's on_token callback: the client left or a stop string appeared."""
 
 
 class Job:
     """One generation: its ids and settings, and how its text gets out (a callback per piece)."""
 
-    def __init__(self, ids: list[int], req: SamplingRequest, max_tokens: int):
-        self.ids, self.req, self.max_tokens = ids, req, max_tokens
+    def __init__(self, ids: list[int], req: SamplingRequest, max_tokens: int, tok, eot: int):
+        self.ids, self.req, self.max_tokens, self.eot = ids, req, max_tokens, eot
         stop = req.stop if isinstance(req.stop, list) else [req.stop] if req.stop else []
         self.stops = [s for s in stop if s]
         self.cancel = threading.Event()
+        self.emit: Callable[[str], None] = lambda piece: None
         self.text = ""
         self.completion_tokens = 0
         self.finish_reason = "length"
+        self._stream = TextStream(tok)
+        self._sent = 0  # characters of the decoded text already emitted
+        self._searched = 0  # text[:searched] held no stop string: a new one must end after it
+        self._stopped = False  # a stop string was found: the text is final
+
+    def sampling(self) -> Sampling:
+        return Sampling(max_new_tokens=self.max_tokens, temperature=self.req.temperature, top_k=0,
+                        top_p=self.req.top_p, repetition_penalty=1.0, seed=self.req.seed)
+
+    def take(self, token_id: int) -> bool:
+        """A new token; True when the job is over (<|endoftext|>, a stop string, max_tokens)."""
+        self.completion_tokens += 1
+        if token_id == self.eot:
+            self.finish_reason = "stop"
+            return True
+        self._stream.ids.append(token_id)
+        return self._flush(final=False) or self.completion_tokens >= self.max_tokens
+
+    def finish(self) -> None:
+        """Emit the text held back (nothing after a stop string: the text was cut there)."""
+        if not self._stopped:
+            self._flush(final=True)
+
+    def _flush(self, final: bool) -> bool:
+        """Emit what is final; True when a stop string appeared (the text is cut before it)."""
+        text = self._stream.text() if final else self._stream.text().rstrip("\ufffd")
+        found = (text.find(s, max(0, self._searched - len(s) + 1)) for s in self.stops)
+        cut = min((i for i in found if i >= 0), default=-1)
+        self._searched = len(text)
+        if cut >= 0:
+            text, self.finish_reason, self._stopped = text[:cut], "stop", True
+        upto = len(text) if final or cut >= 0 else len(text) - _held_back(text, self.stops)
+        if upto > self._sent:
+            self.emit(text[self._sent:upto])
+            self._sent = upto
+        self.text = text[:self._sent]
+        return cut >= 0
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -52,46 +85,3 @@ def _held_back(text: str, stops: list[str]) -> int:
                 break
             j = s.rfind(text[-1], 0, j)
     return best
-
-
-def run_job(m: Loaded, job: Job, emit) -> None:
-    """Generate for `job` on the model, calling emit(piece) with text that is final."""
-    stream = TextStream(m.tok)
-    sent = 0  # characters of the decoded text already emitted
-    searched = 0  # text[:searched] held no stop string: a new one must end after it
-
-    def flush(final: bool) -> bool:
-        """Emit what is final; True when a stop string appeared (the text is cut before it)."""
-        nonlocal sent, searched
-        text = stream.text() if final else stream.text().rstrip("\ufffd")
-        found = (text.find(s, max(0, searched - len(s) + 1)) for s in job.stops)
-        cut = min((i for i in found if i >= 0), default=-1)
-        searched = len(text)
-        if cut >= 0:
-            text, job.finish_reason = text[:cut], "stop"
-        upto = len(text) if final or cut >= 0 else len(text) - _held_back(text, job.stops)
-        if upto > sent:
-            emit(text[sent:upto])
-            sent = upto
-        job.text = text[:sent]
-        return cut >= 0
-
-    def on_token(token_id: int) -> None:
-        if job.cancel.is_set():
-            raise Cancelled
-        job.completion_tokens += 1
-        if int(token_id) == m.eot:
-            job.finish_reason = "stop"
-        else:
-            stream.ids.append(int(token_id))
-            if flush(final=False):
-                raise Cancelled
-
-    settings = Sampling(max_new_tokens=job.max_tokens, temperature=job.req.temperature, top_k=0,
-                        top_p=job.req.top_p, repetition_penalty=1.0, seed=job.req.seed)
-    try:
-        sample_ids(m, job.ids, settings, make_generator(settings.seed, m.device), on_token)
-        flush(final=True)
-    except Cancelled:  # a stop string (already flushed), or the client left
-        if job.cancel.is_set():
-            log.info("client disconnected: stopped after %d tokens", job.completion_tokens)

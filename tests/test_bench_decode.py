@@ -1,7 +1,7 @@
 """The decode benches at a trivial size: `bench/generate_throughput.py --vs-llamacpp` against a
 stand-in for llama.cpp's `llama-completion` (its command line and its timing line),
-`bench/quality.py`'s decode-dtype measurement (teacher-forced through the decode path), and
-`bench/decode_step.py`'s profile of one decode step."""
+`bench/quality.py`'s decode-dtype measurement (teacher-forced through the decode path),
+`bench/decode_step.py`'s profile of one decode step, and `bench/serve_throughput.py`'s two servers."""
 
 from __future__ import annotations
 
@@ -103,3 +103,17 @@ def test_decode_step_profile_splits_a_step_and_times_both_layouts():
         assert part in out.stdout, part
     bad = subprocess.run(cmd + ["--pos", "0"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "error: --pos 0" in bad.stderr
+
+
+@pytest.mark.slow
+def test_serve_throughput_runs_both_servers_and_prints_a_ratio():
+    pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_throughput.py"), "--shape",
+                           "1", "2", "32", "320", "--clients", "3", "--new", "40", "--repeats", "1",
+                           "--threads", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = proc.stdout.splitlines()[-1]
+    assert line.startswith("--parallel 1: ") and "--parallel 3: " in line and " ratio " in line
+    assert "(same answers 3/3)" in line  # and each ran its 40 tokens (the bench checks)

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,14 +46,14 @@ def _free_port() -> int:
 
 
 def _start(model_dir: Path, log: Path, env: dict | None = None, headers: dict | None = None,
-           script: str | None = None, *script_args: str) -> SimpleNamespace:
-    """`minigpt serve` (or `python -c script model_dir port *script_args`) on a free port."""
+           script: str | None = None, *script_args: str, flags: tuple = ()) -> SimpleNamespace:
+    """`minigpt serve [flags]` (or `python -c script model_dir port *script_args`) on a free port."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     out = open(log, "wb")
     if script is None:
         argv = ["-m", "minigpt.cli", "serve", "--checkpoint_path", str(model_dir), "--port",
-                str(port), "--device", "cpu", "--max_tokens", str(CAP)]
+                str(port), "--device", "cpu", "--max_tokens", str(CAP), *flags]
     else:
         argv = ["-c", script, str(model_dir), str(port), *script_args]
     proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=out, stderr=out, cwd=ROOT)
@@ -105,13 +106,14 @@ def keyed(servers, tmp_path_factory):
     srv.out.close()
 
 
-# A server whose tokenizer waits (for the file FLAGS/release) on any text holding "HOLD", and whose
-# sampler fails on max_tokens=13: a slow tokenization and a bug, at a moment the test chooses.
+# A server whose tokenizer waits (for the file FLAGS/release) on any text holding "HOLD", whose
+# sampler fails on max_tokens=13, and whose next batched step fails once FLAGS/step_fault exists:
+# a slow tokenization and bugs, at a moment the test chooses.
 RIGGED = """
 import sys, time
 from pathlib import Path
 import minigpt.serve as serve
-import minigpt.serve_jobs as serve_jobs
+import minigpt.serve_batch as serve_batch
 from minigpt.engine import load
 
 model_dir, port, flags = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
@@ -141,16 +143,27 @@ class HeldTokenizer:
 
 
 m.tok = HeldTokenizer(m.tok)
-real_sample_ids = serve_jobs.sample_ids
+real_pick = serve_batch.pick
 
 
-def sample_ids(m, ids, settings, generator, on_token=None):
-    if settings.max_new_tokens == 13:
+def pick(row):
+    if row.job.max_tokens == 13:
         raise RuntimeError("injected fault")
-    return real_sample_ids(m, ids, settings, generator, on_token)
+    return real_pick(row)
 
 
-serve_jobs.sample_ids = sample_ids
+serve_batch.pick = pick
+real_forward = m.model.forward
+
+
+def forward(idx, *args, **kw):  # a step of several rows fails once the file FLAGS/step_fault exists
+    if idx.shape[0] > 1 and (flags / "step_fault").exists():
+        (flags / "step_fault").unlink()
+        raise RuntimeError("injected step fault")
+    return real_forward(idx, *args, **kw)
+
+
+m.model.forward = forward
 serve.serve(m, "rigged", "127.0.0.1", port, 100)
 """
 
@@ -296,6 +309,94 @@ def test_20_concurrent_requests_match_sequential_answers(servers):
     assert concurrent == sequential
 
 
+# --- batching: --parallel ---------------------------------------------------------------------
+
+def complete(url: str, body: dict) -> str:
+    """A /v1/completions answer's text, streamed or not."""
+    if not body.get("stream"):
+        r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as s:
+        events = sse(s)
+    assert events[-1] == "[DONE]"
+    return "".join(e["choices"][0]["text"] for e in events[:-1])
+
+
+def concurrently(url: str, bodies: list[dict]) -> tuple[list[str], list[dict]]:
+    """The answers to `bodies` sent at once, and /health as polled while they ran."""
+    health = []
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(complete, url, body) for body in bodies]
+        while not all(f.done() for f in futures):
+            health.append(httpx.get(url + "/health", timeout=10).json())
+        return [f.result() for f in futures], health
+
+
+def test_concurrent_requests_decode_together_and_answer_as_alone(servers):
+    """Four clients at once (the default --parallel 4): /health shows them decoding as one batch,
+    and each answer (streamed or not, greedy or seeded, its own prompt length, max_tokens and
+    stop string, past the context) is the one it gets alone: equal up to float rounding of the
+    batched matmuls, which moves no token on these tiny models."""
+    url = servers.base.url
+    full = complete(url, {"prompt": "The river", "max_tokens": 150, "temperature": 0})
+    stop = next(full[k:k + 3] for k in range(40, 80) if full.index(full[k:k + 3]) == k)
+    bodies = [{"prompt": "The river", "max_tokens": 150, "temperature": 0, "stop": stop, "stream": True},
+              {"prompt": "What is the capital of France? The capital", "max_tokens": 300,
+               "temperature": 0},
+              {"prompt": "a", "max_tokens": 200, "temperature": 0, "stream": True},
+              {"prompt": "Write a short poem", "max_tokens": 250, "temperature": 0.9, "seed": 4}]
+    alone = [complete(url, body) for body in bodies]
+    assert alone[0] == full[:full.index(stop)]
+    together, health = concurrently(url, bodies)
+    assert together == alone
+    assert max(h["decoding"] for h in health) >= 3  # rows shared steps
+
+
+def test_a_client_leaving_a_batch_frees_its_row_and_the_others_finish(servers):
+    url, log = servers.base.url, servers.base.log
+    bodies = [{"prompt": p, "max_tokens": 300, "temperature": 0, "stream": True} for p in ("a", "What")]
+    alone = [complete(url, body) for body in bodies]
+    left = log.read_text().count("client disconnected")
+
+    shared = threading.Event()
+
+    def leave() -> None:  # once /health has shown the three rows, with thousands of tokens to go
+        body = {"prompt": "The river", "max_tokens": CAP, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as s:
+            next(line for line in s.iter_lines() if shared.is_set() or time.time() > deadline)
+
+    deadline = time.time() + 30
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(complete, url, body) for body in bodies] + [pool.submit(leave)]
+        rows = []
+        while not all(f.done() for f in futures):
+            rows.append(httpx.get(url + "/health", timeout=10).json()["decoding"])
+            if rows[-1] == 3:
+                shared.set()
+        assert [f.result() for f in futures] == [*alone, None]
+    assert 3 in rows and 2 in rows[rows.index(3):]  # three rows shared steps, one left early
+    deadline = time.time() + 30
+    while log.read_text().count("client disconnected") == left and time.time() < deadline:
+        time.sleep(0.1)
+    line = [x for x in log.read_text().splitlines() if "client disconnected" in x][left]
+    assert int(line.split("stopped after ")[1].split()[0]) < CAP, line
+
+
+def test_parallel_1_answers_one_request_at_a_time(servers, tmp_path):
+    srv = _start(servers.base.dir, tmp_path / "one.log", flags=("--parallel", "1"))
+    try:
+        bodies = [{"prompt": p, "max_tokens": 150, "temperature": 0} for p in ("a", "The", "What")]
+        answers, health = concurrently(srv.url, bodies)
+        assert {h["parallel"] for h in health} == {1} and max(h["decoding"] for h in health) == 1
+        assert max(h["waiting"] for h in health) >= 1
+        assert answers == [complete(servers.base.url, body) for body in bodies]
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait(timeout=30)
+        srv.out.close()
+
+
 # --- bad input: OpenAI's error shape, a 4xx, and the server keeps serving -----------------------
 
 BAD = {
@@ -394,6 +495,7 @@ def test_models_and_health(servers):
     health = httpx.get(servers.chat.url + "/health", timeout=10).json()
     assert health["status"] == "ok" and health["chat"] is True and health["block_size"] == 64
     assert health["parameters"] > 0 and health["max_tokens"] == CAP
+    assert (health["parallel"], health["decoding"], health["waiting"]) == (4, 0, 0)  # the default
 
 
 def test_binds_localhost_by_default():
@@ -680,6 +782,31 @@ def test_a_failure_mid_stream_ends_with_an_error_event_and_done(rigged):
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["type"] == "server_error"
     assert chat(rigged.url, "hi", max_tokens=2).status_code == 200  # and it keeps serving
+
+
+def test_a_failure_in_a_batch_ends_the_rows_it_hits_and_the_server_serves_on(rigged):
+    """A failing row (max_tokens=13) ends only its own stream; a failing batched step ends every
+    row in it (an error event, then [DONE], or a 500); later requests are answered."""
+    def ask(max_tokens: int, stream: bool) -> list | httpx.Response:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+                "temperature": 0, "stream": stream}
+        if not stream:
+            return httpx.post(rigged.url + "/v1/chat/completions", json=body, timeout=60)
+        with httpx.stream("POST", rigged.url + "/v1/chat/completions", json=body, timeout=60) as s:
+            return sse(s)
+
+    with ThreadPoolExecutor(2) as pool:
+        bad, good = pool.submit(ask, 13, True), pool.submit(ask, 60, True)
+        assert bad.result()[-2]["error"]["message"] == "internal error: RuntimeError"
+        assert "error" not in good.result()[-2] and good.result()[-1] == "[DONE]"
+    (rigged.flags / "step_fault").touch()
+    with ThreadPoolExecutor(2) as pool:
+        answers = [pool.submit(ask, 100, True), pool.submit(ask, 100, False)]  # they overlap
+        events, response = answers[0].result(), answers[1].result()
+    assert not (rigged.flags / "step_fault").exists()  # a step of two rows ran, and failed
+    assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "server_error"
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    assert ask(4, False).status_code == 200
 
 
 def test_a_diverged_model_is_a_500_that_says_so(servers, tmp_path):
