@@ -6,6 +6,7 @@ stand-in for llama.cpp's `llama-completion` (its command line and its timing lin
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -105,15 +106,63 @@ def test_decode_step_profile_splits_a_step_and_times_both_layouts():
     assert bad.returncode != 0 and "error: --pos 0" in bad.stderr
 
 
+FAKE_SERVER = '''#!{python}
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+args = sys.argv[1:]
+value = lambda flag: args[args.index(flag) + 1]
+assert open(value("-m"), "rb").read(4) == b"GGUF"
+with open({log!r}, "a") as f:
+    f.write(" ".join(args) + "\\n")
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def reply(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self.reply({{"status": "ok"}})
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with open({log!r}, "a") as f:
+            f.write(json.dumps(req) + "\\n")
+        n = req["n_predict"]  # a stand-in: token 20, n times
+        self.reply({{"tokens": [20] * n, "tokens_predicted": n, "content": "?"}})
+
+HTTPServer((value("--host"), int(value("--port"))), Handler).serve_forever()
+'''
+
+
 @pytest.mark.slow
-def test_serve_throughput_runs_both_servers_and_prints_a_ratio():
+def test_serve_throughput_runs_both_servers_and_prints_a_ratio(tmp_path):
     pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
+    pytest.importorskip("gguf")
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "llama-server"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_SERVER.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_throughput.py"), "--shape",
                            "1", "2", "32", "320", "--clients", "3", "--new", "40", "--repeats", "1",
-                           "--threads", "1"], env=env, capture_output=True, text=True, timeout=300)
+                           "--threads", "1", "--vs-llamacpp", str(fake.parent)],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    line = proc.stdout.splitlines()[-1]
-    assert line.startswith("--parallel 1: ") and "--parallel 3: " in line and " ratio " in line
-    assert "(same answers 3/3)" in line  # and each ran its 40 tokens (the bench checks)
+    ours, theirs = proc.stdout.splitlines()[-2:]
+    assert ours.startswith("--parallel 1: ") and "--parallel 3: " in ours and " ratio " in ours
+    assert "(same answers 3/3)" in ours  # and each ran its 40 tokens (the bench checks)
+    assert theirs.startswith("llama.cpp llama-server --parallel 3 (f32): ") and " ratio " in theirs
+    calls = log.read_text().splitlines()
+    assert "--parallel 3 " in calls[0] and "-t 1 " in calls[0] and "-c 768 " in calls[0]
+    requests = [json.loads(c) for c in calls[1:]]
+    assert len(requests) == 6  # a warm-up and one repeat of 3 clients
+    assert all(r["n_predict"] == 40 and r["temperature"] == 0 and r["ignore_eos"] for r in requests)
+    assert len({tuple(r["prompt"]) for r in requests}) == 3  # each client its own prompt ids
