@@ -142,7 +142,7 @@ def forward(model: GPT, idx: Tensor, cache: KVCache) -> Tensor:
     """Logits (B, 1, vocab) after the new tokens `idx` (B, T) at positions cache.pos.. (a prefill,
     T > 1, or a decode step, T = 1); the cache is updated in place. The caller (`GPT.forward`)
     has checked that the positions fit."""
-    if (idx.shape[1] == 1 and cache.weight_slabs and cache.lengths is None and not model.training
+    if (idx.shape[1] == 1 and cache.weight_slabs and not model.training
             and cache.kv.dtype == model.tok_emb.weight.dtype):
         return _step(model, idx, cache)
     T, pos = idx.shape[1], cache.pos
@@ -275,16 +275,23 @@ def _step(model: GPT, idx: Tensor, cache: KVCache) -> Tensor:
     """One token per row through the cache's weights (CPU decoding): the blocks' math as plain
     ops on (B, ...) tensors into buffers made once per cache (`_Plan`), without the modules'
     calls and the 5-D views of the general path. The same numbers as `_attention`/`_mlp` at
-    T = 1 (tested bitwise) in fewer ops."""
-    plan, B, pos = cache.plan, idx.shape[0], cache.pos
+    T = 1 (tested bitwise) in fewer ops; ragged rows (`KVCache.lengths`) too, each at its own
+    position, behind the general path's mask."""
+    plan, B, pos, lengths = cache.plan, idx.shape[0], cache.pos, cache.lengths
     if plan is None or plan.weights is not cache.weight_slabs or plan.rows != B:
         plan = cache.plan = _Plan(model, cache)
     c = model.config
     H, hd = c.n_head, c.n_embd // c.n_head
-    cos = model.rope_cos[pos].view(3, 1, 2, hd // 2)  # q | k | v slots, each head's halves
-    sin = model.rope_sin[pos].view(3, 1, 2, hd // 2)
+    at = pos if lengths is None else lengths  # q | k | v slots, each head's halves (per row if ragged)
+    cos = model.rope_cos[at].view(-1, 3, 1, 2, hd // 2)
+    sin = model.rope_sin[at].view(-1, 3, 1, 2, hd // 2)
     seen = cache.kv[:, :, :, :, : pos + 1].flatten(2, 3)  # (layer, k|v, B * H, pos + 1, hd)
-    new, keys, values = cache.kv[:, :, :, :, pos].unbind(0), seen[:, 0].mT.unbind(0), seen[:, 1].unbind(0)
+    keys, values = seen[:, 0].mT.unbind(0), seen[:, 1].unbind(0)
+    if lengths is None:
+        new, hidden = cache.kv[:, :, :, :, pos].unbind(0), None
+    else:  # row b writes at lengths[b] and sees positions 0..lengths[b]
+        rows = torch.arange(B, device=idx.device)
+        hidden = (torch.arange(pos + 1, device=idx.device) > lengths[:, None]).view(B, 1, 1, pos + 1)
     torch.index_select(model.tok_emb.weight, 0, idx.view(B), out=plan.x)
     for i, (norm1, qkv, proj, norm2, inner, down) in enumerate(plan.layers):
         plan.norm(norm1)
@@ -292,9 +299,14 @@ def _step(model: GPT, idx: Tensor, cache: KVCache) -> Tensor:
         torch.mul(y, cos, out=plan.rot_halves).addcmul_(y.flip(-2), sin)
         if c.qk_norm:
             plan.rot_rows[:, :2] = F.rms_norm(plan.rot_rows[:, :2], (hd,))
-        new[i].copy_(plan.kv_new)
-        att = torch.bmm(plan.q, keys[i]).mul_(plan.scale).softmax(-1)
-        torch.bmm(att, values[i], out=plan.o)
+        if hidden is None:
+            new[i].copy_(plan.kv_new)
+        else:
+            cache.kv[i][:, rows, :, lengths] = plan.kv_new.transpose(0, 1)
+        att = torch.bmm(plan.q, keys[i]).mul_(plan.scale)
+        if hidden is not None:
+            att.view(B, H, 1, pos + 1).masked_fill_(hidden, float("-inf"))
+        torch.bmm(att.softmax(-1), values[i], out=plan.o)
         plan.x.add_(proj())
         plan.norm(norm2)
         if c.mlp == "relu2":
@@ -304,5 +316,7 @@ def _step(model: GPT, idx: Tensor, cache: KVCache) -> Tensor:
             torch.mul(F.silu(gate, inplace=True), up, out=plan.inner)
         plan.x.add_(down())
     cache.pos += 1
+    if lengths is not None:
+        lengths += 1
     plan.norm(model.norm)
     return model._cap(plan.head()).view(B, 1, -1)
