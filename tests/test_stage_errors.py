@@ -185,7 +185,9 @@ def test_a_killed_worker_is_reported_in_one_line(project):
             kids = open(f"/proc/{{proc.pid}}/task/{{proc.pid}}/children").read().split()
             victim = int(kids[-1]) if len(kids) == 2 else None
             time.sleep(0.5)
-        time.sleep(8)
+        lock = "out/ckpt/pretrain/.lock"  # rank 0 takes it once both workers joined the group
+        while time.time() < deadline and not (os.path.exists(lock) and open(lock).read().strip()):
+            time.sleep(0.2)
         os.kill(victim, signal.SIGKILL)
         err = proc.stderr.read().decode()
         sys.stdout.write(str(proc.wait()) + "\\n" + err)
