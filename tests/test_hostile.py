@@ -56,6 +56,23 @@ def _cli(*args, **kw) -> subprocess.CompletedProcess:
     return _run([sys.executable, "-m", "minigpt.cli", *args], **kw)
 
 
+def _cli_here(capsys, *args) -> subprocess.CompletedProcess:
+    """The CLI's entry point (`minigpt.cli.main`) in this process, its exit status and output
+    as `_cli` gives them. For the further variants of one rule: the first variant of each runs
+    the real CLI in a subprocess (`_cli_or_here`), which checks the process boundary; the
+    others check the rule itself without a ~2 s Python + torch start each."""
+    from minigpt import cli
+
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["minigpt", *args], code, out.encode(), err.encode())
+
+
+def _cli_or_here(real: bool, capsys, *args) -> subprocess.CompletedProcess:
+    return _cli(*args) if real else _cli_here(capsys, *args)
+
+
 def _one_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     err = proc.stderr.decode()
     assert proc.returncode == 2, (proc.returncode, err[-2000:])
@@ -202,15 +219,59 @@ HOSTILE_CONFIGS = [  # (override, field named in the error)
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("override, field", HOSTILE_CONFIGS,
-                         ids=[json.dumps(o)[:40] for o, _ in HOSTILE_CONFIGS])
-def test_hostile_config_is_refused_before_allocating(model_dir, override, field):
+def _hostile_config(model_dir: Path, override: dict) -> list[str]:
+    """Write `override` into model_dir's config.json; the CLI arguments that load it."""
     config = json.loads((model_dir / "config.json").read_text())
     text = json.dumps({**config, **override})  # NaN is written as NaN, which json reads back
     (model_dir / "config.json").write_text(text)
-    proc = _cli("generate", "--checkpoint_path", str(model_dir), "--device", "cpu",
-                "--max_new_tokens", "1", limit_as=MEM_LIMIT, timeout=90)  # not minutes of swapping
+    return ["generate", "--checkpoint_path", str(model_dir), "--device", "cpu", "--max_new_tokens", "1"]
+
+
+# cli.main once per argv list (argv[1], JSON) in this one process: [[exit status, stderr], ...];
+# an exception is a traceback and status 1, as `python -m minigpt.cli` would give.
+_CLI_MAIN_PER_ARGV = """
+import contextlib, io, json, sys, traceback
+from minigpt import cli
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = cli.main(argv)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def hostile_configs_in_one_process(tmp_path_factory, tok_file) -> dict:
+    """HOSTILE_CONFIGS[1:], each in its own model directory, through cli.main in ONE subprocess
+    under the same memory limit (HOSTILE_CONFIGS[0] runs the real CLI alone): a config that
+    allocated before it was refused still fails there, in seconds, with MemoryError."""
+    cases = {}
+    for i, (override, _) in enumerate(HOSTILE_CONFIGS[1:], 1):
+        d = _model_dir(tmp_path_factory.mktemp(f"hostile{i}") / "m", tok_file)
+        cases[i] = (d, _hostile_config(d, override))
+    proc = _run([sys.executable, "-c", _CLI_MAIN_PER_ARGV, json.dumps([a for _, a in cases.values()])],
+                limit_as=MEM_LIMIT, timeout=90 + 10 * len(cases))  # not minutes of swapping
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    results = json.loads(proc.stdout)
+    return {i: (d, subprocess.CompletedProcess(argv, code, b"", err.encode()))
+            for (i, (d, argv)), (code, err) in zip(cases.items(), results)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", range(len(HOSTILE_CONFIGS)),
+                         ids=[json.dumps(o)[:40] for o, _ in HOSTILE_CONFIGS])
+def test_hostile_config_is_refused_before_allocating(model_dir, case, request):
+    override, field = HOSTILE_CONFIGS[case]
+    if case == 0:
+        proc = _cli(*_hostile_config(model_dir, override), limit_as=MEM_LIMIT, timeout=90)
+    else:
+        model_dir, proc = request.getfixturevalue("hostile_configs_in_one_process")[case]
     line = _one_error(proc, field)
     assert str(model_dir) in line
 
@@ -670,15 +731,17 @@ def _edit_config(d: Path, **fields) -> None:
     (d / "config.json").write_text(json.dumps({**config, **fields}))
 
 
+UNPINNED_EDITS = [("block_size", 16), ("qk_norm", True), ("logit_softcap", 30.0),
+                  ("rope_theta", 500000.0), ("norm_eps", 1e-6)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("field,value", [("block_size", 16), ("qk_norm", True),
-                                         ("logit_softcap", 30.0), ("rope_theta", 500000.0),
-                                         ("norm_eps", 1e-6)])
-def test_config_edit_that_no_weight_pins_is_refused(model_dir, field, value):
+@pytest.mark.parametrize("field,value", UNPINNED_EDITS)
+def test_config_edit_that_no_weight_pins_is_refused(model_dir, field, value, capsys):
     """No tensor shape depends on these: the weights' metadata records what they were saved with."""
     _edit_config(model_dir, **{field: value})
-    proc = _cli("generate", "--checkpoint_path", str(model_dir), "--device", "cpu",
-                "--max_new_tokens", "3", "--temperature", "0")
+    proc = _cli_or_here((field, value) == UNPINNED_EDITS[0], capsys, "generate", "--checkpoint_path",
+                        str(model_dir), "--device", "cpu", "--max_new_tokens", "3", "--temperature", "0")
     _one_error(proc, "config.json", f"{field}=", "does not match the weights")
 
 
@@ -706,18 +769,20 @@ def _diverged_dir(path: Path, tok_file: Path) -> Path:
     return d
 
 
+GREEDY_FLAGS = [["--temperature", "0"], ["--top_k", "1"], ["--temperature", "0", "--num_samples", "2"]]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [["--temperature", "0"], ["--top_k", "1"],
-                                   ["--temperature", "0", "--num_samples", "2"]])
-def test_diverged_model_decoding_greedily_is_an_error(tmp_path, tok_file, flags):
+@pytest.mark.parametrize("flags", GREEDY_FLAGS)
+def test_diverged_model_decoding_greedily_is_an_error(tmp_path, tok_file, flags, capsys):
     """Greedy decoding of NaN logits gave id 0 (empty text) and exit 0; sampling already erred."""
     d = _diverged_dir(tmp_path / "nan", tok_file)
-    proc = _cli("generate", "--checkpoint_path", str(d), "--device", "cpu", "--prompt", "the",
-                "--max_new_tokens", "3", *flags)
+    proc = _cli_or_here(flags == GREEDY_FLAGS[0], capsys, "generate", "--checkpoint_path", str(d),
+                        "--device", "cpu", "--prompt", "the", "--max_new_tokens", "3", *flags)
     _one_error(proc, "cannot decode: the logits hold NaN or inf")
 
 
-@pytest.mark.parametrize("command,flags,needles", [
+SAMPLING_FLAG_CASES = [
     ("generate", ["--temperature", "inf"], ["--temperature", "finite", "inf"]),
     ("generate", ["--temperature", "nan"], ["--temperature", "finite"]),
     ("chat", ["--repetition_penalty", "inf"], ["--repetition_penalty", "finite"]),
@@ -726,9 +791,14 @@ def test_diverged_model_decoding_greedily_is_an_error(tmp_path, tok_file, flags)
     ("chat", ["--seed", str(2**70)], ["--seed", "<= 18446744073709551615"]),
     ("generate", ["--seed", "-1"], ["--seed", ">= 0"]),
     ("generate", ["--num_samples", "200000"], ["--num_samples", "<= 256"]),
-])
-def test_out_of_range_sampling_flags_are_one_line(model_dir, command, flags, needles):
-    proc = _cli(command, "--checkpoint_path", str(model_dir), "--device", "cpu", *flags)
+]
+
+
+@pytest.mark.parametrize("command,flags,needles", SAMPLING_FLAG_CASES)
+def test_out_of_range_sampling_flags_are_one_line(model_dir, command, flags, needles, capsys):
+    first = next(c for c in SAMPLING_FLAG_CASES if c[0] == command)  # one real CLI per command
+    proc = _cli_or_here((command, flags, needles) == first, capsys, command, "--checkpoint_path",
+                        str(model_dir), "--device", "cpu", *flags)
     _one_error(proc, *needles)
 
 
