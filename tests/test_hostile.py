@@ -491,7 +491,9 @@ def test_torchrun_worker_dies_when_the_command_above_torchrun_is_killed(project)
             trainer = kids[0] if kids else None
             time.sleep(0.5)
         assert trainer is not None, "torchrun never started its worker"
-        time.sleep(15)  # well into training (imports, model, first steps)
+        # Training: the worker holds the scratch lock, taken after setup_runtime armed its
+        # parent watch (a fixed sleep waited here before, ~10 s longer on an idle machine).
+        _wait_for_lock(project, trainer)
         parent.kill()
         parent.wait()
         assert _gone_within(trainer, 30), "the torchrun worker outlived the command that started torchrun"
