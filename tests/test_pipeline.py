@@ -17,6 +17,7 @@ import time
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,12 @@ def _run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT),
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
-    proc = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True)
+    # Output to files, not pipes: a process that leaves a detached child behind (`dvc queue
+    # start`'s workers) returns when it exits, not when the last holder of a pipe does.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.run(list(args), cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        out.seek(0), err.seek(0)
+        proc.stdout, proc.stderr = out.read(), err.read()
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-3000:]}")
@@ -224,8 +230,10 @@ def test_going_back_to_trained_params_restores_from_run_cache(repo):
 
 
 def _queued_logs(repo: Path, timeout: float = 240) -> dict[str, str]:
-    """Start the queue, wait (bounded) until it is empty, return {experiment: its log}."""
-    _dvc(repo, "queue", "start")
+    """Start the queue with two workers (`dvc queue start -j 2`: the grid's two experiments side
+    by side), wait (bounded) until it is empty, return {experiment: its log}. `queue start`
+    returns at once (see _run); idle workers linger up to 10 s (DVC's docs), `queue stop` ends them."""
+    _dvc(repo, "queue", "start", "-j", "2")
     deadline = time.monotonic() + timeout
     while True:
         status = _dvc(repo, "queue", "status").stdout
@@ -234,7 +242,7 @@ def _queued_logs(repo: Path, timeout: float = 240) -> dict[str, str]:
         if time.monotonic() > deadline:
             _dvc(repo, "queue", "stop", "--kill", check=False)
             raise AssertionError(f"queue still busy after {timeout}s:\n{status}")
-        time.sleep(2)
+        time.sleep(1)
     _dvc(repo, "queue", "stop", check=False)  # no worker left behind
     rows = [line.split() for line in status.splitlines()]
     done = [r for r in rows if "Success" in r]
