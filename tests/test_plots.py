@@ -77,10 +77,16 @@ def _plots(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
     return _run(repo, sys.executable, "-m", "minigpt.cli", "plots", *args, check=check)
 
 
-def test_plots_writes_pngs_and_a_self_contained_page(repo):
-    proc = _plots(repo, "--exp", EXPS[0], "--exp", EXPS[1], "--out", "out")
+@pytest.fixture(scope="module")
+def plotted(repo) -> tuple[Path, subprocess.CompletedProcess]:
+    """`minigpt plots` of both experiments, once: its output directory is checked on disk and
+    opened in the browser."""
+    return repo / "out", _plots(repo, "--exp", EXPS[0], "--exp", EXPS[1], "--out", "out")
+
+
+def test_plots_writes_pngs_and_a_self_contained_page(plotted):
+    out, proc = plotted
     assert "self-contained" in proc.stderr
-    out = repo / "out"
     assert sorted(p.name for p in out.iterdir()) == ["finetune_loss.png", "index.html",
                                                      "pretrain_loss.png"]
     for png in out.glob("*.png"):
@@ -110,12 +116,11 @@ OFFLINE_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9"]
 
 
-def test_page_draws_both_experiments_in_headless_chromium_offline(repo, tmp_path):
+def test_page_draws_both_experiments_in_headless_chromium_offline(plotted, tmp_path):
     browser = _chromium()
     if browser is None:
         pytest.skip("chromium not installed (apt-get install chromium; .ci/run does it)")
-    out = repo / "browser"
-    _plots(repo, "--exp", EXPS[0], "--exp", EXPS[1], "--out", str(out))
+    out, _ = plotted
     url = (out / "index.html").as_uri()
     base = [browser, *OFFLINE_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
