@@ -27,6 +27,28 @@ from test_hostile import (ROOT, _env, _one_error, _set_params, _stage, _stage_he
 pytestmark = pytest.mark.slow  # every test starts a stage process (some under torchrun)
 
 
+@pytest.fixture(scope="module")
+def trained_template(project_template, tmp_path_factory) -> Path:
+    """project_template after one finished `python stages/pretrain.py`: its model directory,
+    checkpoint and metrics, for the tests that start from a finished run (one run, not one each)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("trained") / "project"
+    shutil.copytree(project_template, root)
+    proc = _stage(root, "pretrain.py")
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    return root
+
+
+@pytest.fixture
+def trained(trained_template, tmp_path) -> Path:
+    import shutil
+
+    dst = tmp_path / "project"
+    shutil.copytree(trained_template, dst)
+    return dst
+
+
 def _tree(directory: Path) -> dict[str, str]:
     return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != ".lock"}
@@ -34,9 +56,8 @@ def _tree(directory: Path) -> dict[str, str]:
 
 # --- item 6: a model directory is a function of deps and params ------------------------------------
 
-def test_identical_params_give_a_byte_identical_model_directory(project):
-    first = _stage(project, "pretrain.py")
-    assert first.returncode == 0, first.stderr.decode()[-2000:]
+def test_identical_params_give_a_byte_identical_model_directory(trained):
+    project = trained  # after a first, finished run of the stage
     one = _tree(project / "out/pretrain")
     config = json.loads((project / "out/pretrain/config.json").read_text())
     timings = {"tokens_per_s", "mfu", "train_time_s", "time_s", "resumed_from_step"}
@@ -79,15 +100,10 @@ def test_a_batch_that_cannot_fit_is_refused_before_allocating(project):
     assert not (project / "out/pretrain").exists()
 
 
-def _save_run(project: Path) -> None:
-    proc = _stage(project, "pretrain.py")
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-
-
-def test_tampered_state_pt_is_not_resumed(project):
+def test_tampered_state_pt_is_not_resumed(trained):
     """state.pt replaced by a pickle that weights_only refuses, its hash updated in meta.json:
     like every other torn checkpoint, the stage says why it does not resume and starts fresh."""
-    _save_run(project)
+    project = trained  # a finished run
     ckpt = project / "out/ckpt/pretrain"
     torch.save({"step": 2, "payload": Path("/etc/passwd")}, ckpt / "state.pt")  # not plain data
     meta = json.loads((ckpt / "meta.json").read_text())
@@ -111,8 +127,8 @@ runpy.run_path({script!r}, run_name="__main__")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE semantics")
-def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_last_one(project):
-    _save_run(project)  # a finished run: its checkpoint and model directory must survive
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_last_one(trained):
+    project = trained  # a finished run: its checkpoint and model directory must survive
     ckpt = project / "out/ckpt/pretrain"
     before, model_before = _tree(ckpt), _tree(project / "out/pretrain")
     _set_params(project, pretrain={"seed": 7})  # another run: starts fresh, saves at step 2
