@@ -381,11 +381,11 @@ def test_export_into_its_own_model_directory_is_refused(model_dir, capsys):
 
 
 @pytest.mark.slow
-def test_export_is_atomic_and_leaves_no_stale_files(model_dir, tmp_path):
+def test_export_is_atomic_and_leaves_no_stale_files(model_dir, tmp_path, capsys):
     from minigpt.export import EXPORT_FILES
 
-    out = tmp_path / "hf"
-    assert _cli("export", "--checkpoint_path", str(model_dir), str(out)).returncode == 0
+    out = tmp_path / "hf"  # a first export (in this process); the two below run the real CLI
+    assert _cli_here(capsys, "export", "--checkpoint_path", str(model_dir), str(out)).returncode == 0
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     killed = tmp_path / f".hf.{os.getpid()}-deadbeef.tmp"  # what a killed export leaves behind
     killed.mkdir()
@@ -860,9 +860,10 @@ def _leftovers(d: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_write_failure_during_hf_export_keeps_the_previous_export(model_dir, tmp_path):
+def test_write_failure_during_hf_export_keeps_the_previous_export(model_dir, tmp_path, capsys):
     out = tmp_path / "hf"
-    assert _cli("export", "--checkpoint_path", str(model_dir), str(out)).returncode == 0
+    # the previous export (in this process: a real CLI export is test_export_is_atomic_...'s)
+    assert _cli_here(capsys, "export", "--checkpoint_path", str(model_dir), str(out)).returncode == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     proc = _cli_with_file_limit(40_000, "export", "--checkpoint_path", str(model_dir), str(out))
     _one_error(proc, f"export to {out}", "model.safetensors: cannot write", "File too large")
