@@ -2,8 +2,10 @@
 
 Every test builds its own hostile fixture (a crafted meta.json, a crafted config.json, bad bytes)
 and drives the code the way a user does: `python stages/*.py` in a temporary project, the real
-`minigpt` CLI in a subprocess, or the library call a stage makes. Memory cases run in a
-subprocess under `resource.setrlimit(RLIMIT_AS)` and must fail with one clear line in seconds.
+`minigpt` CLI in a subprocess, or the library call a stage makes. Where one rule has several
+variants, the first runs the real process and the others its entry point (`cli.main`, a stage's
+main()) in-process. Memory cases run in a subprocess under `resource.setrlimit(RLIMIT_AS)` and
+must fail with one clear line in seconds.
 """
 
 from __future__ import annotations
