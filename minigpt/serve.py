@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minigpt.engine import Loaded
+from minigpt.engine import Loaded, UsageError
 from minigpt.serve_api import (APIError, ChatRequest, CompletionRequest, ResponseShape, error_body,
                                include_usage, internal_error, parse)
 from minigpt.serve_batch import Batcher
@@ -196,12 +196,13 @@ def _log_slide(message: str) -> None:
 
 
 def create_app(m: Loaded, name: str, max_tokens_cap: int, host: str = "127.0.0.1",
-               api_key: str | None = None, parallel: int = 4) -> FastAPI:
-    """The app; `parallel` requests decode as one batch (`minigpt.serve_batch`)."""
+               api_key: str | None = None, parallel: int = 4, batcher: Batcher | None = None) -> FastAPI:
+    """The app; `parallel` requests decode as one batch (`minigpt.serve_batch`), on a thread of
+    its own unless `batcher` (whose loop the caller runs) is given."""
     app = FastAPI(title="minigpt", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, host=host, api_key=api_key)
     _add_error_handlers(app)
-    s = Served(m, name, max_tokens_cap, Batcher(m, parallel))
+    s = Served(m, name, max_tokens_cap, batcher or Batcher(m, parallel))
     m.warn_slide = _log_slide  # type: ignore[method-assign]
 
     @app.post("/v1/chat/completions")
@@ -234,12 +235,18 @@ def create_app(m: Loaded, name: str, max_tokens_cap: int, host: str = "127.0.0.1
 
 def serve(m: Loaded, name: str, host: str, port: int, max_tokens_cap: int,
           api_key: str | None = None, parallel: int = 4) -> None:
-    """Run the server until Ctrl-C (logs go to stderr, one line each)."""
+    """Run the server until Ctrl-C or SIGTERM (logs go to stderr, one line each). The model
+    runs on this thread, where it was loaded (`serve_batch.Batcher`: one OpenMP team), and
+    uvicorn's event loop on another."""
+    import signal
+    import threading
+
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s:     %(message)s")
-    app = create_app(m, name, max_tokens_cap, host, api_key, parallel)
+    batcher = Batcher(m, parallel, thread=False)
+    app = create_app(m, name, max_tokens_cap, host, api_key, parallel, batcher)
     if not is_loopback(host) and not api_key:
         log.warning("--host %s without an API key: anyone who can reach this port can use the "
                     "model, and web pages can reach it through DNS rebinding; set --api-key or "
@@ -247,4 +254,24 @@ def serve(m: Loaded, name: str, host: str, port: int, max_tokens_cap: int,
     log.info("serving %s (%s, %d parameters, context %d, %d requests at a time) on http://%s:%d",
              name, "chat" if m.is_chat else "base", m.model.num_params(),
              m.model.config.block_size, parallel, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:  # stopped, or it could not start (the port taken): the model loop ends too
+            batcher.stop()
+
+    web = threading.Thread(target=http, name="minigpt-http", daemon=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: batcher.stop())
+    web.start()
+    try:
+        batcher.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.should_exit = True
+        web.join(timeout=30)
+    if not server.started:
+        raise UsageError(f"could not serve on {host}:{port} (the reason is logged above)")

@@ -93,9 +93,13 @@ def pick(row: Row) -> int:
 
 
 class Batcher:
-    """The model thread: runs calls and decodes rows, up to `parallel` at a time."""
+    """The model thread: runs calls and decodes rows, up to `parallel` at a time. It is a thread
+    of its own, or (`thread=False`) whichever calls `run`: `minigpt serve` runs it on the main
+    thread, where the model was loaded, so that torch's OpenMP runtime keeps one team of workers
+    (with a team per thread, libgomp manages more threads than CPUs and stops spinning between
+    parallel regions: every matmul then waits for its workers to wake, ~1.5x slower steps)."""
 
-    def __init__(self, m: Loaded, parallel: int):
+    def __init__(self, m: Loaded, parallel: int, thread: bool = True):
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1 (got {parallel})")
         self.m, self.parallel = m, parallel
@@ -104,8 +108,10 @@ class Batcher:
         self.rows: list[Row] = []  # rows[i]'s keys and values are row i of the batch cache
         self.batch = self.one = self.all = None  # caches, made by the first row (`_caches`)
         self.step = StepThreads(m.device)
-        self.thread = threading.Thread(target=self._loop, name="minigpt-model", daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None
+        if thread:
+            self.thread = threading.Thread(target=self.run, name="minigpt-model", daemon=True)
+            self.thread.start()
 
     def call(self, fn, *args) -> Future:
         """fn(*args) on the model thread, between two decode steps."""
@@ -123,20 +129,28 @@ class Batcher:
         """How busy it is (read from another thread: a snapshot, for /health)."""
         return {"parallel": self.parallel, "decoding": len(self.rows), "waiting": len(self.waiting)}
 
-    def close(self) -> None:
-        """Stop the thread (rows still running end with an error)."""
+    def stop(self) -> None:
+        """Ask `run` to return (at the next step boundary); rows still running end with an error."""
         self.inbox.put(None)
-        self.thread.join()
+
+    def close(self) -> None:
+        """Stop, and wait for the loop's own thread to end."""
+        self.stop()
+        if self.thread is not None:
+            self.thread.join()
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        with torch.inference_mode():
-            while self._take(block=not (self.rows or self.waiting)):
-                if self.rows:
-                    self._advance()
-        for row in [*self.rows, *self.waiting]:
-            row.close(RuntimeError("the server is shutting down"))
+    def run(self) -> None:
+        """The loop, on the calling thread, until `stop` (or an exception such as Ctrl-C)."""
+        try:
+            with torch.inference_mode():
+                while self._take(block=not (self.rows or self.waiting)):
+                    if self.rows:
+                        self._advance()
+        finally:
+            for row in [*self.rows, *self.waiting]:
+                row.close(RuntimeError("the server is shutting down"))
 
     def _take(self, block: bool) -> bool:
         """Run the calls and queue the rows in the inbox, then let waiting rows join; False on

@@ -110,7 +110,7 @@ def keyed(servers, tmp_path_factory):
 # sampler fails on max_tokens=13, and whose next batched step fails once FLAGS/step_fault exists:
 # a slow tokenization and bugs, at a moment the test chooses.
 RIGGED = """
-import sys, time
+import sys, threading, time
 from pathlib import Path
 import minigpt.serve as serve
 import minigpt.serve_batch as serve_batch
@@ -157,6 +157,7 @@ real_forward = m.model.forward
 
 
 def forward(idx, *args, **kw):  # a step of several rows fails once the file FLAGS/step_fault exists
+    (flags / "model_thread").write_text(threading.current_thread().name)
     if idx.shape[0] > 1 and (flags / "step_fault").exists():
         (flags / "step_fault").unlink()
         raise RuntimeError("injected step fault")
@@ -713,7 +714,15 @@ def test_non_loopback_host_without_key_warns(servers, monkeypatch, caplog):
     from minigpt.engine import load
 
     hosts = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, **kw: hosts.append(host))
+
+    class Server:  # uvicorn's, as serve() drives it: records the host and stops at once
+        def __init__(self, config):
+            self.config, self.started, self.should_exit = config, True, False
+
+        def run(self):
+            hosts.append(self.config.host)
+
+    monkeypatch.setattr(uvicorn, "Server", Server)
     m = load(str(servers.chat.dir), "cpu")
     with caplog.at_level(logging.WARNING, logger="minigpt.serve"):
         for host, key in [("0.0.0.0", None), ("0.0.0.0", "k"), ("127.0.0.1", None), ("::1", None),
@@ -766,6 +775,40 @@ def test_tokenizing_a_long_message_does_not_hold_the_event_loop(rigged):
             assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     finally:
         (rigged.flags / "release").touch()
+
+
+def test_the_model_runs_on_the_main_thread_where_it_was_loaded(rigged):
+    # one OpenMP team in the process (serve_batch.Batcher): a model thread of its own made every
+    # matmul wait for sleeping workers, ~1.5x slower steps (bench/serve_throughput.py)
+    assert chat(rigged.url, "hi", max_tokens=2).status_code == 200
+    assert (rigged.flags / "model_thread").read_text() == "MainThread"
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_serve_stops_cleanly_on_ctrl_c_and_sigterm_and_a_taken_port_is_one_line(servers, tmp_path, how):
+    import signal
+
+    srv = _start(servers.base.dir, tmp_path / "stop.log")  # greedy there never ends early
+    try:
+        taken = run_module("minigpt.cli", "serve", "--checkpoint_path", servers.base.dir, "--port",
+                           srv.url.rsplit(":", 1)[1], "--device", "cpu")
+        assert taken.returncode == 2
+        assert taken.stderr.strip().splitlines()[-1] == (
+            f"error: could not serve on 127.0.0.1:{srv.url.rsplit(':', 1)[1]} (the reason is logged above)")
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
+                          json={"prompt": "the", "max_tokens": CAP, "temperature": 0, "stream": True}) as s:
+            assert s.status_code == 200
+            lines = s.iter_lines()
+            next(lines)  # a generation is running when the signal comes
+            srv.proc.send_signal(getattr(signal, how))
+            events = [ln[6:] for ln in lines if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]"  # the stream ends, with an error event: shutting down
+        assert json.loads(events[-2])["error"]["type"] == "server_error"
+        assert srv.proc.wait(timeout=30) == 0
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+        srv.out.close()
 
 
 def test_a_failure_mid_stream_ends_with_an_error_event_and_done(rigged):
