@@ -19,14 +19,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FAKE = '''#!{python}
-import sys
+# A stand-in llama.cpp binary's first lines: it checks its model is a GGUF file and logs its arguments.
+FAKE_ARGS = '''#!{python}
+import json, sys
 args = sys.argv[1:]
 value = lambda flag: args[args.index(flag) + 1]
 assert open(value("-m"), "rb").read(4) == b"GGUF"
 with open({log!r}, "a") as f:
     f.write(" ".join(args) + "\\n")
-ms = {{"f32": 3.0, "q8_0": 1.5}}[value("-m").rsplit("-", 1)[1][:-5]]
+'''
+FAKE = FAKE_ARGS + '''ms = {{"f32": 3.0, "q8_0": 1.5}}[value("-m").rsplit("-", 1)[1][:-5]]
 n = int(value("-n")) - 1
 print("some text")
 print(f"llama_perf_context_print: prompt eval time =      10.00 ms /     5 tokens (    2.00 ms per token)", file=sys.stderr)
@@ -34,15 +36,20 @@ print(f"llama_perf_context_print:        eval time = {{ms * n:10.2f}} ms / {{n:5
 '''
 
 
+def fake_binary(tmp_path: Path, name: str, template: str) -> tuple[Path, Path]:
+    """tmp_path/bin/NAME made from `template`, and the log file it writes its calls to."""
+    log, fake = tmp_path / "calls.txt", tmp_path / "bin" / name
+    fake.parent.mkdir()
+    fake.write_text(template.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    return fake, log
+
+
 @pytest.mark.slow
 @pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="x86 kernels")
 def test_vs_llamacpp_runs_both_sides_and_prints_ratios(tmp_path):
     pytest.importorskip("gguf")
-    log = tmp_path / "calls.txt"
-    fake = tmp_path / "bin" / "llama-completion"
-    fake.parent.mkdir()
-    fake.write_text(FAKE.format(python=sys.executable, log=str(log)))
-    fake.chmod(0o755)
+    fake, log = fake_binary(tmp_path, "llama-completion", FAKE)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "generate_throughput.py"),
                            "--vs-llamacpp", str(fake.parent), "--shape", "1", "2", "32", "320",
@@ -106,14 +113,7 @@ def test_decode_step_profile_splits_a_step_and_times_both_layouts():
     assert bad.returncode != 0 and "error: --pos 0" in bad.stderr
 
 
-FAKE_SERVER = '''#!{python}
-import json, sys
-from http.server import BaseHTTPRequestHandler, HTTPServer
-args = sys.argv[1:]
-value = lambda flag: args[args.index(flag) + 1]
-assert open(value("-m"), "rb").read(4) == b"GGUF"
-with open({log!r}, "a") as f:
-    f.write(" ".join(args) + "\\n")
+FAKE_SERVER = FAKE_ARGS + '''from http.server import BaseHTTPRequestHandler, HTTPServer
 
 class Handler(BaseHTTPRequestHandler):
     def log_message(self, *a):
@@ -145,11 +145,7 @@ def test_serve_throughput_runs_both_servers_and_prints_a_ratio(tmp_path):
     pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
     pytest.importorskip("gguf")
-    log = tmp_path / "calls.txt"
-    fake = tmp_path / "bin" / "llama-server"
-    fake.parent.mkdir()
-    fake.write_text(FAKE_SERVER.format(python=sys.executable, log=str(log)))
-    fake.chmod(0o755)
+    fake, log = fake_binary(tmp_path, "llama-server", FAKE_SERVER)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_throughput.py"), "--shape",
                            "1", "2", "32", "320", "--clients", "3", "--new", "40", "--repeats", "1",

@@ -244,60 +244,45 @@ def test_cpu_decode_reads_weight_slabs_one_per_thread(threads):
 @pytest.mark.parametrize("knobs", [{}, {"qk_norm": True, "mlp": "relu2", "logit_softcap": 15.0}])
 def test_lean_decode_step_equals_the_blocks_bitwise(threads, knobs, monkeypatch):
     # decode._step (CPU fp32 decoding through the slabs) against the general cached path at
-    # T = 1, which train() mode selects (dropout 0: the same math), for one row and several
+    # T = 1, which train() mode selects (dropout 0: the same math): one row, several, and rows of
+    # different lengths (KVCache.lengths, as greedy_batch and serve's batch decode them), each at
+    # its own position behind a mask
     model = tiny(**knobs)
     x, _ = batch(3)
     calls = []
     lean = decode._step
     monkeypatch.setattr(decode, "_step", lambda *a: calls.append(1) or lean(*a))
+
+    def decoded(rows: int, lengths: list[int] | None) -> torch.Tensor:
+        cache = model.new_cache(rows)
+        if lengths is None:
+            logits = [model(x[:rows, :6], cache=cache)[0]]
+        else:
+            one, logits = model.new_cache(1), []
+            for r, n in enumerate(lengths):  # each prompt prefilled alone, as greedy_batch does
+                one.reset()
+                model(x[r : r + 1, :n], cache=one)
+                cache.copy_prefix(one, slice(r, r + 1))
+            cache.lengths, cache.pos = torch.tensor(lengths), max(lengths)
+        logits += [model(x[:rows, i : i + 1], cache=cache)[0] for i in range(6, 10)]
+        if lengths is not None:
+            assert cache.lengths.tolist() == [n + 4 for n in lengths] and cache.pos == max(lengths) + 4
+        return torch.cat(logits, 1)
+
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            for rows in (1, 3):
+            for rows, lengths in ((1, None), (3, None), (3, [5, 9, 2])):
                 out = {}
                 for mode in ("lean", "blocks"):
                     model.train(mode == "blocks")
-                    cache = model.new_cache(rows)
-                    logits = [model(x[:rows, :6], cache=cache)[0]]
-                    logits += [model(x[:rows, i : i + 1], cache=cache)[0] for i in range(6, 10)]
-                    out[mode] = torch.cat(logits, 1)
-                assert out["lean"].shape == (rows, 5, V)
+                    out[mode] = decoded(rows, lengths)
+                assert out["lean"].shape == (rows, 5 if lengths is None else 4, V)
                 assert torch.equal(out["lean"], out["blocks"])
     finally:
         torch.set_num_threads(before)
-    assert len(calls) == 2 * 4  # every decode step of the eval-mode runs took the lean path
-
-
-@pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("knobs", [{}, {"qk_norm": True, "mlp": "relu2", "logit_softcap": 15.0}])
-def test_lean_decode_step_of_ragged_rows_equals_the_blocks_bitwise(threads, knobs, monkeypatch):
-    # rows of different lengths (KVCache.lengths, as greedy_batch and serve's batch decode them):
-    # decode._step against the general cached path, each row at its own position behind a mask
-    model = tiny(**knobs)
-    x, _ = batch(3)
-    calls = []
-    lean = decode._step
-    monkeypatch.setattr(decode, "_step", lambda *a: calls.append(1) or lean(*a))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            out = {}
-            for mode in ("lean", "blocks"):
-                model.train(mode == "blocks")
-                cache, one = model.new_cache(3), model.new_cache(1)
-                for r, n in enumerate((5, 9, 2)):  # each prompt prefilled alone, as greedy_batch does
-                    one.reset()
-                    model(x[r : r + 1, :n], cache=one)
-                    cache.copy_prefix(one, slice(r, r + 1))
-                cache.lengths, cache.pos = torch.tensor([5, 9, 2]), 9
-                out[mode] = torch.cat([model(x[:, i : i + 1], cache=cache)[0] for i in range(10, 14)], 1)
-                assert cache.lengths.tolist() == [9, 13, 6] and cache.pos == 13
-            assert torch.equal(out["lean"], out["blocks"])
-    finally:
-        torch.set_num_threads(before)
-    assert len(calls) == 4  # every ragged step of the eval-mode run took the lean path
+    assert len(calls) == 3 * 4  # every decode step of the eval-mode runs took the lean path
 
 
 def test_decode_weights_follow_every_weight_change():
