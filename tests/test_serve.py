@@ -795,15 +795,20 @@ def test_serve_stops_cleanly_on_ctrl_c_and_sigterm_and_a_taken_port_is_one_line(
         assert taken.returncode == 2
         assert taken.stderr.strip().splitlines()[-1] == (
             f"error: could not serve on 127.0.0.1:{srv.url.rsplit(':', 1)[1]} (the reason is logged above)")
-        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
-                          json={"prompt": "the", "max_tokens": CAP, "temperature": 0, "stream": True}) as s:
-            assert s.status_code == 200
-            lines = s.iter_lines()
-            next(lines)  # a generation is running when the signal comes
+        body = {"prompt": "the", "max_tokens": CAP, "temperature": 0, "stream": True}
+        with ThreadPoolExecutor(1) as pool:
+            def events() -> list:
+                with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as s:
+                    return [s.status_code, *sse(s)]
+            answer = pool.submit(events)
+            deadline = time.time() + 30  # a generation is running when the signal comes (its
+            while httpx.get(srv.url + "/health", timeout=10).json()["decoding"] != 1:  # text may
+                assert time.time() < deadline and not answer.done()  # be held back: not a piece)
+                time.sleep(0.05)
             srv.proc.send_signal(getattr(signal, how))
-            events = [ln[6:] for ln in lines if ln.startswith("data: ")]
-        assert events[-1] == "[DONE]"  # the stream ends, with an error event: shutting down
-        assert json.loads(events[-2])["error"]["type"] == "server_error"
+            got = answer.result(timeout=60)
+        assert got[0] == 200 and got[-1] == "[DONE]", got[-3:]  # the stream ends with an error
+        assert got[-2]["error"]["type"] == "server_error", got[-3:]  # event: shutting down
         assert srv.proc.wait(timeout=30) == 0
     finally:
         if srv.proc.poll() is None:
