@@ -8,7 +8,8 @@
 Design choices (errors and limits in docs/FORMATS.md)
 - FastAPI + uvicorn + pydantic; the wire format is `serve_api`, who may ask `serve_guard`, a
   generation `serve_jobs`, the one model thread that decodes up to `--parallel` of them as one
-  batch `serve_batch`. This module is the routes and how a job's text reaches the client: one
+  batch `serve_batch` (`serve` runs it on the main thread, where the model was loaded, and
+  uvicorn on another). This module is the routes and how a job's text reaches the client: one
   JSON body, or server-sent events as the text becomes final.
 - A dropped client cancels its generation at the next token; a failure after the 200 ends the
   stream with an error event, then `[DONE]`. /health answers while a generation runs.

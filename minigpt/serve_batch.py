@@ -97,7 +97,7 @@ class Batcher:
     of its own, or (`thread=False`) whichever calls `run`: `minigpt serve` runs it on the main
     thread, where the model was loaded, so that torch's OpenMP runtime keeps one team of workers
     (with a team per thread, libgomp manages more threads than CPUs and stops spinning between
-    parallel regions: every matmul then waits for its workers to wake, ~1.5x slower steps)."""
+    parallel regions: every matmul then waits for its workers to wake; docs/EXPERIMENTS.md)."""
 
     def __init__(self, m: Loaded, parallel: int, thread: bool = True):
         if parallel < 1:
