@@ -784,11 +784,24 @@ def test_the_model_runs_on_the_main_thread_where_it_was_loaded(rigged):
     assert (rigged.flags / "model_thread").read_text() == "MainThread"
 
 
+# `minigpt serve` as started from a terminal: Ctrl-C raises KeyboardInterrupt. A job a shell runs in
+# the background inherits SIGINT ignored (as CI's pytest may be), and the server rightly keeps that.
+CTRL_C_SERVE = """
+import signal, sys
+from minigpt.cli import main
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.exit(main(["serve", "--checkpoint_path", sys.argv[1], "--port", sys.argv[2], "--device", "cpu",
+               "--max_tokens", sys.argv[3]]))
+"""
+
+
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
 def test_serve_stops_cleanly_on_ctrl_c_and_sigterm_and_a_taken_port_is_one_line(servers, tmp_path, how):
     import signal
 
-    srv = _start(servers.base.dir, tmp_path / "stop.log")  # greedy there never ends early
+    # the base model: greedy there never ends early
+    srv = _start(servers.base.dir, tmp_path / "stop.log", None, None, CTRL_C_SERVE, str(CAP))
     try:
         taken = run_module("minigpt.cli", "serve", "--checkpoint_path", servers.base.dir, "--port",
                            srv.url.rsplit(":", 1)[1], "--device", "cpu")
