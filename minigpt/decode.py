@@ -242,7 +242,7 @@ class _Plan:
         self.weights, self.rows = w, B
         self.x, self.h, self.sq, self.r = torch.empty(B, C), torch.empty(B, C), torch.empty(B, C), torch.empty(B, 1)
         # the norms' and attention's constants as 0-d tensors: a Python number costs each op
-        # a wrapped scalar (~2 us more per op here, bench/decode_step.py), the same numbers
+        # a wrapped scalar (docs/EXPERIMENTS.md), for the same numbers
         self.width = torch.tensor(float(C))
         self.eps = {m: torch.tensor(m.eps) for m in model.modules() if isinstance(m, nn.RMSNorm)}
         self.scale = torch.tensor(hd**-0.5)

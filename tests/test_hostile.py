@@ -139,13 +139,16 @@ def project_template(tmp_path_factory, tok_file) -> Path:
     return root
 
 
-@pytest.fixture
-def project(project_template, tmp_path) -> Path:
+def copy_of(template: Path, parent: Path) -> Path:
+    """A copy of a project made once per module, as parent/project, for one test to change."""
     import shutil
 
-    dst = tmp_path / "project"
-    shutil.copytree(project_template, dst)
-    return dst
+    return Path(shutil.copytree(template, parent / "project"))
+
+
+@pytest.fixture
+def project(project_template, tmp_path) -> Path:
+    return copy_of(project_template, tmp_path)
 
 
 def _set_params(root: Path, **sections) -> None:

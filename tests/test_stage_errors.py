@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from test_hostile import (ROOT, _env, _one_error, _set_params, _stage, _stage_here,  # noqa: F401
+from test_hostile import (ROOT, _env, copy_of, _one_error, _set_params, _stage, _stage_here,  # noqa: F401
                           project, project_template, tok_file)
 
 pytestmark = pytest.mark.slow  # every test starts a stage process (some under torchrun)
@@ -31,10 +31,7 @@ pytestmark = pytest.mark.slow  # every test starts a stage process (some under t
 def trained_template(project_template, tmp_path_factory) -> Path:
     """project_template after one finished `python stages/pretrain.py`: its model directory,
     checkpoint and metrics, for the tests that start from a finished run (one run, not one each)."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("trained") / "project"
-    shutil.copytree(project_template, root)
+    root = copy_of(project_template, tmp_path_factory.mktemp("trained"))
     proc = _stage(root, "pretrain.py")
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     return root
@@ -42,11 +39,7 @@ def trained_template(project_template, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def trained(trained_template, tmp_path) -> Path:
-    import shutil
-
-    dst = tmp_path / "project"
-    shutil.copytree(trained_template, dst)
-    return dst
+    return copy_of(trained_template, tmp_path)
 
 
 def _tree(directory: Path) -> dict[str, str]:
